@@ -1,0 +1,122 @@
+"""Synthetic charts drawn with matplotlib from a seed, with questions whose answers are known exactly.
+
+Two layouts:
+- `aligned` (the demo): a square chart whose bar slots are exactly one 28-pixel vision-token column wide,
+  labelled A, B, C... from the left. A tiny model can only learn to read charts laid out like this.
+- `chartqa` (benchmarks): a ChartQA-sized chart (about 800x600) with axes, a title and category names.
+
+Question types: `count` (how many bars/points), `max` / `min` (which label is highest/lowest), `value`
+(the value of one label). Rendered PNGs are cached, keyed by everything that changes the pixels.
+"""
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+LABELS = ["A", "B", "C", "D", "E", "F", "G", "H"]
+CATEGORY_NAMES = ["Apples", "Bananas", "Cherries", "Dates", "Figs", "Grapes", "Kiwis", "Lemons", "Mangos",
+                  "Oranges", "Pears", "Plums", "Norway", "Chile", "Japan", "Kenya", "Peru", "Spain"]
+QUESTION_TEMPLATES = {
+    "count": "How many {mark}s are in the chart?",
+    "max": "Which label has the highest value?",
+    "min": "Which label has the lowest value?",
+    "value": "What is the value of {label}?",
+}
+TOKEN_PIXELS = 28  # one merged vision token covers 28x28 pixels in Qwen2-VL
+
+
+def make_spec(index: int, seed: int, chart_types, question_types, layout: str, size: int) -> dict:
+    """Everything about one chart and its question, from (seed, index) alone."""
+    rng = random.Random(f"{seed}:{index}")
+    chart = rng.choice(list(chart_types))
+    qtype = rng.choice(list(question_types))
+    slots = size // TOKEN_PIXELS if layout == "aligned" else 8
+    count = rng.randint(2, min(slots, len(LABELS) if layout == "aligned" else slots))
+    labels = LABELS[:count] if layout == "aligned" else rng.sample(CATEGORY_NAMES, count)
+    while True:  # distinct values so that max/min have one right answer
+        values = [rng.randint(1, 19) * 5 for _ in range(count)]
+        if len(set(values)) == count:
+            break
+    target = rng.randrange(count)
+    mark = "bar" if chart == "bar" else "point"
+    question = QUESTION_TEMPLATES[qtype].format(mark=mark, label=labels[target])
+    answer = {"count": str(count), "max": labels[values.index(max(values))],
+              "min": labels[values.index(min(values))], "value": str(values[target])}[qtype]
+    return dict(chart=chart, qtype=qtype, labels=labels, values=values, question=question, answer=answer,
+                layout=layout, size=size)
+
+
+def render(spec: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = spec["labels"], spec["values"]
+    if spec["layout"] == "aligned":
+        side = spec["size"]
+        fig = plt.figure(figsize=(side / 100, side / 100), dpi=100)
+        ax = fig.add_axes([0, 0, 1, 1])
+        slots = side // TOKEN_PIXELS
+        ax.set_xlim(0, slots)
+        ax.set_ylim(-14, 100)  # the band below zero holds the labels
+        ax.axis("off")
+        x = [i + 0.5 for i in range(len(values))]
+        if spec["chart"] == "bar":
+            ax.bar(x, values, width=0.7, color="tab:blue")
+        else:
+            ax.plot(x, values, color="tab:red", marker="o", markersize=4, linewidth=1.5)
+        for xi, label in zip(x, labels):
+            ax.text(xi, -7, label, ha="center", va="center", fontsize=7)
+    else:
+        fig = plt.figure(figsize=(8, 6), dpi=100)
+        ax = fig.add_subplot()
+        if spec["chart"] == "bar":
+            ax.bar(labels, values, color="tab:blue")
+        else:
+            ax.plot(labels, values, color="tab:red", marker="o")
+        ax.set_title("Synthetic chart")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("bar", "line"),
+             question_types=("count", "max", "min", "value"), layout: str = "aligned", size: int = 140,
+             cache: Path | None = None, progress: bool = True) -> list[dict]:
+    """`num` samples of `split`; train and test draw from disjoint index ranges of the same seed."""
+    from tqdm import tqdm
+
+    from kit.model import cache_dir
+
+    if split not in ("train", "test"):
+        raise ValueError(f"synthetic split must be 'train' or 'test', not {split!r}")
+    if layout not in ("aligned", "chartqa"):
+        raise ValueError(f"synthetic layout must be 'aligned' or 'chartqa', not {layout!r}")
+    if layout == "aligned" and (size % TOKEN_PIXELS or size < 2 * TOKEN_PIXELS):
+        raise ValueError(f"aligned charts need a size that is a multiple of {TOKEN_PIXELS} (>= 56), not {size}")
+    offset = 0 if split == "train" else 10_000_000
+    key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size], sort_keys=True)
+    folder = Path(cache or cache_dir() / "synthetic") / hashlib.sha1(key.encode()).hexdigest()[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in tqdm(range(num), desc=f"synthetic {split}", disable=not progress, mininterval=2):
+        spec = make_spec(offset + i, seed, chart_types, question_types, layout, size)
+        path = folder / f"{offset + i:08d}.png"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.png")
+            render(spec, tmp)
+            tmp.rename(path)
+        samples.append({
+            "id": f"synthetic-{split}-{i}",
+            "images": [str(path)],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": spec["question"]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": spec["answer"]}]},
+            ],
+            "answers": [spec["answer"]],
+            "qtype": spec["qtype"],
+        })
+    return samples

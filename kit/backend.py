@@ -1,0 +1,59 @@
+"""Which training/inference stack to use, decided before transformers is imported.
+
+unsloth must be imported before transformers, trl and peft to patch them; importing it on a machine without
+CUDA patches trl for the whole process and its vision path then refuses the CPU, so the CPU never imports it.
+"""
+
+import importlib.util
+import sys
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here; the message says what to do."""
+
+
+def select(requested: str = "auto") -> tuple[str, str]:
+    """Returns (backend, reason) and, for unsloth, imports it first thing."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "unsloth":
+        if not cuda:
+            raise BackendError("backend unsloth needs a CUDA GPU and none is visible; use --backend hf "
+                               "(or --set backend=hf) to run on this machine")
+        if not has_unsloth:
+            raise BackendError("backend unsloth: the unsloth package is not installed; "
+                               "pip install -r requirements.txt, or use --backend hf")
+        backend, reason = "unsloth", "asked for"
+    elif requested == "hf":
+        backend, reason = "hf", "asked for"
+    elif requested == "auto":
+        if cuda and has_unsloth:
+            backend, reason = "unsloth", f"CUDA GPU ({torch.cuda.get_device_name(0)}) and unsloth installed"
+        elif cuda:
+            backend, reason = "hf", "unsloth is not installed (pip install -r requirements.txt)"
+        else:
+            backend, reason = "hf", "no CUDA GPU: transformers + peft on the CPU"
+    else:
+        raise BackendError(f"unknown backend {requested!r}; choose auto, unsloth or hf")
+    if backend == "unsloth":
+        if any(name in sys.modules for name in ("transformers", "trl", "peft")):
+            raise BackendError("internal: unsloth must be imported before transformers, trl and peft")
+        import unsloth  # noqa: F401  (patches transformers/trl/peft on import)
+    return backend, reason
+
+
+def precision() -> str:
+    """bf16 where the GPU has it, fp16 on older GPUs (T4, V100), fp32 on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

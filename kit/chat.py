@@ -1,0 +1,113 @@
+"""Messages -> model inputs. The collator is ours and visible: which tokens carry loss is decided here.
+
+Labels are -100 on padding, on every vision token (<|vision_start|>, <|image_pad|>..., <|vision_end|>)
+and, with `train_on_responses_only`, on everything outside the assistant's answers. The answer's closing
+<|im_end|> keeps its label so the model learns to stop.
+"""
+
+from PIL import Image
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+IGNORE = -100
+
+
+class SampleTooLong(ValueError):
+    """A sample whose tokens (image tokens included) exceed max_length; it is never cut inside an image."""
+
+
+def load_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as opened:
+        return opened.convert("RGB")
+
+
+def with_system(messages: list[dict], system_prompt: str) -> list[dict]:
+    """Messages with `system_prompt` as the system turn (replacing one already there); unchanged if empty."""
+    if not system_prompt:
+        return messages
+    rest = [m for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, *rest]
+
+
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) the last assistant answer: what generation starts from."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+def set_pixels(processor, min_pixels: int, max_pixels: int):
+    """Qwen's resize rule: sides rounded to multiples of 28, area kept within [min_pixels, max_pixels]."""
+    image_processor = processor.image_processor
+    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor.min_pixels, image_processor.max_pixels = min_pixels, max_pixels
+
+
+class VisionCollator:
+    """Batches {"images", "messages"} samples for training (right padding, labels masked as above)."""
+
+    def __init__(self, processor, max_length: int, train_on_responses_only: bool = True, system_prompt: str = ""):
+        self.processor = processor
+        self.max_length = max_length
+        self.train_on_responses_only = train_on_responses_only
+        self.system_prompt = system_prompt
+        tokenizer = processor.tokenizer
+        self.vision_ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.assistant_header = tokenizer.encode("assistant\n", add_special_tokens=False)
+
+    def texts(self, samples):
+        return [self.processor.apply_chat_template(with_system(s["messages"], self.system_prompt), tokenize=False)
+                for s in samples]
+
+    def __call__(self, samples: list[dict]) -> dict:
+        self.processor.tokenizer.padding_side = "right"
+        images = [[load_image(i) for i in s["images"]] or None for s in samples]
+        batch = self.processor(text=self.texts(samples), images=images if any(images) else None,
+                               padding=True, return_tensors="pt")
+        lengths = batch["attention_mask"].sum(dim=1)
+        for sample, length in zip(samples, lengths.tolist()):
+            if length > self.max_length:
+                raise SampleTooLong(f"sample {sample.get('id', '?')} has {length} tokens (image tokens included), "
+                                    f"more than max_length={self.max_length}; raise max_length or lower max_pixels")
+        batch["labels"] = self.labels(batch["input_ids"], batch["attention_mask"])
+        return batch
+
+    def labels(self, input_ids, attention_mask):
+        import torch
+
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = IGNORE
+        labels[torch.isin(input_ids, torch.tensor(self.vision_ids))] = IGNORE
+        if self.train_on_responses_only:
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            for row, ids in enumerate(input_ids.tolist()):
+                for start, end in self.answer_spans(ids):
+                    keep[row, start:end] = True
+            labels[~keep] = IGNORE
+        return labels
+
+    def answer_spans(self, ids: list[int]):
+        """[start, end) of each assistant answer: after "<|im_start|>assistant\\n", through its <|im_end|>."""
+        header = [self.im_start, *self.assistant_header]
+        i = 0
+        while i <= len(ids) - len(header):
+            if ids[i:i + len(header)] == header:
+                start = i + len(header)
+                end = start
+                while end < len(ids) and ids[end] != self.im_end:
+                    end += 1
+                yield start, min(end + 1, len(ids))
+                i = end
+            else:
+                i += 1
+
+
+def generation_inputs(processor, batch: list[dict], system_prompt: str = ""):
+    """Left-padded inputs for model.generate from samples ({"images", "messages"}); answers are left out."""
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(with_system(prompt_messages(s["messages"]), system_prompt),
+                                           tokenize=False, add_generation_prompt=True) for s in batch]
+    images = [[load_image(i) for i in s["images"]] for s in batch]
+    return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")

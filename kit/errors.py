@@ -1,0 +1,25 @@
+"""Mistakes a user can make end in one line on stderr and exit code 2, never a traceback from a library."""
+
+import contextlib
+import sys
+
+import click
+
+
+class UserError(Exception):
+    """Anything the user can fix: the message says what happened, where, and what to do."""
+
+
+@contextlib.contextmanager
+def user_errors(*extra_types):
+    """Turn the kit's own error types (and `extra_types`) into `error: ...` + exit 2."""
+    from data.jsonl import BadRow
+    from kit.backend import BackendError
+    from kit.chat import SampleTooLong
+    from recipes import RecipeError
+
+    try:
+        yield
+    except (UserError, RecipeError, BackendError, SampleTooLong, BadRow, FileNotFoundError, *extra_types) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)

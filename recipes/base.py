@@ -1,0 +1,54 @@
+"""Defaults for every recipe. Keys are the names of the library arguments they feed:
+peft.LoraConfig / FastVisionModel.get_peft_model, trl.SFTConfig, and the Qwen2-VL image processor.
+
+Not run directly: a recipe is `RECIPE = {**BASE, ...}`. Any key can be changed from the command line:
+    python train.py --recipe chartqa --set learning_rate=1e-4 --set max_steps=200
+"""
+
+BASE = {
+    # --- model -----------------------------------------------------------------------------------
+    "model_name_or_path": "Qwen/Qwen2-VL-7B-Instruct",  # hub id, local folder, `tiny`, `random:qwen2-vl-2b|7b`
+    "backend": "auto",  # auto | unsloth | hf; auto = unsloth when CUDA is present and unsloth imports
+    "load_in_4bit": True,  # QLoRA: the frozen base in NF4, the adapter in 16-bit
+    "finetune": "lora",  # lora | full; full only makes sense for the tiny model
+    # --- LoRA (peft.LoraConfig names, and Unsloth's finetune_* switches for which layers get adapters) --
+    "lora_r": 16,
+    "lora_alpha": 16,  # alpha = r: an update scale of 1, Unsloth's default for vision models
+    "lora_dropout": 0.0,  # 0 lets Unsloth use its fast LoRA kernels
+    "finetune_vision_layers": False,  # the vision tower is already good at charts; adapters there cost memory
+    "finetune_language_layers": True,
+    "finetune_attention_modules": True,
+    "finetune_mlp_modules": True,
+    "gradient_checkpointing": True,  # Unsloth's offloaded checkpointing on its path; the only way 7B fits 24 GB
+    # --- data ------------------------------------------------------------------------------------
+    "dataset": "chartqa",  # chartqa | latex_ocr | synthetic | jsonl:PATH
+    "dataset_split": "train",
+    "limit": 0,  # 0 = every row of the split
+    "system_prompt": "",  # empty = the chat template's default system message
+    "min_pixels": 3136,  # 56x56: Qwen2-VL's own floor
+    "max_pixels": 313600,  # 640x490 -> at most 400 image tokens a chart; ChartQA text stays readable
+    "synthetic_seed": 0,
+    "synthetic_num_train": 2000,
+    "synthetic_num_test": 200,
+    "synthetic_chart_types": ["bar", "line"],
+    "synthetic_question_types": ["count", "max", "min", "value"],
+    "synthetic_layout": "chartqa",  # aligned = small token-aligned charts a tiny model can learn
+    "synthetic_size": 140,  # side of an aligned chart in pixels (a multiple of 28)
+    # --- training (trl.SFTConfig names) -----------------------------------------------------------
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "learning_rate": 2e-4,  # the usual QLoRA rate (QLoRA paper, Unsloth and TRL notebooks)
+    "num_train_epochs": 1,
+    "max_steps": -1,  # > 0 overrides num_train_epochs
+    "warmup_steps": 10,
+    "lr_scheduler_type": "linear",
+    "optim": "adamw_8bit",  # bitsandbytes 8-bit Adam: a quarter of the optimizer memory
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "logging_steps": 10,
+    "save_steps": 200,
+    "save_total_limit": 2,
+    "seed": 3407,
+    "max_length": 2048,  # tokens, image tokens included; a longer sample is an error, never cut in an image
+    "train_on_responses_only": True,  # loss only on the assistant's answers, not on the question
+}

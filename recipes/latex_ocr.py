@@ -1,0 +1,17 @@
+"""Qwen2-VL-7B QLoRA that writes LaTeX for an image of a formula (Unsloth's vision notebook task).
+
+    python train.py --recipe latex_ocr
+"""
+
+from recipes.base import BASE
+
+RECIPE = {
+    **BASE,
+    "dataset": "latex_ocr",
+    "system_prompt": "Write the LaTeX representation for this image.",
+    "max_pixels": 200704,  # formulas are small, wide images; 256 tokens is plenty
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "max_steps": 300,  # as in Unsloth's notebook: the format is learned in a few hundred steps
+    "max_length": 1024,
+}
