@@ -1,0 +1,48 @@
+# make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
+# make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
+# Both create .venv on first use. On a GPU machine use `pip install -r requirements.txt` instead.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Built llama.cpp wheels live outside the repo, so a fresh clone on the same machine reuses them.
+CACHE ?= $(HOME)/.cache/qwen2vl-kit
+LLAMA_CPP_PYTHON := 0.3.36
+# The demo's run folder.
+DEMO := runs/demo
+
+.PHONY: demo test venv llama-cpp clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-core.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU machine's torch (a CUDA build that runs on the CPU) must come before the rest pins nothing newer.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements-core.txt -r requirements-dev.txt
+	touch $@
+
+# llama-cpp-python runs the GGUF files in tests and infer.py; its source build takes minutes, so the wheel is
+# kept in $(CACHE)/wheels and reused.
+llama-cpp: $(VENV)/.llama-cpp
+
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	mkdir -p $(CACHE)/wheels
+	ls $(CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PY) -m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(CACHE)/wheels llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(PY) -m pip install -q $(CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.llama-cpp
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed $(VENV)/.llama-cpp
+	$(PY) train.py --recipe demo --output $(DEMO) --force
+	$(PY) eval.py $(DEMO) --data synthetic --compare base,finetuned --control shuffled --force
+	$(PY) merge.py $(DEMO) --to merged,gguf --quant f16 --force
+	$(PY) infer.py $(DEMO)-gguf --image "$$($(PY) -c 'import json;print(json.load(open("$(DEMO)/eval/predictions.jsonl"))["image"])' 2>/dev/null || true)" --question "How many bars are in the chart?"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,48 @@
+"""Shared fixtures: short training runs on the tiny model, made once per test session."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Small enough to run in seconds on two cores, big enough that the loss clearly falls.
+QUICK = ["synthetic_num_train=240", "synthetic_num_test=40", "max_steps=60", "logging_steps=10",
+         "save_steps=30", "warmup_steps=5"]
+
+
+def train_cli(args):
+    import train
+
+    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
+    return result
+
+
+def run_train(folder: Path, extra=()):
+    args = ["--recipe", "demo", "--output", str(folder)]
+    for item in [*QUICK, *extra]:
+        args += ["--set", item]
+    result = train_cli(args)
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory) -> Path:
+    """The demo recipe (full fine-tuning of the tiny model), shortened."""
+    return run_train(tmp_path_factory.mktemp("runs") / "full")
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model, as the GPU recipes make (16-bit base here)."""
+    return run_train(tmp_path_factory.mktemp("runs") / "lora",
+                     ["finetune=lora", "lora_r=8", "lora_alpha=16", "learning_rate=5e-3"])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
