@@ -131,6 +131,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # the collator checks lengths: a cut inside an image would break the model
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer_class = SFTTrainer if torch.cuda.is_available() else PlainLossSFTTrainer
     if isinstance(train_samples, list):  # trl wants a datasets.Dataset; the images stay paths
