@@ -11,7 +11,6 @@ for finetune=full) with the processor, checkpoints/, metrics.jsonl and loss.png.
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,14 +31,19 @@ from kit.errors import UserError, user_errors
               help="Override the recipe's backend (auto picks unsloth when CUDA and unsloth are present).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the run in this folder from its last complete checkpoint.")
-@click.option("--force", is_flag=True, help="Replace an existing run folder.")
-def main(recipe, overrides, output, backend, resume_dir, force):
+@click.option("--force", is_flag=True, help="Replace an existing run folder; start even if the plan says it won't fit.")
+@click.option("--plan", "plan_only", is_flag=True, help="Check the data and estimate tokens and memory; no training.")
+@click.option("--plan-samples", type=int, default=0, help="With --plan: look at only this many rows (0 = all).")
+@click.option("--gpu", help="Plan for this card instead of the one present: 16GB, 24GB, 40GB, 48GB or 80GB.")
+@click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
+              help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
+def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
     """Fine-tune Qwen2-VL with a recipe; see the module docstring for examples."""
     with user_errors():
-        run(recipe, overrides, output, backend, resume_dir, force)
+        run(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row)
 
 
-def run(recipe_name, overrides, output, backend_name, resume_dir, force):
+def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
     import recipes
     from kit import backend as backends
 
@@ -55,7 +59,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
     recipe, changes = recipes.load(recipe_name, overrides)
     if not resume_dir:
         run_dir = output or Path("runs") / recipe_name
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(run_dir.iterdir()) and not plan_only:
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                                 "--output for another folder, or --force to replace it")
@@ -72,14 +76,36 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
     import torch
 
     if recipe["load_in_4bit"] and not torch.cuda.is_available():
+        backends.check_cpu_4bit()
         click.echo("note: 4-bit weights on the CPU run through bitsandbytes' CPU kernels: correct but slow")
 
-    # --- load: data, model, collator --------------------------------------------------------------
+    # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, model as models
+    from kit import chat, model as models, plan, progress
 
     train_samples = data.load(recipe, "train")
+    if plan_only and plan_samples:
+        train_samples = train_samples[:plan_samples]
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}")
+    base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(base_path)
+    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    findings, counts = plan.preflight(train_samples, processor, recipe)
+    gpu_name, gpu_bytes = plan.gpu_memory(gpu)
+    memory = plan.estimate_memory(plan.model_shape(base_path), recipe, max(i + t for i, t in counts or [(0, 0)]),
+                                  max((i for i, _ in counts), default=0), precision if gpu_bytes else "bf16")
+    if plan_only:
+        plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor)
+        return
+    if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
+        raise UserError(f"the plan estimates {plan.gb(memory['total'])} peak on {gpu_name} "
+                        f"({plan.gb(gpu_bytes)}); run with --plan to see the parts and what to change, "
+                        "or --force to try anyway")
+    from data.lint import split_bad_rows
+
+    train_samples = split_bad_rows(train_samples, findings, on_bad_row, run_dir / "skipped.jsonl")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "run_config.json", {
         "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
@@ -88,7 +114,6 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
         "code_version": _git_version(), "command": " ".join(sys.argv)})
 
     dtype = backends.torch_dtype(precision)
-    base_path = models.resolve(recipe["model_name_or_path"])
     model, processor = models.load_base(base_path, backend, recipe["load_in_4bit"], dtype, for_training=True,
                                         gradient_checkpointing=recipe["gradient_checkpointing"])
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
@@ -102,15 +127,41 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
     total = sum(p.numel() for p in model.parameters())
     click.echo(f"model {recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "
                f"({recipe['finetune']})")
-    collator = CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
+    collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
                                                     recipe["train_on_responses_only"], recipe["system_prompt"]))
 
     # --- run ---------------------------------------------------------------------------------------
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_utils import rotate_checkpoints
     from trl import SFTConfig, SFTTrainer
 
-    class PlainLossSFTTrainer(SFTTrainer):
+    class KitTrainer(SFTTrainer):
+        def _save_checkpoint(self, model, trial):
+            # Write the checkpoint beside its final name, then rename: a crash never leaves half a checkpoint.
+            final_root = self.args.output_dir
+            staging = Path(final_root) / f".staging-{self.state.global_step}"
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = final_root
+            for checkpoint in staging.glob("checkpoint-*"):
+                shutil.rmtree(Path(final_root) / checkpoint.name, ignore_errors=True)
+                checkpoint.rename(Path(final_root) / checkpoint.name)
+            shutil.rmtree(staging)  # what is left is the model card trl writes beside checkpoints
+            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            model = model or self.model
+            if recipe["finetune"] == "lora":
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            # transformers 5.17 reads a full checkpoint with its saved key names, which miss every weight of
+            # Qwen2-VL's renamed modules (the run would silently restart from the base); from_pretrained maps them.
+            reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+            model.load_state_dict(reloaded.state_dict())
+
+    class PlainLossTrainer(KitTrainer):
         # trl's fused LM-head loss is a Triton kernel with no CPU path; the model's own loss is the same number.
         compute_loss = Trainer.compute_loss
 
@@ -133,7 +184,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    trainer_class = SFTTrainer if torch.cuda.is_available() else PlainLossSFTTrainer
+    trainer_class = KitTrainer if torch.cuda.is_available() else PlainLossTrainer
     if isinstance(train_samples, list):  # trl wants a datasets.Dataset; the images stay paths
         from datasets import Dataset
 
@@ -141,13 +192,18 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
     trainer = trainer_class(model=model, args=args, train_dataset=train_samples, data_collator=collator,
                             processing_class=processor)
     trainer.remove_callback(PrinterCallback)
-    progress = progress_line(run_dir / "metrics.jsonl", collator, append=bool(resume_dir))
-    trainer.add_callback(progress)
     checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume_dir else None
     if resume_dir:
         click.echo(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting over")
+    progress_callback = progress.progress_line(run_dir / "metrics.jsonl", collator,
+                             keep_until=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    trainer.add_callback(progress_callback)
+    trainer.add_callback(progress.stop_on_signal())
     started = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.state.global_step < trainer.state.max_steps:
+        raise UserError(f"interrupted at step {trainer.state.global_step}: checkpoint saved in "
+                        f"{run_dir / 'checkpoints'}; continue with: python train.py --resume {run_dir}")
 
     # --- save --------------------------------------------------------------------------------------
     final = run_dir / ".final.tmp"
@@ -157,82 +213,10 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force):
     for item in final.iterdir():
         item.replace(run_dir / item.name)
     final.rmdir()
-    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    progress.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     click.echo(f"done: {trainer.state.global_step} steps in {_duration(time.time() - started)} | "
-               f"final loss {progress.last_loss:.4f} | peak mem {_peak_memory_gb():.1f} GB | "
+               f"final loss {progress_callback.last_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
                f"outputs in {run_dir}")
-
-
-class CountingCollator:
-    """Counts the real (non-padding) tokens that pass, for the tokens/s field of the progress line."""
-
-    def __init__(self, collator):
-        self.collator, self.tokens = collator, 0
-
-    def __call__(self, samples):
-        batch = self.collator(samples)
-        self.tokens += int(batch["attention_mask"].sum())
-        return batch
-
-
-def progress_line(path: Path, counter: CountingCollator, append: bool):
-    """A callback printing one fixed-field line per logging step, the same fields in metrics.jsonl."""
-    # Built here, not at import: transformers may only be imported once the backend is chosen
-    # (unsloth patches it on import).
-    from transformers import TrainerCallback
-
-    class ProgressLine(TrainerCallback):
-        def __init__(self):
-            if not append:
-                path.write_text("")
-            self.last_time, self.last_step, self.last_tokens, self.last_loss = time.time(), 0, 0, float("nan")
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last_time, self.last_step = time.time(), state.global_step
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            now, steps = time.time(), max(state.global_step - self.last_step, 1)
-            seconds = max(now - self.last_time, 1e-9)
-            row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
-                   "ms_per_step": 1000 * seconds / steps,
-                   "tokens_per_s": (counter.tokens - self.last_tokens) / seconds,
-                   "peak_mem_gb": _peak_memory_gb(), "time": now}
-            click.echo(f"step {row['step']:05d}/{state.max_steps:05d} | loss {row['loss']:.4f} | "
-                       f"lr {row['lr']:.1e} | {row['ms_per_step']:,.0f} ms | {row['tokens_per_s']:,.0f} tok/s | "
-                       f"mem {row['peak_mem_gb']:.1f} GB")
-            with path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            self.last_time, self.last_step, self.last_tokens = now, state.global_step, counter.tokens
-            self.last_loss = row["loss"]
-
-    return ProgressLine()
-
-
-def plot_loss(metrics_path: Path, png_path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-
-
-def _peak_memory_gb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)
 
 
 def _last_checkpoint(folder: Path):

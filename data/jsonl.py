@@ -28,9 +28,8 @@ def to_sample(row: dict, line: int, path: Path) -> dict:
             for part in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])
         ][-1:]
     elif "question" in row:
-        answers = row.get("answers") or ([row["answer"]] if "answer" in row else [])
-        if not answers:
-            raise BadRow(f"{where}: no \"answer\" (or \"answers\"); add the expected answer")
+        # A row without an answer still becomes a sample: data/lint.py reports it with its line.
+        answers = row.get("answers") or ([row["answer"]] if "answer" in row else [""])
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": row["question"]}]
         messages = [{"role": "user", "content": content},
                     {"role": "assistant", "content": [{"type": "text", "text": str(answers[0])}]}]
@@ -50,10 +49,13 @@ def load(path: str, limit: int | None = None) -> list[dict]:
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise BadRow(f"{path}:{line}: not valid JSON ({error.msg} at column {error.colno})") from None
-            samples.append(to_sample(row, line, path))
+                samples.append(to_sample(json.loads(text), line, path))
+            except (json.JSONDecodeError, BadRow) as error:
+                # Kept as a sample that carries its problem, so lint reports it and --on-bad-row decides.
+                problem = f"not valid JSON ({error.msg} at column {error.colno})" \
+                    if isinstance(error, json.JSONDecodeError) else str(error).split(": ", 1)[-1]
+                samples.append({"id": f"{path.name}:{line}", "images": [], "messages": [], "answers": [],
+                                "source": f"{path}:{line}", "problem": problem})
             if limit and len(samples) >= limit:
                 break
     return samples

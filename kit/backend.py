@@ -57,3 +57,17 @@ def torch_dtype(name: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def check_cpu_4bit():
+    """4-bit on the CPU needs bitsandbytes with CPU kernels (0.45+); older builds crash deep inside."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("bitsandbytes")
+    except PackageNotFoundError:
+        raise BackendError("load_in_4bit needs bitsandbytes (pip install bitsandbytes), or set load_in_4bit=false")
+    major, minor = (int(part) for part in found.split(".")[:2])
+    if (major, minor) < (0, 45):
+        raise BackendError(f"load_in_4bit on the CPU needs bitsandbytes >= 0.45 (found {found}); upgrade it, "
+                           "or set load_in_4bit=false")

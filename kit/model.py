@@ -174,12 +174,13 @@ def tiny_model_dir() -> Path:
     return _save_atomically(build, target)
 
 
-def random_model_dir(shape: str) -> Path:
-    """Random weights of a true Qwen2-VL shape, saved in bf16 (2B: ~4.4 GB, 7B: ~16 GB of disk)."""
+def random_model_dir(shape: str, weights: bool = True) -> Path:
+    """Random weights of a true Qwen2-VL shape, saved in bf16 (2B: ~4.4 GB, 7B: ~16 GB of disk).
+    With weights=False only config and processor, enough to plan a run without building gigabytes."""
     if shape not in REAL_SHAPES:
         raise ValueError(f"unknown shape random:{shape}; choose one of: "
                          + ", ".join(f"random:{s}" for s in REAL_SHAPES))
-    target = cache_dir() / f"random-{shape}"
+    target = cache_dir() / (f"random-{shape}" if weights else f"random-{shape}-config")
     if (target / "config.json").exists():
         return target
 
@@ -188,6 +189,10 @@ def random_model_dir(shape: str) -> Path:
 
         tokenizer = build_tokenizer()
         config = qwen2vl_config(tokenizer, REAL_SHAPES[shape], REAL_VISION)
+        if not weights:
+            config.save_pretrained(path)
+            build_processor(tokenizer).save_pretrained(path)
+            return
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
@@ -197,12 +202,12 @@ def random_model_dir(shape: str) -> Path:
     return _save_atomically(build, target)
 
 
-def resolve(model_name_or_path: str) -> str:
+def resolve(model_name_or_path: str, weights: bool = True) -> str:
     """Hub id or folder as given; `tiny` and `random:*` are built (once) and become cache folders."""
     if model_name_or_path == "tiny":
         return str(tiny_model_dir())
     if model_name_or_path.startswith("random:"):
-        return str(random_model_dir(model_name_or_path.split(":", 1)[1]))
+        return str(random_model_dir(model_name_or_path.split(":", 1)[1], weights))
     return model_name_or_path
 
 

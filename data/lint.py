@@ -1,0 +1,145 @@
+"""Find the rows that would break or silently weaken training, before any GPU time is spent.
+
+    python -m data.lint jsonl:my_charts.jsonl
+    python -m data.lint synthetic --set synthetic_num_train=500
+    python -m data.lint --recipe chartqa            # the recipe's own dataset
+
+Each finding names the source, the row and the problem. train.py runs the same checks at start
+(and with --plan); `--on-bad-row skip` drops the rows it reports and writes them to skipped.jsonl.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from PIL import Image
+
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more extreme images
+ROLES = ("system", "user", "assistant")
+
+
+def where(sample: dict, index: int) -> str:
+    return sample.get("source") or f"row {index} ({sample.get('id', 'no id')})"
+
+
+def _texts(message: dict) -> list[str]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    return [part.get("text") or "" for part in content or [] if part.get("type") == "text"]
+
+
+def image_problem(image) -> str | None:
+    """Why an image cannot be used, or None. Decodes the whole file so truncation shows up here."""
+    if isinstance(image, Image.Image):
+        width, height = image.size
+    else:
+        path = Path(image)
+        if not path.exists():
+            return f"image file not found: {path}"
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                width, height = opened.size
+        except Exception as error:  # PIL raises many types for corrupt files
+            return f"image unreadable or truncated: {path} ({error})"
+    if width == 0 or height == 0:
+        return f"image has zero size ({width}x{height})"
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        return f"image aspect ratio {max(width, height) / min(width, height):.0f} is over {MAX_ASPECT_RATIO}"
+    return None
+
+
+def sample_problems(sample: dict) -> list[str]:
+    if sample.get("problem"):  # the loader could not even read the row
+        return [sample["problem"]]
+    problems = []
+    messages = sample.get("messages") or []
+    for message in messages:
+        if message.get("role") not in ROLES:
+            problems.append(f"unknown role {message.get('role')!r} (expected one of {', '.join(ROLES)})")
+    answers = [m for m in messages if m.get("role") == "assistant"]
+    if not answers or not "".join(_texts(answers[-1])).strip():
+        problems.append("empty or missing assistant answer")
+    placeholders = sum(1 for m in messages if isinstance(m.get("content"), list)
+                       for part in m["content"] if part.get("type") == "image")
+    images = sample.get("images") or []
+    if placeholders != len(images):
+        problems.append(f"{placeholders} image placeholder(s) in the messages but {len(images)} image(s)")
+    for image in images:
+        problem = image_problem(image)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _row_key(sample: dict) -> str:
+    images = [i if isinstance(i, str) else f"<image {id(i)}>" for i in sample.get("images") or []]
+    return json.dumps([images, sample.get("messages")], sort_keys=True, default=str)
+
+
+def lint(samples) -> list[tuple[int, str, str]]:
+    """(index, where, problem) for every finding; exact duplicate rows are findings too."""
+    findings, seen = [], {}
+    for index, sample in enumerate(samples):
+        for problem in sample_problems(sample):
+            findings.append((index, where(sample, index), problem))
+        key = _row_key(sample)
+        if key in seen:
+            findings.append((index, where(sample, index), f"exact duplicate of {where(samples[seen[key]], seen[key])}"))
+        else:
+            seen[key] = index
+    return findings
+
+
+def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path: Path | None = None):
+    """Keep the good rows; with on_bad_row=fail any finding is an error naming the rows."""
+    from kit.errors import UserError
+
+    if not findings:
+        return samples
+    lines = [f"  {place}: {problem}" for _, place, problem in findings]
+    if on_bad_row == "fail":
+        shown = "\n".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+        raise UserError(f"{len(findings)} problem(s) in the data:\n{shown}\n"
+                        "fix these rows, or pass --on-bad-row skip to train without them (they are then listed "
+                        "in skipped.jsonl)")
+    bad = {index for index, _, _ in findings}
+    click.echo(f"skipping {len(bad)} bad row(s) of {len(samples)}:")
+    click.echo("\n".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))
+    if skipped_path:
+        skipped_path.parent.mkdir(parents=True, exist_ok=True)
+        with skipped_path.open("w") as handle:
+            for index, place, problem in findings:
+                handle.write(json.dumps({"index": index, "where": place, "problem": problem,
+                                         "id": samples[index].get("id")}) + "\n")
+        click.echo(f"skipped rows written to {skipped_path}")
+    return [sample for index, sample in enumerate(samples) if index not in bad]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", required=False)
+@click.option("--recipe", default="base", show_default=True, help="Recipe whose data settings apply.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key; repeatable.")
+@click.option("--split", default="train", show_default=True, help="Which split to check.")
+def main(source, recipe, overrides, split):
+    """Check a dataset (chartqa | latex_ocr | synthetic | jsonl:PATH) for rows that would break training."""
+    import data
+    import recipes
+    from kit.errors import user_errors
+
+    with user_errors():
+        if source:
+            overrides = [f"dataset={source}", *overrides]
+        config, _ = recipes.load(recipe if recipe != "base" else "chartqa", overrides)
+        samples = data.load(config, split)
+        findings = lint(samples)
+        for _, place, problem in findings:
+            click.echo(f"{config['dataset']}: {place}: {problem}")
+        click.echo(f"{len(samples)} rows checked, {len(findings)} problem(s)")
+        sys.exit(1 if findings else 0)
+
+
+if __name__ == "__main__":
+    main()

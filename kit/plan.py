@@ -1,0 +1,203 @@
+"""What a run will cost, computed before it starts: token counts per sample (exactly what the collator
+will produce), a max_pixels that keeps long images under a budget, and an estimate of peak GPU memory.
+
+The memory estimate is a sum of named parts so a user can see what to change; BENCHMARKS.md records how
+far it was from measured peaks.
+"""
+
+import math
+
+import click
+from PIL import Image
+
+from kit.chat import with_system
+
+GIB = 1024**3
+GPU_SIZES = {"16GB": 16 * GIB, "24GB": 24 * GIB, "40GB": 40 * GIB, "48GB": 48 * GIB, "80GB": 80 * GIB}
+CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9 GB on recent drivers
+
+
+def image_tokens(image, processor) -> int:
+    """Merged vision tokens of one image after Qwen's resize (sides to multiples of 28, area in bounds)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    if isinstance(image, Image.Image):
+        width, height = image.size
+    else:
+        with Image.open(image) as opened:  # reads the header only
+            width, height = opened.size
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    height, width = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
+                                 max_pixels=ip.size["longest_edge"])
+    return (height // factor) * (width // factor)
+
+
+def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int, int]]:
+    """(image tokens, text tokens) per sample, as the collator will see them."""
+    tokenizer = processor.tokenizer
+    counts = []
+    for sample in samples:
+        images = sum(image_tokens(image, processor) for image in sample["images"])
+        text = processor.apply_chat_template(with_system(sample["messages"], system_prompt), tokenize=False)
+        # Each <|image_pad|> placeholder becomes that image's tokens; count it as image, not text.
+        text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"])
+        counts.append((images, text_tokens))
+    return counts
+
+
+def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) -> int:
+    """The largest max_pixels (a multiple of 28x28) whose p95 image tokens stay within `budget`."""
+    sizes = []
+    for sample in samples:
+        for image in sample["images"]:
+            if isinstance(image, Image.Image):
+                sizes.append(image.size)
+            else:
+                with Image.open(image) as opened:
+                    sizes.append(opened.size)
+    if not sizes:
+        return processor.image_processor.size["longest_edge"]
+    areas = sorted(w * h for w, h in sizes)
+    p95_area = areas[min(len(areas) - 1, int(quantile * len(areas)))]
+    # image tokens ~ area / 28^2; cap the area so that the p95 image lands at the budget
+    return max(28 * 28 * 4, min(p95_area, budget * 28 * 28))
+
+
+def stats(values: list[int]) -> dict:
+    ordered = sorted(values)
+    if not ordered:
+        return {"min": 0, "median": 0, "p95": 0, "max": 0}
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"min": ordered[0], "median": pick(0.5), "p95": pick(0.95), "max": ordered[-1]}
+
+
+def model_shape(path: str) -> dict:
+    """Parameter counts from config.json alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text, vision = config.text_config, config.vision_config
+    h, layers, inter = text.hidden_size, text.num_hidden_layers, text.intermediate_size
+    head_dim = h // text.num_attention_heads
+    kv = text.num_key_value_heads * head_dim
+    attn = h * h * 2 + h * kv * 2  # q, o + k, v
+    mlp = 3 * h * inter
+    embed = text.vocab_size * h
+    ve, depth = vision.embed_dim, vision.depth
+    vision_linear = depth * (ve * 3 * ve + ve * ve + 2 * ve * ve * vision.mlp_ratio)
+    merger = (ve * 4) ** 2 + ve * 4 * vision.hidden_size
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+    return {"hidden": h, "layers": layers, "inter": inter, "kv": kv, "vocab": text.vocab_size,
+            "attn_linear": layers * attn, "mlp_linear": layers * mlp, "embed": embed * (1 if tied else 2),
+            "vision_linear": vision_linear + merger, "vision_embed": ve, "vision_depth": depth}
+
+
+def lora_parameters(shape: dict, recipe: dict) -> int:
+    r, h, inter, kv, layers = recipe["lora_r"], shape["hidden"], shape["inter"], shape["kv"], shape["layers"]
+    count = 0
+    if recipe["finetune_language_layers"]:
+        if recipe["finetune_attention_modules"]:
+            count += layers * r * ((h + h) * 2 + (h + kv) * 2)
+        if recipe["finetune_mlp_modules"]:
+            count += layers * r * 3 * (h + inter)
+    if recipe["finetune_vision_layers"]:
+        ve = shape["vision_embed"]
+        count += shape["vision_depth"] * r * ((ve + 3 * ve) + 2 * ve + 2 * (ve + 4 * ve))
+    return count
+
+
+def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str) -> dict:
+    """Peak GPU bytes by part, for the largest sample in a batch of per_device_train_batch_size."""
+    half = 2 if precision in ("bf16", "fp16") else 4
+    linear = shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"]
+    if recipe["load_in_4bit"]:
+        weights = linear * 4.127 / 8 + shape["embed"] * half  # NF4 + double-quantised scales; embeddings stay 16-bit
+    else:
+        weights = (linear + shape["embed"]) * half
+    trainable = lora_parameters(shape, recipe) if recipe["finetune"] == "lora" else linear + shape["embed"]
+    optimizer_bytes = 2 if "8bit" in recipe["optim"] else 8
+    adapter = trainable * (4 + 4 + optimizer_bytes)  # fp32 weights + grads + optimizer states
+    batch, h, tokens = recipe["per_device_train_batch_size"], shape["hidden"], max_tokens
+    per_token_layer = h * half  # one checkpointed hidden state per layer
+    recompute = tokens * (h * 8 + shape["inter"] * 3 + shape["kv"] * 2) * half  # one layer live again
+    if recipe["gradient_checkpointing"]:
+        activations = batch * (tokens * per_token_layer * shape["layers"] + recompute)
+    else:
+        activations = batch * shape["layers"] * (tokens * (h * 8 + shape["inter"] * 3) * half)
+    logits = batch * tokens * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
+    patches = max_image_tokens * 4  # 2x2 patches merge into one token
+    vision = batch * patches * shape["vision_embed"] * half * 12  # one block's forward, frozen tower
+    parts = {"base weights": weights, "LoRA/trained weights + grads + optimizer": adapter,
+             "activations (largest sample)": activations + vision, "logits": logits,
+             "CUDA overhead": CUDA_OVERHEAD}
+    parts["total"] = sum(parts.values()) * 1.1  # allocator fragmentation, seen at 5-15 %
+    return parts
+
+
+def gpu_memory(named: str | None) -> tuple[str, int | None]:
+    """(description, bytes) of the GPU to plan for: a named size, else the one present, else none."""
+    import torch
+
+    if named:
+        key = named.upper().replace(" ", "")
+        if key not in GPU_SIZES:
+            raise ValueError(f"--gpu {named}: choose one of {', '.join(GPU_SIZES)}")
+        return named, GPU_SIZES[key]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory
+    return "no GPU", None
+
+
+def gb(value: float) -> str:
+    return f"{value / GIB:.1f} GB"
+
+
+def steps_per_epoch(rows: int, recipe: dict) -> int:
+    return math.ceil(rows / (recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]))
+
+
+def preflight(samples, processor, recipe):
+    """Lint findings (broken rows and rows over max_length) and each sample's (image, text) token counts."""
+    from data.lint import lint
+
+    findings = lint(samples)
+    broken = {index for index, _, _ in findings}
+    counts = token_counts([s for i, s in enumerate(samples) if i not in broken], processor, recipe["system_prompt"])
+    good = [i for i in range(len(samples)) if i not in broken]
+    for index, (image, text) in zip(good, counts):
+        if image + text > recipe["max_length"]:
+            findings.append((index, samples[index].get("source") or f"row {index} ({samples[index].get('id')})",
+                             f"{image + text} tokens ({image} image + {text} text) > max_length "
+                             f"{recipe['max_length']}; raise max_length or lower max_pixels"))
+    return findings, counts
+
+
+def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor):
+    images, texts = [i for i, _ in counts], [t for _, t in counts]
+    for name, values in (("image tokens", images), ("text tokens", texts), ("total tokens",
+                                                                            [i + t for i, t in counts])):
+        st = stats(values)
+        click.echo(f"{name:>13}: min {st['min']} | median {st['median']} | p95 {st['p95']} | max {st['max']}")
+    over = [f for f in findings if "max_length" in f[2]]
+    click.echo(f"over max_length ({recipe['max_length']}): {len(over)} sample(s); other problems: "
+               f"{len(findings) - len(over)}")
+    for _, place, problem in findings[:10]:
+        click.echo(f"  {place}: {problem}")
+    budget = max(recipe["max_length"] - stats(texts)["p95"] - 16, 64)
+    click.echo(f"suggested max_pixels for p95 under {budget} image tokens: "
+               f"{suggest_max_pixels(samples, processor, budget)} (now {recipe['max_pixels']})")
+    click.echo(f"steps per epoch: {steps_per_epoch(len(samples), recipe)}")
+    click.echo(f"peak GPU memory estimate ({recipe['model_name_or_path']}, "
+               f"{'4-bit' if recipe['load_in_4bit'] else '16-bit'}, batch {recipe['per_device_train_batch_size']}):")
+    for part, value in memory.items():
+        click.echo(f"  {part:<42} {gb(value)}")
+    if gpu_bytes is None:
+        click.echo("no GPU here: name one with --gpu 24GB to check the fit")
+    elif memory["total"] <= gpu_bytes:
+        click.echo(f"fits: {gb(memory['total'])} of {gb(gpu_bytes)} on {gpu_name}")
+    else:
+        click.echo(f"does not fit: {gb(memory['total'])} > {gb(gpu_bytes)} on {gpu_name}; lower "
+                   "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
+                   "max_pixels, or lora_r")

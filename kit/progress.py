@@ -1,0 +1,107 @@
+"""What a training run shows while it runs: one fixed-field line per logging step (also in metrics.jsonl),
+a loss curve at the end, and a checkpoint-then-stop on Ctrl-C or SIGTERM.
+
+transformers is imported inside the functions: train.py imports this module before the backend is chosen,
+and unsloth must patch transformers before anyone else imports it.
+"""
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import click
+
+
+class CountingCollator:
+    """Counts the real (non-padding) tokens that pass, for the tokens/s field of the progress line."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens = collator, 0
+
+    def __call__(self, samples):
+        batch = self.collator(samples)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def progress_line(path: Path, counter: CountingCollator, keep_until: int):
+    """A callback printing one fixed-field line per logging step, the same fields in metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    class ProgressLine(TrainerCallback):
+        def __init__(self):
+            # On resume, rows logged after the checkpoint are logged again; keep the curve single-valued.
+            rows = path.read_text().splitlines() if keep_until and path.exists() else []
+            path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= keep_until))
+            self.last_time, self.last_step, self.last_tokens, self.last_loss = time.time(), 0, 0, float("nan")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time, self.last_step = time.time(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            now, steps = time.time(), max(state.global_step - self.last_step, 1)
+            seconds = max(now - self.last_time, 1e-9)
+            row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
+                   "ms_per_step": 1000 * seconds / steps,
+                   "tokens_per_s": (counter.tokens - self.last_tokens) / seconds,
+                   "peak_mem_gb": peak_memory_gb(), "time": now}
+            click.echo(f"step {row['step']:05d}/{state.max_steps:05d} | loss {row['loss']:.4f} | "
+                       f"lr {row['lr']:.1e} | {row['ms_per_step']:,.0f} ms | {row['tokens_per_s']:,.0f} tok/s | "
+                       f"mem {row['peak_mem_gb']:.1f} GB")
+            with path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            self.last_time, self.last_step, self.last_tokens = now, state.global_step, counter.tokens
+            self.last_loss = row["loss"]
+
+    return ProgressLine()
+
+
+def stop_on_signal():
+    """Ctrl-C or SIGTERM (a preempted Kaggle/cloud job) saves a checkpoint at the end of the step, then stops."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def __init__(self):
+            self.asked = False
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self.ask)
+
+        def ask(self, signum, frame):
+            click.echo(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+            self.asked = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.asked:
+                control.should_save = control.should_training_stop = True
+
+    return StopOnSignal()
+
+
+def plot_loss(metrics_path: Path, png_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def peak_memory_gb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)

@@ -1,0 +1,48 @@
+from data.synthetic import generate
+from kit.chat import VisionCollator, set_pixels
+from kit.plan import estimate_memory, model_shape, token_counts
+from recipes import load
+from tests.conftest import train_cli
+
+
+def test_plan_token_counts_equal_the_collators(tmp_path):
+    from transformers import AutoProcessor
+
+    from kit.model import tiny_model_dir
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir())
+    recipe, _ = load("demo")
+    set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    samples = generate("train", 16, seed=2, question_types=["count", "max", "value"], cache=tmp_path,
+                       progress=False)
+    counts = token_counts(samples, processor, "Answer briefly.")
+    collator = VisionCollator(processor, max_length=512, system_prompt="Answer briefly.")
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for sample, (image, text) in zip(samples, counts):
+        batch = collator([sample])
+        assert image == int((batch["input_ids"] == image_pad).sum())
+        assert image + text == int(batch["attention_mask"].sum())
+
+
+def test_memory_estimate_grows_with_what_it_should():
+    from kit.model import resolve
+
+    shape = model_shape(resolve("random:qwen2-vl-7b", weights=False))
+    recipe, _ = load("chartqa")
+    base = estimate_memory(shape, recipe, 700, 400, "bf16")
+    bigger_batch = estimate_memory(shape, dict(recipe, per_device_train_batch_size=4), 700, 400, "bf16")
+    sixteen_bit = estimate_memory(shape, dict(recipe, load_in_4bit=False), 700, 400, "bf16")
+    assert bigger_batch["total"] > base["total"] and bigger_batch["base weights"] == base["base weights"]
+    assert sixteen_bit["base weights"] > 2 * base["base weights"]  # embeddings stay 16-bit in both
+    assert base["total"] > sum(v for k, v in base.items() if k != "total")  # fragmentation margin
+
+
+def test_plan_cli_prints_histograms_and_a_verdict(tmp_path):
+    result = train_cli(["--recipe", "chartqa", "--plan", "--gpu", "16GB", "--output", str(tmp_path / "run"),
+                        "--set", "dataset=synthetic", "--set", "synthetic_num_train=20",
+                        "--set", "model_name_or_path=random:qwen2-vl-7b", "--set", "per_device_train_batch_size=16"])
+    assert result.exit_code == 0, result.output
+    for words in ("image tokens: min", "text tokens: min", "over max_length", "suggested max_pixels",
+                  "steps per epoch: 1", "base weights", "does not fit", "per_device_train_batch_size"):
+        assert words in result.output, words
+    assert not (tmp_path / "run").exists()  # a plan trains nothing and writes nothing
