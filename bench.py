@@ -1,0 +1,219 @@
+"""Training speed and memory, backend against backend, on the real Qwen2-VL shapes (or the tiny model on a CPU).
+
+    python bench.py --recipe chartqa --model random:qwen2-vl-7b --backends unsloth,hf       # on a GPU
+    python bench.py --recipe kaggle_t4 --model random:qwen2-vl-7b --backends unsloth --memory-cap 16GB
+    python bench.py --recipe demo --backends hf --steps 30                                   # CPU, tiny model
+
+Each backend runs in its own process (unsloth patches transformers for the whole process) with the same
+recipe: batch, sequence lengths, LoRA targets, precision, synthetic charts at ChartQA size and the recipe's
+max_pixels. After warm-up steps, N timed steps report samples/s, tokens/s, ms/step, peak allocated and
+reserved memory, model FLOPs utilisation, and the share of step time spent loading and collating data.
+Results are printed as a markdown table and saved as JSON; --markdown appends the table to a file.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import click
+
+# Dense bf16 peak of the cards we report on (vendor datasheets), for model FLOPs utilisation.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "RTX 4090": 165.0,
+               "RTX 3090": 71.0, "A10": 125.0}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--recipe", default="chartqa", help="Recipe whose batch, LoRA and pixel settings are used.")
+@click.option("--model", "model_name", help="Model to train (default: the recipe's), e.g. random:qwen2-vl-7b.")
+@click.option("--backends", default="unsloth,hf", help="Comma-separated backends, each in its own process.")
+@click.option("--steps", default=20, help="Timed optimizer steps.")
+@click.option("--warmup", default=3, help="Untimed steps first (kernel compilation, allocator warm-up).")
+@click.option("--memory-cap", help="Cap GPU memory, e.g. 16GB, to prove a recipe fits a smaller card.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key; repeatable.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("runs/bench.json"),
+              help="Where to write the results as JSON.")
+@click.option("--markdown", type=click.Path(path_type=Path), help="Append the results table to this file.")
+@click.option("--worker", hidden=True, help="Internal: run one backend in this process and print JSON.")
+def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, json_path, markdown, worker):
+    """Benchmark training throughput and peak memory per backend."""
+    from kit.errors import user_errors
+
+    with user_errors():
+        overrides = list(overrides) + ([f"model_name_or_path={model_name}"] if model_name else [])
+        if worker:
+            print("BENCH " + json.dumps(measure(worker, recipe, overrides, steps, warmup, memory_cap)))
+            return
+        results = []
+        for backend in backends.split(","):
+            click.echo(f"--- {backend}: {warmup} warm-up + {steps} timed steps ...")
+            command = [sys.executable, __file__, "--worker", backend, "--recipe", recipe, "--steps", str(steps),
+                       "--warmup", str(warmup), *[a for o in overrides for a in ("--set", o)]]
+            if memory_cap:
+                command += ["--memory-cap", memory_cap]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+            if done.returncode or not lines:
+                click.echo(f"{backend} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", err=True)
+                results.append({"backend": backend, "error": (done.stderr or done.stdout)[-500:]})
+                continue
+            results.append(json.loads(lines[-1][6:]))
+        table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap)
+        click.echo(table)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+        if markdown:
+            with markdown.open("a") as handle:
+                handle.write("\n" + table + "\n")
+        click.echo(f"results in {json_path}" + (f" and {markdown}" if markdown else ""))
+
+
+def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
+    import recipes
+    from kit import backend as backends
+
+    recipe, _ = recipes.load(recipe_name, [*overrides, f"backend={backend_name}",
+                                           f"max_steps={warmup + steps}", "logging_steps=1",
+                                           f"save_steps={10 ** 9}"])
+    backend, _ = backends.select(recipe["backend"])
+    import torch
+
+    from data.synthetic import generate
+    from kit import chat, model as models, progress
+
+    cuda = torch.cuda.is_available()
+    if memory_cap and cuda:
+        cap = float(memory_cap.upper().rstrip("GB")) * 1024**3
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    precision = backends.precision()
+    if recipe["dataset"] != "synthetic":  # ChartQA-sized synthetic charts: no download, same pixel budget
+        recipe.update(dataset="synthetic", synthetic_layout="chartqa")
+    batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    samples = generate("train", batch * (warmup + steps), seed=0, chart_types=recipe["synthetic_chart_types"],
+                       question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
+                       size=recipe["synthetic_size"], progress=False)
+    path = models.resolve(recipe["model_name_or_path"])
+    model, processor = models.load_base(path, backend, recipe["load_in_4bit"], backends.torch_dtype(precision),
+                                        for_training=True, gradient_checkpointing=recipe["gradient_checkpointing"])
+    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    if recipe["finetune"] == "lora":
+        model = models.add_lora(model, recipe, backend)
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+
+        FastVisionModel.for_training(model)
+    collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"]))
+    counter = progress.CountingCollator(collator)
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class StepTimer(TrainerCallback):
+        # Timed from one step's end to the next: the trainer fetches (and collates) a step's batches
+        # before on_step_begin, so a begin-to-end timer would miss the data time.
+        def __init__(self):
+            self.times, self.tokens, self.data_seconds = [], [], []
+
+        def mark(self):
+            if cuda:
+                torch.cuda.synchronize()
+            self.last, self.last_tokens, self.last_data = time.perf_counter(), counter.tokens, collator.seconds
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.mark()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.last)
+            self.tokens.append(counter.tokens - self.last_tokens)
+            self.data_seconds.append(collator.seconds - self.last_data)
+            if state.global_step == warmup and cuda:
+                torch.cuda.reset_peak_memory_stats()
+            self.mark()
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        compute_loss = Trainer.compute_loss  # trl's fused loss is Triton-only
+
+    args = SFTConfig(output_dir="/tmp/qwen2vl-kit-bench", per_device_train_batch_size=recipe[
+        "per_device_train_batch_size"], gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
+        learning_rate=recipe["learning_rate"], max_steps=warmup + steps, optim=recipe["optim"],
+        bf16=precision == "bf16", fp16=precision == "fp16", logging_steps=10**9, save_strategy="no",
+        gradient_checkpointing=recipe["gradient_checkpointing"] and backend == "hf",
+        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=cuda)
+    timer = StepTimer()
+    trainer = (SFTTrainer if cuda else PlainLossSFTTrainer)(
+        model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=counter,
+        processing_class=processor, callbacks=[timer])
+    trainer.train()
+
+    timed = slice(warmup, None)
+    seconds, tokens = sum(timer.times[timed]), sum(timer.tokens[timed])
+    # 4-bit weights are stored two to a uint8 element
+    n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    result = {"backend": backend, "model": recipe["model_name_or_path"], "precision": precision,
+              "load_in_4bit": recipe["load_in_4bit"], "batch": batch, "steps": steps,
+              "samples_per_s": batch * steps / seconds, "tokens_per_s": tokens / seconds,
+              "ms_per_step": 1000 * seconds / steps,
+              "data_share": sum(timer.data_seconds[timed]) / seconds, "params": n_params,
+              "device": torch.cuda.get_device_name(0) if cuda else "CPU", "date": date.today().isoformat(),
+              "versions": {name: __import__(name).__version__ for name in ("torch", "transformers", "trl", "peft")}}
+    if cuda:
+        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1024**3
+        result["driver"] = torch.version.cuda
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in result["device"]), None)
+        # Frozen base + LoRA: forward 2N and activation gradients 2N FLOPs per token (no weight gradients).
+        result["mfu"] = 4 * n_params * result["tokens_per_s"] / (peak * 1e12) if peak else None
+    return result
+
+
+class TimedCollator:
+    """Adds up the seconds spent turning samples into tensors (image decoding, resizing, tokenising)."""
+
+    def __init__(self, collator):
+        self.collator, self.seconds = collator, 0.0
+
+    def __call__(self, samples):
+        start = time.perf_counter()
+        batch = self.collator(samples)
+        self.seconds += time.perf_counter() - start
+        return batch
+
+
+def to_markdown(results, recipe, overrides, steps, warmup, memory_cap) -> str:
+    ok = [r for r in results if "error" not in r]
+    command = f"python bench.py --recipe {recipe} --backends {','.join(r['backend'] for r in results)} " \
+              f"--steps {steps} --warmup {warmup}" + (f" --memory-cap {memory_cap}" if memory_cap else "") + \
+              "".join(f" --set {o}" for o in overrides)
+    lines = [f"Command: `{command}`", ""]
+    if ok:
+        first = ok[0]
+        lines += [f"Device: {first['device']}, driver/CUDA {first.get('driver', '-')}, {first['date']}, "
+                  + ", ".join(f"{k} {v}" for k, v in first["versions"].items()), ""]
+    lines += ["| backend | samples/s | tokens/s | ms/step | peak alloc GB | peak reserved GB | MFU | data share |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | failed: {r['error'].splitlines()[-1][:80] if r['error'] else '?'} "
+                         "| | | | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        lines.append(f"| {r['backend']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['ms_per_step']:,.0f} | {r.get('peak_allocated_gb', 0):.2f} | "
+                     f"{r.get('peak_reserved_gb', 0):.2f} | {mfu} | {r['data_share']:.0%} |")
+    by_name = {r["backend"]: r for r in ok}
+    if "unsloth" in by_name and "hf" in by_name:
+        u, h = by_name["unsloth"], by_name["hf"]
+        lines += ["", f"unsloth/hf: throughput {u['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
+                      f"peak memory {u['peak_allocated_gb'] / h['peak_allocated_gb']:.2f}x"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
