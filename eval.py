@@ -1,0 +1,261 @@
+"""Score a fine-tuned run against its base model on chart questions (ChartQA's relaxed accuracy, exact match).
+
+    python eval.py runs/chartqa --compare base,base+prompt,finetuned
+    python eval.py runs/demo --compare base,finetuned --control shuffled
+    python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
+
+Systems: `finetuned` is the run's model with the recipe's system prompt, as it was trained; `base` is the run's
+base model with only the chat template's default system message; `base+prompt` is the base model with the
+recipe's system prompt (the prompt-only baseline). `--control shuffled` scores each system again with every
+question shown another test chart, which tells how much of the score comes from looking at the chart.
+
+Writes into <RUN>/eval/ (or --out): predictions.jsonl (every answer, right or not), report.md (one table),
+report.png (relaxed accuracy per system), and skipped.jsonl with --on-bad-row skip.
+"""
+
+import gc
+import json
+import random
+import shutil
+from pathlib import Path
+
+import click
+
+from kit.errors import UserError, user_errors
+from kit.metrics import accuracy, exact_correct, grouped_accuracy, relaxed_correct
+
+SYSTEMS = ("base", "base+prompt", "finetuned")
+GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--data", help="chartqa, synthetic, latex_ocr or jsonl:PATH. Default: the run's recipe dataset.")
+@click.option("--split", default="test", help="Dataset split (ignored for jsonl).")
+@click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
+@click.option("--compare", default="base,base+prompt,finetuned", help="Comma-separated systems to score.")
+@click.option("--control", type=click.Choice(["none", "shuffled"]), default="none",
+              help="shuffled: also score every system with each question shown another chart's image.")
+@click.option("--batch-size", default=8, help="Questions generated together in one call (left padding).")
+@click.option("--max-new-tokens", default=32, help="Longest answer, in tokens (chart answers are short).")
+@click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]),
+              help="Override the run's recipe backend.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: <TARGET>/eval.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
+              help="A row that cannot be scored (missing or unreadable image, no answer): stop (fail), or leave "
+                   "it out and list it in skipped.jsonl (skip).")
+def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
+         on_bad_row):
+    """Score TARGET (a run folder made by train.py); see the module docstring for examples."""
+    with user_errors():
+        run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
+            on_bad_row)
+
+
+def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
+        force, on_bad_row):
+    # --- options -----------------------------------------------------------------------------------
+    if not (run_dir / "run_config.json").exists():
+        raise UserError(f"{run_dir} is not a run folder (no run_config.json); eval.py scores runs made by train.py")
+    recipe = json.loads((run_dir / "run_config.json").read_text())["recipe"]
+    systems = [name.strip() for name in compare.split(",") if name.strip()]
+    unknown = [name for name in systems if name not in SYSTEMS]
+    if unknown or not systems:
+        raise UserError(f"--compare {compare}: choose from {', '.join(SYSTEMS)}")
+    if "base+prompt" in systems and not recipe["system_prompt"]:
+        click.echo("note: base+prompt left out: the recipe has no system_prompt, so it would be the same as base")
+        systems.remove("base+prompt")
+    out = out or run_dir / "eval"
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already holds an evaluation; use --force to replace it or --out for another folder")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be at least 1")
+
+    from kit import backend as backends
+
+    backend, reason = backends.select(backend_name or recipe["backend"])
+    click.echo(f"backend {backend} ({reason})")
+
+    # --- load: samples, then one model at a time ----------------------------------------------------
+    samples, skipped = load_samples(recipe, data_spec, split, limit, on_bad_row)
+    donors = derangement(len(samples)) if control == "shuffled" else None
+    if donors is not None and len(samples) < 2:
+        raise UserError("--control shuffled needs at least 2 samples")
+    click.echo(f"data: {len(samples)} samples from {data_spec or recipe['dataset']} ({split})")
+    answers, seconds = {}, {}
+    on_base = [name for name in systems if name != "finetuned"]
+    if on_base:
+        score_systems("base", on_base, run_dir, recipe, backend, samples, donors, batch_size, max_new_tokens,
+                      answers, seconds)
+    if "finetuned" in systems:
+        score_systems("finetuned", ["finetuned"], run_dir, recipe, backend, samples, donors, batch_size,
+                      max_new_tokens, answers, seconds)
+
+    # --- save ---------------------------------------------------------------------------------------
+    rows = prediction_rows(samples, donors, answers)
+    names = list(answers)
+    table = report_table(rows, names, seconds)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_jsonl(tmp / "predictions.jsonl", rows)
+    if skipped:
+        write_jsonl(tmp / "skipped.jsonl", skipped)
+    (tmp / "report.md").write_text(f"# Evaluation of {run_dir}\n\n{len(rows)} samples from "
+                                   f"{data_spec or recipe['dataset']} ({split}). Accuracy in %: relaxed as in ChartQA "
+                                   f"(5 % numeric tolerance), also per subset/qtype; exact match ignores case "
+                                   f"and a trailing period.\n\n{table}\n")
+    plot_report(rows, names, tmp / "report.png")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    click.echo(f"\n{table}\n\nwrote {out}/predictions.jsonl, report.md, report.png"
+               + (f", skipped.jsonl ({len({s['index'] for s in skipped})} rows left out)" if skipped else ""))
+
+
+def load_samples(recipe, data_spec, split, limit, on_bad_row):
+    """(usable samples, skipped rows): every row checked (image opens, answer present) before any model loads."""
+    import data
+    from data.lint import sample_problems, split_bad_rows, where
+
+    spec = data_spec or recipe["dataset"]
+    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith("jsonl:"):
+        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr or jsonl:PATH")
+    eval_recipe = {**recipe, "dataset": spec, "limit": limit}
+    if spec == "synthetic" and limit:
+        eval_recipe["synthetic_num_test"] = limit  # test charts are drawn from their own index range
+    try:
+        samples = data.load(eval_recipe, split)
+    except ConnectionError as error:
+        raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH")
+    # Only rows that cannot be scored; data.lint's duplicate check is for training, a repeated question scores fine.
+    findings = [(i, where(sample, i), problem) for i, sample in enumerate(samples)
+                for problem in sample_problems(sample)]
+    usable = split_bad_rows(samples, findings, on_bad_row)
+    if not usable:
+        raise UserError(f"--data {spec}: no row can be scored")
+    skipped = [{"index": i, "where": place, "problem": problem, "id": samples[i].get("id")}
+               for i, place, problem in findings]
+    return usable, skipped
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """donor[i] != i for every i: one random cycle through all samples (Sattolo's shuffle), fixed by `seed`."""
+    donors = list(range(n))
+    rng = random.Random(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        donors[i], donors[j] = donors[j], donors[i]
+    return donors
+
+
+def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors, batch_size, max_new_tokens,
+                  answers, seconds):
+    """Load one model (the base or the run's) and fill `answers` / `seconds` for each of its systems."""
+    import torch
+    from tqdm import tqdm
+
+    from kit import backend as backends, chat, model as models
+    from kit.generate import generate_answers, prepare_for_inference
+
+    dtype = backends.torch_dtype(backends.precision())
+    if model_kind == "finetuned":
+        model, processor, _ = models.load_run(run_dir, backend, dtype)
+    else:
+        model, processor = models.load_base(models.resolve(recipe["model_name_or_path"]), backend,
+                                            recipe["load_in_4bit"], dtype, for_training=False,
+                                            gradient_checkpointing=False)
+    prepare_for_inference(model, backend)
+    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
+        if donors is not None else None
+    for system in systems:
+        system_prompt = "" if system == "base" else recipe["system_prompt"]
+        passes = [(system, samples)] + ([(f"{system} (shuffled)", shuffled)] if shuffled else [])
+        for name, batch in passes:
+            with tqdm(total=len(batch), desc=name, mininterval=2) as bar:
+                answers[name], spent = generate_answers(model, processor, batch, system_prompt, max_new_tokens,
+                                                        batch_size, progress=bar.update)
+            seconds[name] = spent / len(batch)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def question_of(sample: dict) -> str:
+    user = [m for m in sample["messages"] if m["role"] == "user"][-1]
+    content = user["content"] if isinstance(user["content"], list) else [{"type": "text", "text": user["content"]}]
+    return " ".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def prediction_rows(samples, donors, answers) -> list[dict]:
+    rows = []
+    for i, sample in enumerate(samples):
+        row = {"id": sample["id"], "image": _path_or_none(sample["images"]), "question": question_of(sample),
+               "references": sample["answers"]}
+        for key in GROUPS:
+            if key in sample:
+                row[key] = sample[key]
+        if donors is not None:
+            row["shuffled_image"] = _path_or_none(samples[donors[i]]["images"])
+        row["systems"] = {name: {"answer": given[i], "relaxed": relaxed_correct(given[i], sample["answers"]),
+                                 "exact": exact_correct(given[i], sample["answers"])}
+                          for name, given in answers.items()}
+        rows.append(row)
+    return rows
+
+
+def report_table(rows, names, seconds) -> str:
+    """One markdown table: a row per system, relaxed accuracy and exact match overall and per group."""
+    groups = [(key, group) for key in GROUPS for group in sorted({str(r[key]) for r in rows if key in r})]
+    header = ["system", "relaxed acc", "exact match"] + [f"{key}={group}" for key, group in groups] + \
+             ["samples", "s/sample"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [name, _percent(accuracy([r["systems"][name]["relaxed"] for r in rows])),
+                 _percent(accuracy([r["systems"][name]["exact"] for r in rows]))]
+        for key, group in groups:
+            cells.append(_percent(grouped_accuracy(rows, lambda r: r["systems"][name]["relaxed"], key)[group]))
+        cells += [str(len(rows)), f"{seconds[name]:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_report(rows, names, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = [100 * accuracy([r["systems"][name]["relaxed"] for r in rows]) for name in names]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5), dpi=100)
+    colors = ["lightgray" if name.endswith("(shuffled)") else "tab:blue" for name in names]
+    bars = ax.bar(range(len(names)), scores, color=colors)
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel("relaxed accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{len(rows)} samples")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _path_or_none(images: list):
+    return str(images[0]) if images and isinstance(images[0], (str, Path)) else None
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Ask a chart a question: a run folder, a merged / local / hub model, or a GGUF file through llama.cpp.
+
+    python infer.py runs/demo --image chart.png --question "How many bars are in the chart?"
+    python infer.py runs/chartqa-merged --image chart.png --question "What is the highest value?" --stream
+    python infer.py runs/chartqa-gguf --image chart.png --question "..."   # uses the mmproj-*.gguf beside it
+    python infer.py Qwen/Qwen2-VL-2B-Instruct --batch questions.jsonl --batch-size 8
+
+TARGET is a run folder made by train.py (base + adapter, or the whole model), a model folder or hub id
+(`tiny` too), or a .gguf file or a folder holding one. --batch reads rows {"image": path relative to the
+file, "question": ...} and writes each row with its "answer" to <FILE>.answers.jsonl beside it.
+Greedy unless --temperature is above 0.
+"""
+
+import base64
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+from PIL import Image
+
+from kit.errors import UserError, user_errors
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("target")
+@click.option("--image", type=click.Path(path_type=Path), help="The chart to ask about.")
+@click.option("--question", help="The question to ask.")
+@click.option("--batch", "batch_file", type=click.Path(path_type=Path),
+              help="A JSONL file of {\"image\", \"question\"} rows instead of --image/--question.")
+@click.option("--system", help="System prompt. Default: the run's recipe system_prompt when TARGET is a run "
+                               "(or has its run_config.json beside it), else the chat template's default.")
+@click.option("--max-new-tokens", default=64, help="Longest answer, in tokens.")
+@click.option("--temperature", default=0.0, help="Above 0: sample at this temperature instead of greedy decoding.")
+@click.option("--min-p", default=0.0, help="With --temperature: drop tokens below this share of the top one.")
+@click.option("--stream", is_flag=True, help="Print the answer token by token as it is generated.")
+@click.option("--batch-size", default=8, help="With --batch on a transformers model: questions generated together.")
+@click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]),
+              help="For transformers models. Default: the run's recipe backend, else auto.")
+@click.option("--mmproj", type=click.Path(path_type=Path),
+              help="Vision projector for a GGUF TARGET. Default: the mmproj-*.gguf file beside it.")
+@click.option("--force", is_flag=True, help="With --batch: replace an existing answers file.")
+def main(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
+         backend, mmproj, force):
+    """Answer a question about a chart with TARGET; see the module docstring for examples."""
+    with user_errors():
+        run(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
+            backend, mmproj, force)
+
+
+def run(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
+        backend_name, mmproj, force):
+    # --- options: the questions, what TARGET is, the system prompt ----------------------------------
+    if batch_file:
+        if stream:
+            raise UserError("--stream prints one answer as it comes; leave it out with --batch")
+        questions = read_batch(batch_file)
+        answers_file = batch_file.with_suffix(".answers.jsonl")
+        if answers_file.exists() and not force:
+            raise UserError(f"{answers_file} exists; use --force to replace it")
+    elif image and question:
+        questions = [{"image": str(image), "question": question}]
+        check_image(image, "--image")
+    else:
+        raise UserError("give --image PATH and --question TEXT, or --batch FILE.jsonl")
+    if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 <= min_p <= 1:
+        raise UserError("--max-new-tokens and --batch-size are at least 1, --temperature at least 0, "
+                        "--min-p between 0 and 1")
+    kind, path = classify(target)
+    recipe = saved_recipe(path if path.is_dir() else path.parent) if path else None
+    saved_system = recipe["system_prompt"] if recipe else ""
+    if system is not None and saved_system and system != saved_system:
+        click.echo("note: --system replaces the run's system_prompt", err=True)
+    system = saved_system if system is None else system
+
+    # --- load and run --------------------------------------------------------------------------------
+    show_progress = None
+    if batch_file:
+        from tqdm import tqdm
+
+        show_progress = tqdm(total=len(questions), desc="answering", mininterval=2)
+    if kind == "gguf":
+        answers = answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, temperature, min_p, stream,
+                              show_progress)
+    else:
+        answers = answer_hf(kind, target, path, recipe, backend_name, questions, system, max_new_tokens,
+                            temperature, min_p, stream, batch_size, show_progress)
+
+    # --- save ----------------------------------------------------------------------------------------
+    if not batch_file:
+        if not stream:
+            click.echo(answers[0])
+        if not answers[0]:
+            click.echo("note: the answer is empty: the model stopped at once or wrote only special tokens", err=True)
+        return
+    show_progress.close()
+    tmp = answers_file.with_suffix(".tmp")
+    with tmp.open("w") as handle:
+        for row, answer in zip(questions, answers):
+            handle.write(json.dumps({**row["row"], "answer": answer}) + "\n")
+    tmp.replace(answers_file)
+    click.echo(f"wrote {len(answers)} answers to {answers_file}")
+
+
+def read_batch(path: Path) -> list[dict]:
+    """[{"image": absolute path, "question", "row": the row as written}]; every image checked up front."""
+    if not path.is_file():
+        raise UserError(f"--batch {path}: no such file")
+    questions = []
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{line}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or "question" not in row:
+            raise UserError(f"{path}:{line}: a row needs \"image\" (a path relative to the file) and \"question\"")
+        image = path.parent / row["image"]
+        check_image(image, f"{path}:{line}")
+        questions.append({"image": str(image), "question": str(row["question"]), "row": row})
+    if not questions:
+        raise UserError(f"--batch {path}: no rows")
+    return questions
+
+
+def check_image(path: Path, where: str):
+    from data.lint import image_problem
+
+    problem = image_problem(path)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+
+
+def classify(target: str) -> tuple[str, Path | None]:
+    """("gguf" | "run" | "hf", local path or None for a hub id / `tiny`)."""
+    path = Path(target)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{target}: a file TARGET must be a .gguf model; otherwise give a model folder")
+        return "gguf", path
+    if path.is_dir():
+        if any(not p.name.startswith("mmproj-") for p in path.glob("*.gguf")):
+            return "gguf", path
+        if (path / "run_config.json").exists():
+            return "run", path
+        if (path / "config.json").exists():
+            return "hf", path
+        raise UserError(f"{target} holds no model: no run_config.json, config.json or .gguf file")
+    # "runs/demo" when runs/ exists is a missing run, not a hub id to spend a minute of retries on
+    looks_local = path.suffix == ".gguf" or path.parent.is_dir() and path.parent != Path(".")
+    if target == "tiny" or target.startswith("random:") or (HUB_ID.fullmatch(target) and not looks_local):
+        return "hf", None
+    raise UserError(f"{target}: no such file or folder")
+
+
+def saved_recipe(folder: Path) -> dict | None:
+    """The recipe of the run in `folder` (a run, or a merged/GGUF folder given its run_config.json), if any."""
+    config = folder / "run_config.json"
+    return json.loads(config.read_text())["recipe"] if config.exists() else None
+
+
+def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_new_tokens, temperature, min_p,
+              stream, batch_size, show_progress) -> list[str]:
+    from kit import backend as backends
+
+    backend, reason = backends.select(backend_name or (recipe["backend"] if recipe else "auto"))
+    click.echo(f"backend {backend} ({reason})", err=True)
+    from kit import chat, model as models
+    from kit.generate import generate_answers, prepare_for_inference
+
+    dtype = backends.torch_dtype(backends.precision())
+    if kind == "run":
+        model, processor, _ = models.load_run(path, backend, dtype)
+    else:
+        try:
+            model, processor = models.load_base(models.resolve(target), backend, False, dtype, for_training=False,
+                                                gradient_checkpointing=False)
+        except OSError as error:
+            raise UserError(f"{target}: not a local model folder, and loading it from the hub failed: "
+                            f"{str(error).splitlines()[0]}") from None
+    if recipe:
+        chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    prepare_for_inference(model, backend)
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    samples = [{"id": str(i), "images": [q["image"]],
+                "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]}]}
+               for i, q in enumerate(questions)]
+    answers, _ = generate_answers(model, processor, samples, system, max_new_tokens, batch_size, temperature, min_p,
+                                  streamer, show_progress.update if show_progress else None)
+    return answers
+
+
+def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, temperature, min_p, stream,
+                show_progress) -> list[str]:
+    """One question at a time through llama-cpp-python's Qwen2-VL chat handler (libmtmd reads the image)."""
+    model_file, mmproj = find_gguf(path, mmproj)
+    try:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+    except ImportError:
+        raise UserError("a GGUF TARGET needs llama-cpp-python: make llama-cpp, or pip install llama-cpp-python")
+    quiet_mtmd()
+    # The 2.5 handler drives libmtmd, which reads the projector type (qwen2vl_merger) from the mmproj file.
+    handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
+    # Jinja drops a template's final newline, so the handler's prompt would end "<|im_start|>assistant" where
+    # Qwen2-VL's template ends "<|im_start|>assistant\n"; an empty expression after it keeps the newline.
+    handler.CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + "{{ '' }}"
+    llm = Llama(model_path=str(model_file), chat_handler=handler, n_ctx=8192, n_gpu_layers=-1, verbose=False)
+    if recipe:
+        use_run_image_size(handler, llm, mmproj, recipe)
+    # temperature 0 is llama.cpp's greedy sampler; top-k/top-p off so sampling matches transformers'.
+    options = dict(max_tokens=max_new_tokens, temperature=temperature, min_p=min_p, top_k=0, top_p=1.0,
+                   repeat_penalty=1.0, stream=stream)
+    answers = []
+    for q in questions:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(q["image"])}},
+            {"type": "text", "text": q["question"]}]}]
+        reply = llm.create_chat_completion(messages=messages, **options)
+        if stream:
+            pieces = []
+            for chunk in reply:
+                piece = chunk["choices"][0]["delta"].get("content") or ""
+                click.echo(piece, nl=False)
+                pieces.append(piece)
+            click.echo()
+            answers.append("".join(pieces).strip())
+        else:
+            answers.append((reply["choices"][0]["message"]["content"] or "").strip())
+        if show_progress:
+            show_progress.update(1)
+    return answers
+
+
+def use_run_image_size(handler, llm, mmproj: Path, recipe: dict):
+    """Charts resized as in training (the recipe's min/max_pixels) rather than to llama.cpp's own Qwen2-VL limits
+    (up to 4,096 image tokens). The handler only builds its libmtmd context when it has none, so this one is used."""
+    from llama_cpp import mtmd_cpp
+
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.n_threads, params.print_timings = llm.n_threads, False
+    params.image_min_tokens = recipe["min_pixels"] // (28 * 28)  # one image token covers 28x28 pixels
+    params.image_max_tokens = recipe["max_pixels"] // (28 * 28)
+    context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
+    if not context:
+        raise UserError(f"llama.cpp could not load {mmproj} as the vision projector of this model")
+    handler.mtmd_ctx = context
+    llm._stack.callback(mtmd_cpp.mtmd_free, context)
+
+
+_mtmd_log_callback = None  # the C library keeps calling it: it must outlive every model
+
+
+def quiet_mtmd():
+    """libmtmd prints every image's preprocessing steps; let through only its errors."""
+    global _mtmd_log_callback
+    from llama_cpp import llama_log_callback, mtmd_cpp
+
+    ggml_log_level_error = 4
+
+    def errors_only(level, text, user_data):
+        if level == ggml_log_level_error:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    _mtmd_log_callback = llama_log_callback(errors_only)
+    mtmd_cpp.mtmd_log_set(_mtmd_log_callback, None)
+    mtmd_cpp.mtmd_helper_log_set(_mtmd_log_callback, None)
+
+
+def find_gguf(path: Path, mmproj: Path | None) -> tuple[Path, Path]:
+    """(model .gguf, projector .gguf): the one model file in a folder, and the mmproj-* file beside it."""
+    if path.is_file():
+        if path.name.startswith("mmproj-"):
+            raise UserError(f"{path} is the vision projector; give the model .gguf (or its folder) as TARGET")
+        model_file = path
+    else:
+        models = sorted(p for p in path.glob("*.gguf") if not p.name.startswith("mmproj-"))
+        if len(models) > 1:
+            raise UserError(f"{path} holds several models ({', '.join(p.name for p in models)}); name one as TARGET")
+        model_file = models[0]
+    if mmproj is None:
+        found = sorted(model_file.parent.glob("mmproj-*.gguf"))
+        if len(found) != 1:
+            raise UserError(f"{'no' if not found else 'more than one'} mmproj-*.gguf file beside {model_file}; "
+                            "give the vision projector with --mmproj")
+        mmproj = found[0]
+    elif not mmproj.is_file():
+        raise UserError(f"--mmproj {mmproj}: no such file")
+    return model_file, mmproj
+
+
+def data_uri(image_path: str) -> str:
+    """The image as a PNG data: URI, the form llama-cpp-python's chat handlers read without a URL fetch."""
+    with Image.open(image_path) as opened:
+        buffer = io.BytesIO()
+        opened.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+if __name__ == "__main__":
+    main()
