@@ -35,14 +35,22 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 	$(PY) -m pip install -q $(CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	touch $@
 
-test: $(VENV)/.installed $(VENV)/.llama-cpp
-	$(PY) -m pytest -q tests
+# llama.cpp's converter (convert_hf_to_gguf.py + conversion/ + gguf-py), unpacked from the same sdist into the
+# kit's cache on first use; fetched here so the tests and the demo find it before they need it.
+CONVERTER := $(CACHE)/llama.cpp-src/llama-cpp-python-$(LLAMA_CPP_PYTHON)/convert_hf_to_gguf.py
 
-demo: $(VENV)/.installed $(VENV)/.llama-cpp
+$(CONVERTER): $(VENV)/.installed
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.export import find_converter; print(find_converter())"
+
+test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	$(PY) train.py --recipe demo --output $(DEMO) --force
 	$(PY) eval.py $(DEMO) --data synthetic --compare base,finetuned --control shuffled --force
 	$(PY) merge.py $(DEMO) --to merged,gguf --quant f16 --force
-	$(PY) infer.py $(DEMO)-gguf --image "$$($(PY) -c 'import json;print(json.load(open("$(DEMO)/eval/predictions.jsonl"))["image"])' 2>/dev/null || true)" --question "How many bars are in the chart?"
+	$(PY) infer.py $(DEMO)-gguf --question "How many bars are in the chart?" \
+	  --image "$$($(PY) -c 'import json; print(json.loads(open("$(DEMO)/eval/predictions.jsonl").readline())["image"])')"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -103,7 +103,7 @@ def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path:
     if on_bad_row == "fail":
         shown = "\n".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
         raise UserError(f"{len(findings)} problem(s) in the data:\n{shown}\n"
-                        "fix these rows, or pass --on-bad-row skip to train without them (they are then listed "
+                        "fix these rows, or pass --on-bad-row skip to go on without them (they are then listed "
                         "in skipped.jsonl)")
     bad = {index for index, _, _ in findings}
     click.echo(f"skipping {len(bad)} bad row(s) of {len(samples)}:")

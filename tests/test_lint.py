@@ -99,7 +99,8 @@ def test_train_fails_before_writing_anything(tmp_path, good_rows, kind):
 
 
 def test_train_skip_reports_and_lists_skipped_rows(tmp_path, good_rows):
-    rows = [*good_rows, BAD_ROWS["missing image"][0](tmp_path, good_rows), BAD_ROWS["empty answer"][0](tmp_path, good_rows)]
+    rows = [*good_rows, BAD_ROWS["missing image"][0](tmp_path, good_rows),
+            BAD_ROWS["empty answer"][0](tmp_path, good_rows)]
     path = write(tmp_path, rows)
     result = train_on(path, tmp_path / "run", "--on-bad-row", "skip")
     assert result.exit_code == 0, result.output
