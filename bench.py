@@ -204,9 +204,9 @@ def to_markdown(results, recipe, overrides, steps, warmup, memory_cap) -> str:
                          "| | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        allocated, reserved = (f"{r[k]:.2f}" if k in r else "-" for k in ("peak_allocated_gb", "peak_reserved_gb"))
         lines.append(f"| {r['backend']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['ms_per_step']:,.0f} | {r.get('peak_allocated_gb', 0):.2f} | "
-                     f"{r.get('peak_reserved_gb', 0):.2f} | {mfu} | {r['data_share']:.0%} |")
+                     f"{r['ms_per_step']:,.0f} | {allocated} | {reserved} | {mfu} | {r['data_share']:.0%} |")
     by_name = {r["backend"]: r for r in ok}
     if "unsloth" in by_name and "hf" in by_name:
         u, h = by_name["unsloth"], by_name["hf"]
