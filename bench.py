@@ -81,13 +81,13 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     import torch
 
     from data.synthetic import generate
-    from kit import chat, model as models, progress
+    from kit import chat, model as models, progress, trainer as training
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
         cap = float(memory_cap.upper().rstrip("GB")) * 1024**3
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
-    precision = backends.precision()
+    precision = backends.precision(recipe["precision"])
     if recipe["dataset"] != "synthetic":  # ChartQA-sized synthetic charts: no download, same pixel budget
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
@@ -108,8 +108,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     counter = progress.CountingCollator(collator)
 
     from datasets import Dataset
-    from transformers import Trainer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         # Timed from one step's end to the next: the trainer fetches (and collates) a step's batches
@@ -135,19 +134,11 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
                 torch.cuda.reset_peak_memory_stats()
             self.mark()
 
-    class PlainLossSFTTrainer(SFTTrainer):
-        compute_loss = Trainer.compute_loss  # trl's fused loss is Triton-only
-
-    args = SFTConfig(output_dir="/tmp/qwen2vl-kit-bench", per_device_train_batch_size=recipe[
-        "per_device_train_batch_size"], gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
-        learning_rate=recipe["learning_rate"], max_steps=warmup + steps, optim=recipe["optim"],
-        bf16=precision == "bf16", fp16=precision == "fp16", logging_steps=10**9, save_strategy="no",
-        gradient_checkpointing=recipe["gradient_checkpointing"] and backend == "hf",
-        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, report_to="none", disable_tqdm=True,
-        dataloader_pin_memory=cuda)
+    # The training train.py runs, only without logging and checkpoints.
+    args = training.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
+                               logging_steps=10**9, logging_first_step=False, save_strategy="no")
     timer = StepTimer()
-    trainer = (SFTTrainer if cuda else PlainLossSFTTrainer)(
+    trainer = training.sft_trainer_class()(
         model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=counter,
         processing_class=processor, callbacks=[timer])
     trainer.train()

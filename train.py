@@ -71,7 +71,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         click.echo(f"Overriding: {key} = {new!r} (recipe: {old!r})")
 
     backend, reason = backends.select(recipe["backend"])
-    precision = backends.precision()
+    precision = backends.precision(recipe["precision"])
     click.echo(f"backend {backend} ({reason}); precision {precision}")
     import torch
 
@@ -81,7 +81,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, model as models, plan, progress
+    from kit import chat, model as models, plan, progress, trainer as training
 
     train_samples = data.load(recipe, "train")
     if plan_only and plan_samples:
@@ -131,12 +131,10 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                                                     recipe["train_on_responses_only"], recipe["system_prompt"]))
 
     # --- run ---------------------------------------------------------------------------------------
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import rotate_checkpoints
-    from trl import SFTConfig, SFTTrainer
 
-    class KitTrainer(SFTTrainer):
+    class KitTrainer(training.sft_trainer_class()):
         def _save_checkpoint(self, model, trial):
             # Write the checkpoint beside its final name, then rename: a crash never leaves half a checkpoint.
             final_root = self.args.output_dir
@@ -161,35 +159,12 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
             reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
             model.load_state_dict(reloaded.state_dict())
 
-    class PlainLossTrainer(KitTrainer):
-        # trl's fused LM-head loss is a Triton kernel with no CPU path; the model's own loss is the same number.
-        compute_loss = Trainer.compute_loss
-
-    args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=recipe["per_device_train_batch_size"],
-        gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
-        learning_rate=recipe["learning_rate"], num_train_epochs=recipe["num_train_epochs"],
-        max_steps=recipe["max_steps"], warmup_steps=recipe["warmup_steps"],
-        lr_scheduler_type=recipe["lr_scheduler_type"], optim=recipe["optim"],
-        weight_decay=recipe["weight_decay"], max_grad_norm=recipe["max_grad_norm"],
-        logging_steps=recipe["logging_steps"], logging_first_step=True, save_steps=recipe["save_steps"],
-        save_total_limit=recipe["save_total_limit"], seed=recipe["seed"], data_seed=recipe["seed"],
-        bf16=precision == "bf16", fp16=precision == "fp16",
-        # Unsloth does its own (offloaded) checkpointing, switched on in from_pretrained
-        gradient_checkpointing=recipe["gradient_checkpointing"] and backend == "hf",
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,  # the collator checks lengths: a cut inside an image would break the model
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    trainer_class = KitTrainer if torch.cuda.is_available() else PlainLossTrainer
+    args = training.sft_config(recipe, precision, backend, str(run_dir / "checkpoints"))
     if isinstance(train_samples, list):  # trl wants a datasets.Dataset; the images stay paths
         from datasets import Dataset
 
         train_samples = Dataset.from_list(train_samples)
-    trainer = trainer_class(model=model, args=args, train_dataset=train_samples, data_collator=collator,
+    trainer = KitTrainer(model=model, args=args, train_dataset=train_samples, data_collator=collator,
                             processing_class=processor)
     trainer.remove_callback(PrinterCallback)
     checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume_dir else None
