@@ -44,13 +44,21 @@ def select(requested: str = "auto") -> tuple[str, str]:
     return backend, reason
 
 
-def precision() -> str:
-    """bf16 where the GPU has it, fp16 on older GPUs (T4, V100), fp32 on the CPU."""
+def precision(requested: str = "auto") -> str:
+    """auto: bf16 where the GPU has it, fp16 on older GPUs (T4, V100), fp32 on the CPU. A precision the
+    machine cannot run is replaced by the one it can, and the replacement is said."""
+    import click
     import torch
 
     if not torch.cuda.is_available():
+        if requested in ("bf16", "fp16"):
+            click.echo(f"note: precision {requested} asked for, but there is no GPU: using fp32")
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    supported = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "bf16" and supported != "bf16":
+        click.echo(f"note: {torch.cuda.get_device_name(0)} has no bf16: using fp16 instead")
+        return "fp16"
+    return supported if requested == "auto" else requested
 
 
 def torch_dtype(name: str):

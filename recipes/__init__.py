@@ -8,6 +8,7 @@ from pathlib import Path
 CHOICES = {
     "backend": ("auto", "unsloth", "hf"),
     "finetune": ("lora", "full"),
+    "precision": ("auto", "bf16", "fp16", "fp32"),
     "synthetic_layout": ("aligned", "chartqa"),
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"),
 }

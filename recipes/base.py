@@ -10,6 +10,7 @@ BASE = {
     "model_name_or_path": "Qwen/Qwen2-VL-7B-Instruct",  # hub id, local folder, `tiny`, `random:qwen2-vl-2b|7b`
     "backend": "auto",  # auto | unsloth | hf; auto = unsloth when CUDA is present and unsloth imports
     "load_in_4bit": True,  # QLoRA: the frozen base in NF4, the adapter in 16-bit
+    "precision": "auto",  # auto | bf16 | fp16 | fp32; auto = bf16 where the GPU has it, fp16 (T4), fp32 on CPU
     "finetune": "lora",  # lora | full; full only makes sense for the tiny model
     # --- LoRA (peft.LoraConfig names, and Unsloth's finetune_* switches for which layers get adapters) --
     "lora_r": 16,

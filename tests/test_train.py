@@ -76,3 +76,30 @@ def test_unsloth_without_gpu_is_refused(tmp_path):
     result = train_cli(["--recipe", "demo", "--output", str(tmp_path / "x"), "--backend", "unsloth"])
     assert result.exit_code == 2
     assert "CUDA" in result.output and "--backend hf" in result.output
+
+
+def test_precision_falls_back_and_says_so(monkeypatch, capsys):
+    from kit import backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Tesla T4")
+    assert backend.precision("auto") == "fp16"
+    assert capsys.readouterr().out == ""
+    assert backend.precision("bf16") == "fp16"
+    assert "Tesla T4 has no bf16: using fp16" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend.precision("fp16") == "fp32"
+    assert "no GPU: using fp32" in capsys.readouterr().out
+
+
+def test_cpu_4bit_needs_a_bitsandbytes_with_cpu_kernels(monkeypatch):
+    import importlib.metadata
+
+    import pytest
+
+    from kit import backend
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.43.1")
+    with pytest.raises(backend.BackendError, match="load_in_4bit=false"):
+        backend.check_cpu_4bit()
