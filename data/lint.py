@@ -120,7 +120,7 @@ def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", required=False)
-@click.option("--recipe", default="base", show_default=True, help="Recipe whose data settings apply.")
+@click.option("--recipe", default="chartqa", show_default=True, help="Recipe whose data settings apply.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key; repeatable.")
 @click.option("--split", default="train", show_default=True, help="Which split to check.")
 def main(source, recipe, overrides, split):
@@ -132,11 +132,13 @@ def main(source, recipe, overrides, split):
     with user_errors():
         if source:
             overrides = [f"dataset={source}", *overrides]
-        config, _ = recipes.load(recipe if recipe != "base" else "chartqa", overrides)
+        config, _ = recipes.load(recipe, overrides)
         samples = data.load(config, split)
         findings = lint(samples)
-        for _, place, problem in findings:
-            click.echo(f"{config['dataset']}: {place}: {problem}")
+        for index, place, problem in findings:
+            # a JSONL row already names its file and line
+            click.echo(f"{place}: {problem}" if samples[index].get("source") else
+                       f"{config['dataset']} {split} {place}: {problem}")
         click.echo(f"{len(samples)} rows checked, {len(findings)} problem(s)")
         sys.exit(1 if findings else 0)
 

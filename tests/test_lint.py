@@ -115,3 +115,17 @@ def test_too_long_sample_is_reported_with_its_counts(tmp_path, good_rows):
     result = train_on(path, tmp_path / "run", "--set", "max_length=40")
     assert result.exit_code == 2
     assert f"{path}:1" in result.output and "> max_length 40" in result.output and "image" in result.output
+
+
+def test_lint_command_lists_findings_and_exits_nonzero(tmp_path, good_rows):
+    from click.testing import CliRunner
+
+    from data.lint import main
+
+    path = write(tmp_path, [*good_rows, BAD_ROWS["missing image"][0](tmp_path, good_rows)])
+    result = CliRunner().invoke(main, [f"jsonl:{path}"])
+    assert result.exit_code == 1
+    assert f"{path}:5: image file not found" in result.output
+    assert "5 rows checked, 1 problem(s)" in result.output
+    clean = CliRunner().invoke(main, [f"jsonl:{write(tmp_path, good_rows, 'clean.jsonl')}"])
+    assert clean.exit_code == 0 and "0 problem(s)" in clean.output

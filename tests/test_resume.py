@@ -47,3 +47,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         if row["step"] > 30:  # trained after the resume: same batches, same loss
             assert abs(row["loss"] - reference_loss[row["step"]]) <= 1e-3 * reference_loss[row["step"]], row
     assert (killed / "model.safetensors").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "stopped"
+    process = subprocess.Popen(command("--recipe", "demo", "--output", str(run)), cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or len(read_jsonl(run / "metrics.jsonl")) < 3:
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, output
+    assert "SIGTERM: saving a checkpoint" in output and f"python train.py --resume {run}" in output
+    stopped_at = int(output.split("interrupted at step ")[1].split(":")[0])
+    assert 20 <= stopped_at < 200
+    assert (run / "checkpoints" / f"checkpoint-{stopped_at}" / "trainer_state.json").exists()
+    assert not (run / "model.safetensors").exists()
