@@ -107,7 +107,6 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"]))
     counter = progress.CountingCollator(collator)
 
-    from datasets import Dataset
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -138,8 +137,9 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     args = training.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
                                logging_steps=10**9, logging_first_step=False, save_strategy="no")
     timer = StepTimer()
+    dataset, collate = training.indexed_dataset(samples, counter)
     trainer = training.sft_trainer_class()(
-        model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=counter,
+        model=model, args=args, train_dataset=dataset, data_collator=collate,
         processing_class=processor, callbacks=[timer])
     trainer.train()
 

@@ -160,11 +160,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
             model.load_state_dict(reloaded.state_dict())
 
     args = training.sft_config(recipe, precision, backend, str(run_dir / "checkpoints"))
-    if isinstance(train_samples, list):  # trl wants a datasets.Dataset; the images stay paths
-        from datasets import Dataset
-
-        train_samples = Dataset.from_list(train_samples)
-    trainer = KitTrainer(model=model, args=args, train_dataset=train_samples, data_collator=collator,
+    train_dataset, collate = training.indexed_dataset(train_samples, collator)
+    trainer = KitTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate,
                             processing_class=processor)
     trainer.remove_callback(PrinterCallback)
     checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume_dir else None
