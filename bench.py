@@ -96,7 +96,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
                        size=recipe["synthetic_size"], progress=False)
     path = models.resolve(recipe["model_name_or_path"])
     model, processor = models.load_base(path, backend, recipe["load_in_4bit"], backends.torch_dtype(precision),
-                                        for_training=True, gradient_checkpointing=recipe["gradient_checkpointing"])
+                                        gradient_checkpointing=recipe["gradient_checkpointing"],
+                                        full_finetuning=recipe["finetune"] == "full")
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     if recipe["finetune"] == "lora":
         model = models.add_lora(model, recipe, backend)

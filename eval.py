@@ -164,7 +164,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
         model, processor, _ = models.load_run(run_dir, backend, dtype)
     else:
         model, processor = models.load_base(models.resolve(recipe["model_name_or_path"]), backend,
-                                            recipe["load_in_4bit"], dtype, for_training=False,
+                                            recipe["load_in_4bit"], dtype,
                                             gradient_checkpointing=False)
     prepare_for_inference(model, backend)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])

@@ -178,7 +178,7 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
         model, processor, _ = models.load_run(path, backend, dtype)
     else:
         try:
-            model, processor = models.load_base(models.resolve(target), backend, False, dtype, for_training=False,
+            model, processor = models.load_base(models.resolve(target), backend, False, dtype,
                                                 gradient_checkpointing=False)
         except OSError as error:
             raise UserError(f"{target}: not a local model folder, and loading it from the hub failed: "

@@ -114,8 +114,9 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         "code_version": _git_version(), "command": " ".join(sys.argv)})
 
     dtype = backends.torch_dtype(precision)
-    model, processor = models.load_base(base_path, backend, recipe["load_in_4bit"], dtype, for_training=True,
-                                        gradient_checkpointing=recipe["gradient_checkpointing"])
+    model, processor = models.load_base(base_path, backend, recipe["load_in_4bit"], dtype,
+                                        gradient_checkpointing=recipe["gradient_checkpointing"],
+                                        full_finetuning=recipe["finetune"] == "full")
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     if recipe["finetune"] == "lora":
         model = models.add_lora(model, recipe, backend)

@@ -229,14 +229,14 @@ def lora_target_regex(vision: bool, language: bool, attention: bool, mlp: bool) 
     return rf".*({'|'.join(parts)})$"
 
 
-def load_base(path: str, backend: str, load_in_4bit: bool, dtype, for_training: bool,
-              gradient_checkpointing: bool = True):
+def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_checkpointing: bool = True,
+              full_finetuning: bool = False):
     """(model, processor) for a model folder or hub id, through unsloth or plain transformers."""
     if backend == "unsloth":
         from unsloth import FastVisionModel
 
         model, processor = FastVisionModel.from_pretrained(
-            path, load_in_4bit=load_in_4bit, dtype=dtype,
+            path, load_in_4bit=load_in_4bit, dtype=dtype, full_finetuning=full_finetuning,
             use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
         return model, processor
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
@@ -284,7 +284,7 @@ def load_run(run_dir: Path, backend: str, dtype, load_in_4bit: bool | None = Non
     recipe = config["recipe"]
     four_bit = recipe["load_in_4bit"] if load_in_4bit is None else load_in_4bit
     if (run_dir / "adapter_config.json").exists():
-        model, _ = load_base(resolve(recipe["model_name_or_path"]), backend, four_bit, dtype, for_training=False)
+        model, _ = load_base(resolve(recipe["model_name_or_path"]), backend, four_bit, dtype)
         if backend == "unsloth":
             model.load_adapter(str(run_dir))
         else:
@@ -292,7 +292,7 @@ def load_run(run_dir: Path, backend: str, dtype, load_in_4bit: bool | None = Non
 
             model = PeftModel.from_pretrained(model, str(run_dir))
     else:
-        model, _ = load_base(str(run_dir), backend, False, dtype, for_training=False)
+        model, _ = load_base(str(run_dir), backend, False, dtype)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(run_dir)
