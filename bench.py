@@ -95,16 +95,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
                        question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
                        size=recipe["synthetic_size"], progress=False)
     path = models.resolve(recipe["model_name_or_path"])
-    model, processor = models.load_base(path, backend, recipe["load_in_4bit"], backends.torch_dtype(precision),
-                                        gradient_checkpointing=recipe["gradient_checkpointing"],
-                                        full_finetuning=recipe["finetune"] == "full")
+    model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    if recipe["finetune"] == "lora":
-        model = models.add_lora(model, recipe, backend)
-    if backend == "unsloth":
-        from unsloth import FastVisionModel
-
-        FastVisionModel.for_training(model)
     collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"]))
     counter = progress.CountingCollator(collator)
 

@@ -114,16 +114,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         "code_version": _git_version(), "command": " ".join(sys.argv)})
 
     dtype = backends.torch_dtype(precision)
-    model, processor = models.load_base(base_path, backend, recipe["load_in_4bit"], dtype,
-                                        gradient_checkpointing=recipe["gradient_checkpointing"],
-                                        full_finetuning=recipe["finetune"] == "full")
+    model, processor = models.load_for_training(base_path, recipe, backend, dtype)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    if recipe["finetune"] == "lora":
-        model = models.add_lora(model, recipe, backend)
-    if backend == "unsloth":
-        from unsloth import FastVisionModel
-
-        FastVisionModel.for_training(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     click.echo(f"model {recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "

@@ -277,6 +277,19 @@ def add_lora(model, recipe: dict, backend: str):
     return get_peft_model(model, config)
 
 
+def load_for_training(path: str, recipe: dict, backend: str, dtype):
+    """(model ready to train, processor): the base as the recipe loads it, LoRA attached for finetune=lora."""
+    model, processor = load_base(path, backend, recipe["load_in_4bit"], dtype, recipe["gradient_checkpointing"],
+                                 full_finetuning=recipe["finetune"] == "full")
+    if recipe["finetune"] == "lora":
+        model = add_lora(model, recipe, backend)
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+
+        FastVisionModel.for_training(model)
+    return model, processor
+
+
 def load_run(run_dir: Path, backend: str, dtype, load_in_4bit: bool | None = None):
     """(model, processor, run_config) of a finished run: base + adapter, or the fully fine-tuned model."""
     run_dir = Path(run_dir)
