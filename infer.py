@@ -15,12 +15,12 @@ import base64
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import click
 from PIL import Image
 
+from kit import export
 from kit.errors import UserError, user_errors
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -208,7 +208,7 @@ def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, tempera
         from llama_cpp.llama_chat_format import Qwen25VLChatHandler
     except ImportError:
         raise UserError("a GGUF TARGET needs llama-cpp-python: make llama-cpp, or pip install llama-cpp-python")
-    quiet_mtmd()
+    export.quiet_mtmd()
     # The 2.5 handler drives libmtmd, which reads the projector type (qwen2vl_merger) from the mmproj file.
     handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
     # Jinja drops a template's final newline, so the handler's prompt would end "<|im_start|>assistant" where
@@ -248,32 +248,13 @@ def use_run_image_size(handler, llm, mmproj: Path, recipe: dict):
 
     params = mtmd_cpp.mtmd_context_params_default()
     params.n_threads, params.print_timings = llm.n_threads, False
-    params.image_min_tokens = recipe["min_pixels"] // (28 * 28)  # one image token covers 28x28 pixels
-    params.image_max_tokens = recipe["max_pixels"] // (28 * 28)
+    limits = export.image_token_limits(recipe)
+    params.image_min_tokens, params.image_max_tokens = limits["image_min_tokens"], limits["image_max_tokens"]
     context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
     if not context:
         raise UserError(f"llama.cpp could not load {mmproj} as the vision projector of this model")
     handler.mtmd_ctx = context
     llm._stack.callback(mtmd_cpp.mtmd_free, context)
-
-
-_mtmd_log_callback = None  # the C library keeps calling it: it must outlive every model
-
-
-def quiet_mtmd():
-    """libmtmd prints every image's preprocessing steps; let through only its errors."""
-    global _mtmd_log_callback
-    from llama_cpp import llama_log_callback, mtmd_cpp
-
-    ggml_log_level_error = 4
-
-    def errors_only(level, text, user_data):
-        if level == ggml_log_level_error:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-
-    _mtmd_log_callback = llama_log_callback(errors_only)
-    mtmd_cpp.mtmd_log_set(_mtmd_log_callback, None)
-    mtmd_cpp.mtmd_helper_log_set(_mtmd_log_callback, None)
 
 
 def find_gguf(path: Path, mmproj: Path | None) -> tuple[Path, Path]:

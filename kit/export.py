@@ -394,15 +394,23 @@ def image_token_limits(recipe: dict) -> dict:
 
 @functools.cache
 def _errors_only_log():
-    """libmtmd logs every step at info level: keep its errors (ggml level 4). Made once: libmtmd keeps the pointer."""
+    """Made once and kept: libmtmd holds on to the pointer for as long as the process runs."""
     import llama_cpp
 
     @llama_cpp.llama_log_callback
     def errors_only(level, text, user_data):
-        if level == 4:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
             sys.stderr.write(text.decode(errors="replace"))
 
     return errors_only
+
+
+def quiet_mtmd():
+    """libmtmd logs every image preprocessing step at info level: let through only its errors."""
+    from llama_cpp import mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_errors_only_log(), None)
+    mtmd_cpp.mtmd_helper_log_set(_errors_only_log(), None)
 
 
 class LlamaCppPair:
@@ -417,7 +425,7 @@ class LlamaCppPair:
                                      verbose=False,
                                      # an f16 cache would round every key and value: keep f32 to compare weights
                                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-        mtmd_cpp.mtmd_helper_log_set(_errors_only_log(), None)
+        quiet_mtmd()
         params = mtmd_cpp.mtmd_context_params_default()
         params.n_threads, params.print_timings, params.warmup = self.llama.n_threads, False, False
         params.image_min_tokens, params.image_max_tokens = image_min_tokens, image_max_tokens
