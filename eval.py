@@ -117,7 +117,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
 def load_samples(recipe, data_spec, split, limit, on_bad_row):
     """(usable samples, skipped rows): every row checked (image opens, answer present) before any model loads."""
     import data
-    from data.lint import sample_problems, split_bad_rows, where
+    from data.lint import lint, skipped_rows, split_bad_rows
 
     spec = data_spec or recipe["dataset"]
     if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith("jsonl:"):
@@ -129,15 +129,11 @@ def load_samples(recipe, data_spec, split, limit, on_bad_row):
         samples = data.load(eval_recipe, split)
     except ConnectionError as error:
         raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH")
-    # Only rows that cannot be scored; data.lint's duplicate check is for training, a repeated question scores fine.
-    findings = [(i, where(sample, i), problem) for i, sample in enumerate(samples)
-                for problem in sample_problems(sample)]
+    findings = lint(samples, duplicates=False)  # only rows that cannot be scored
     usable = split_bad_rows(samples, findings, on_bad_row)
     if not usable:
         raise UserError(f"--data {spec}: no row can be scored")
-    skipped = [{"index": i, "where": place, "problem": problem, "id": samples[i].get("id")}
-               for i, place, problem in findings]
-    return usable, skipped
+    return usable, skipped_rows(samples, findings)
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:

@@ -79,18 +79,27 @@ def _row_key(sample: dict) -> str:
     return json.dumps([images, sample.get("messages")], sort_keys=True, default=str)
 
 
-def lint(samples) -> list[tuple[int, str, str]]:
-    """(index, where, problem) for every finding; exact duplicate rows are findings too."""
+def lint(samples, duplicates: bool = True) -> list[tuple[int, str, str]]:
+    """(index, where, problem) for every finding; exact duplicate rows too unless `duplicates` is off
+    (a repeated question trains twice as hard, but scores fine in an evaluation)."""
     findings, seen = [], {}
     for index, sample in enumerate(samples):
         for problem in sample_problems(sample):
             findings.append((index, where(sample, index), problem))
+        if not duplicates:
+            continue
         key = _row_key(sample)
         if key in seen:
             findings.append((index, where(sample, index), f"exact duplicate of {where(samples[seen[key]], seen[key])}"))
         else:
             seen[key] = index
     return findings
+
+
+def skipped_rows(samples, findings) -> list[dict]:
+    """The rows of skipped.jsonl: one per finding, naming where it is and what is wrong."""
+    return [{"index": index, "where": place, "problem": problem, "id": samples[index].get("id")}
+            for index, place, problem in findings]
 
 
 def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path: Path | None = None):
@@ -111,9 +120,7 @@ def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path:
     if skipped_path:
         skipped_path.parent.mkdir(parents=True, exist_ok=True)
         with skipped_path.open("w") as handle:
-            for index, place, problem in findings:
-                handle.write(json.dumps({"index": index, "where": place, "problem": problem,
-                                         "id": samples[index].get("id")}) + "\n")
+            handle.writelines(json.dumps(row) + "\n" for row in skipped_rows(samples, findings))
         click.echo(f"skipped rows written to {skipped_path}")
     return [sample for index, sample in enumerate(samples) if index not in bad]
 
