@@ -11,6 +11,7 @@ import click
 from PIL import Image
 
 from kit.chat import with_system
+from kit.errors import UserError
 
 GIB = 1024**3
 GPU_SIZES = {"16GB": 16 * GIB, "24GB": 24 * GIB, "40GB": 40 * GIB, "48GB": 48 * GIB, "80GB": 80 * GIB}
@@ -142,7 +143,7 @@ def gpu_memory(named: str | None) -> tuple[str, int | None]:
     if named:
         key = named.upper().replace(" ", "")
         if key not in GPU_SIZES:
-            raise ValueError(f"--gpu {named}: choose one of {', '.join(GPU_SIZES)}")
+            raise UserError(f"--gpu {named}: choose one of {', '.join(GPU_SIZES)}")
         return named, GPU_SIZES[key]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

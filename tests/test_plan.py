@@ -46,3 +46,10 @@ def test_plan_cli_prints_histograms_and_a_verdict(tmp_path):
                   "steps per epoch: 1", "base weights", "does not fit", "per_device_train_batch_size"):
         assert words in result.output, words
     assert not (tmp_path / "run").exists()  # a plan trains nothing and writes nothing
+
+
+def test_unknown_gpu_size_is_one_clear_line(tmp_path):
+    result = train_cli(["--recipe", "demo", "--plan", "--gpu", "12GB", "--output", str(tmp_path / "run"),
+                        "--set", "synthetic_num_train=8"])
+    assert result.exit_code == 2
+    assert "--gpu 12GB: choose one of 16GB, 24GB" in result.output and "Traceback" not in result.output
