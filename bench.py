@@ -87,7 +87,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     if memory_cap and cuda:
         cap = float(memory_cap.upper().rstrip("GB")) * 1024**3
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
-    precision = backends.precision(recipe["precision"])
+    precision = backends.precision(recipe["precision"], backend)
     if recipe["dataset"] != "synthetic":  # ChartQA-sized synthetic charts: no download, same pixel budget
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]

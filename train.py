@@ -71,7 +71,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         click.echo(f"Overriding: {key} = {new!r} (recipe: {old!r})")
 
     backend, reason = backends.select(recipe["backend"])
-    precision = backends.precision(recipe["precision"])
+    precision = backends.precision(recipe["precision"], backend)
     click.echo(f"backend {backend} ({reason}); precision {precision}")
     import torch
 

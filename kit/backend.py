@@ -5,7 +5,12 @@ CUDA patches trl for the whole process and its vision path then refuses the CPU,
 """
 
 import importlib.util
+import os
 import sys
+
+# Tests only (make test-unsloth): lets the unsloth backend be chosen without a GPU, in Unsloth's own CPU mode
+# (UNSLOTH_ALLOW_CPU=1), where the tests stand in for the CUDA-only FastVisionModel.from_pretrained.
+TEST_UNSLOTH_ON_CPU = "QWEN2VL_KIT_TEST_UNSLOTH_ON_CPU"
 
 
 class BackendError(RuntimeError):
@@ -19,7 +24,7 @@ def select(requested: str = "auto") -> tuple[str, str]:
     cuda = torch.cuda.is_available()
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "unsloth":
-        if not cuda:
+        if not cuda and os.environ.get(TEST_UNSLOTH_ON_CPU) != "1":
             raise BackendError("backend unsloth needs a CUDA GPU and none is visible; use --backend hf "
                                "(or --set backend=hf) to run on this machine")
         if not has_unsloth:
@@ -37,18 +42,40 @@ def select(requested: str = "auto") -> tuple[str, str]:
             backend, reason = "hf", "no CUDA GPU: transformers + peft on the CPU"
     else:
         raise BackendError(f"unknown backend {requested!r}; choose auto, unsloth or hf")
-    if backend == "unsloth":
+    if backend == "unsloth" and "unsloth" not in sys.modules:
         if any(name in sys.modules for name in ("transformers", "trl", "peft")):
             raise BackendError("internal: unsloth must be imported before transformers, trl and peft")
+        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(unsloth_compile_dir()))
         import unsloth  # noqa: F401  (patches transformers/trl/peft on import)
     return backend, reason
 
 
-def precision(requested: str = "auto") -> str:
+def unsloth_compile_dir():
+    """Where Unsloth writes the trainer and model code it generates (UNSLOTH_COMPILE_LOCATION, read by unsloth_zoo
+    when it is imported): the kit's cache, one folder per unsloth version, instead of ./unsloth_compiled_cache
+    in whatever folder the user runs from."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kit.model import cache_dir
+
+    try:
+        unsloth_version = version("unsloth")
+    except PackageNotFoundError:
+        unsloth_version = "unknown"
+    return cache_dir() / "unsloth_compiled_cache" / unsloth_version
+
+
+def precision(requested: str = "auto", backend: str = "hf") -> str:
     """auto: bf16 where the GPU has it, fp16 on older GPUs (T4, V100), fp32 on the CPU. A precision the
     machine cannot run is replaced by the one it can, and the replacement is said."""
     import click
     import torch
+
+    if requested == "fp32" and backend == "unsloth":
+        # UnslothSFTTrainer.__init__ (generated from unsloth/models/rl.py) turns bf16/fp16 autocast on whenever
+        # both are off, so an fp32 run would silently train in mixed precision.
+        raise BackendError("precision=fp32 is not available on the unsloth backend (Unsloth's trainer always "
+                           "trains in bf16/fp16 autocast); use --backend hf for fp32, or --set precision=auto")
 
     if not torch.cuda.is_available():
         if requested in ("bf16", "fp16"):

@@ -37,10 +37,12 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
 
 
 def set_pixels(processor, min_pixels: int, max_pixels: int):
-    """Qwen's resize rule: sides rounded to multiples of 28, area kept within [min_pixels, max_pixels]."""
+    """Qwen's resize rule: sides rounded to multiples of 28, area kept within [min_pixels, max_pixels].
+
+    Only `size` is written: it is what transformers 5 resizes by, and Unsloth turns `min_pixels`/`max_pixels`
+    into read-only properties over it (assigning them raises AttributeError once unsloth is imported)."""
     image_processor = processor.image_processor
-    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    image_processor.min_pixels, image_processor.max_pixels = min_pixels, max_pixels
+    image_processor.size = type(image_processor.size)(shortest_edge=min_pixels, longest_edge=max_pixels)
 
 
 class VisionCollator:

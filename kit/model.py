@@ -230,14 +230,22 @@ def lora_target_regex(vision: bool, language: bool, attention: bool, mlp: bool) 
 
 
 def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_checkpointing: bool = True,
-              full_finetuning: bool = False):
-    """(model, processor) for a model folder or hub id, through unsloth or plain transformers."""
+              full_finetuning: bool = False, dynamic_4bit: bool = False):
+    """(model, processor) for a model folder or hub id, through unsloth or plain transformers.
+
+    Unsloth swaps a hub id for its own pre-quantized "dynamic 4-bit" repository unless told the exact name is
+    meant; the kit loads the named base (what --plan measured and the hf backend loads) unless the recipe sets
+    unsloth_dynamic_4bit, and says which checkpoint it got."""
     if backend == "unsloth":
+        import click
         from unsloth import FastVisionModel
 
         model, processor = FastVisionModel.from_pretrained(
             path, load_in_4bit=load_in_4bit, dtype=dtype, full_finetuning=full_finetuning,
-            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            use_exact_model_name=not dynamic_4bit)
+        loaded = getattr(model.config, "_name_or_path", "") or path
+        click.echo(f"unsloth: loaded {loaded}" + (f" (asked for {path})" if loaded != path else ""))
         return model, processor
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -263,7 +271,9 @@ def add_lora(model, recipe: dict, backend: str):
             finetune_attention_modules=recipe["finetune_attention_modules"],
             finetune_mlp_modules=recipe["finetune_mlp_modules"], r=recipe["lora_r"],
             lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"], bias="none",
-            random_state=recipe["seed"])
+            random_state=recipe["seed"],
+            # get_peft_model switches checkpointing on by itself ("unsloth") unless told otherwise
+            use_gradient_checkpointing="unsloth" if recipe["gradient_checkpointing"] else False)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if recipe["load_in_4bit"]:
@@ -280,7 +290,8 @@ def add_lora(model, recipe: dict, backend: str):
 def load_for_training(path: str, recipe: dict, backend: str, dtype):
     """(model ready to train, processor): the base as the recipe loads it, LoRA attached for finetune=lora."""
     model, processor = load_base(path, backend, recipe["load_in_4bit"], dtype, recipe["gradient_checkpointing"],
-                                 full_finetuning=recipe["finetune"] == "full")
+                                 full_finetuning=recipe["finetune"] == "full",
+                                 dynamic_4bit=recipe["unsloth_dynamic_4bit"])
     if recipe["finetune"] == "lora":
         model = add_lora(model, recipe, backend)
     if backend == "unsloth":
@@ -297,7 +308,8 @@ def load_run(run_dir: Path, backend: str, dtype, load_in_4bit: bool | None = Non
     recipe = config["recipe"]
     four_bit = recipe["load_in_4bit"] if load_in_4bit is None else load_in_4bit
     if (run_dir / "adapter_config.json").exists():
-        model, _ = load_base(resolve(recipe["model_name_or_path"]), backend, four_bit, dtype)
+        model, _ = load_base(resolve(recipe["model_name_or_path"]), backend, four_bit, dtype,
+                             dynamic_4bit=recipe.get("unsloth_dynamic_4bit", False))
         if backend == "unsloth":
             model.load_adapter(str(run_dir))
         else:

@@ -12,6 +12,10 @@ BASE = {
     "load_in_4bit": True,  # QLoRA: the frozen base in NF4, the adapter in 16-bit
     "precision": "auto",  # auto | bf16 | fp16 | fp32; auto = bf16 where the GPU has it, fp16 (T4), fp32 on CPU
     "finetune": "lora",  # lora | full; full only makes sense for the tiny model
+    # Unsloth backend only. False: load model_name_or_path itself (use_exact_model_name), quantized on load, as
+    # --plan and the hf backend assume. True: Unsloth's pre-quantized "dynamic 4-bit" copy (some layers kept in
+    # 16-bit: a little more memory, a little closer to the 16-bit model; the adapter then names that repository).
+    "unsloth_dynamic_4bit": False,
     # --- LoRA (peft.LoraConfig names, and Unsloth's finetune_* switches for which layers get adapters) --
     "lora_r": 16,
     "lora_alpha": 16,  # alpha = r: an update scale of 1, Unsloth's default for vision models
