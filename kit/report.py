@@ -152,12 +152,13 @@ def plot(summary: dict, path: Path):
               [100 * ((e["high"] or 0) - (e["accuracy"] or 0)) for e in entries]]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.8), dpi=100)
     colors = ["lightgray" if name.endswith(SHUFFLED) else "tab:blue" for name in names]
-    bars = ax.bar(range(len(names)), scores, color=colors, yerr=errors, capsize=6, ecolor="black")
-    ax.bar_label(bars, labels=[f"{s:.1f}" for s in scores], label_type="center")
+    ax.bar(range(len(names)), scores, color=colors, yerr=errors, capsize=6, ecolor="black")
+    for i, value in enumerate(scores):  # right of the whisker, so the two never overlap
+        ax.text(i + 0.06, value + 1, f"{value:.1f}", ha="left", va="bottom")
     ax.set_xticks(range(len(names)), names, rotation=15)
     ax.set_ylabel(f"relaxed accuracy, {summary['metric']} rule (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{summary['samples']} questions; bars: 95 % bootstrap interval")
+    ax.set_title(f"{summary['samples']} questions; whiskers: 95 % bootstrap interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
