@@ -3,33 +3,45 @@
     python eval.py runs/chartqa --compare base,base+prompt,finetuned
     python eval.py runs/demo --compare base,finetuned --control shuffled
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
+    python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
+    python eval.py --score runs/demo/eval/predictions.jsonl --metric lenient --out runs/demo/eval-lenient
 
 Systems: `finetuned` is the run's model with the recipe's system prompt, as it was trained; `base` is the run's
 base model with only the chat template's default system message; `base+prompt` is the base model with the
 recipe's system prompt (the prompt-only baseline). `--control shuffled` scores each system again with every
 question shown another test chart, which tells how much of the score comes from looking at the chart.
 
-Writes into <RUN>/eval/ (or --out): predictions.jsonl (every answer, right or not), report.md (one table),
-report.png (relaxed accuracy per system), and skipped.jsonl with --on-bad-row skip.
+Relaxed accuracy is ChartQA's reference rule (pix2struct's relaxed_correctness; "45%" reads as 0.45) unless
+--metric lenient (the kit's rule: "%" dropped). Every accuracy comes with a 95 % bootstrap interval, and every
+two systems on the same questions with their paired counts (fixed, broken) and McNemar's exact p-value.
+
+--score FILE.jsonl scores answers that are already there: rows {"prediction", "answer" or "answers" (or
+"messages" with the reference as assistant turn), optional "system", "id", "question", "image", "subset",
+"qtype"}, as `infer.py --batch` writes them, or eval.py's own predictions.jsonl (to re-score under another
+--metric). Give --score once per file to compare systems; a file's rows without "system" are named after it.
+
+Writes into <RUN>/eval/ (or --out; with --score, <FILE>-eval/ beside the first file): predictions.jsonl (every
+answer, right or not), report.md and report.json (every number of the tables), report.png (relaxed accuracy
+with intervals), diff.jsonl and diff.html (the questions one system fixed or broke against another, with their
+charts), and skipped.jsonl with --on-bad-row skip.
 """
 
 import gc
 import json
 import random
-import shutil
 from pathlib import Path
 
 import click
 
+from kit import report
 from kit.errors import UserError, user_errors
-from kit.metrics import accuracy, exact_correct, grouped_accuracy, relaxed_correct
+from kit.metrics import METRICS, exact_correct, relaxed_correct
 
 SYSTEMS = ("base", "base+prompt", "finetuned")
-GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path), required=False)
 @click.option("--data", help="chartqa, synthetic, latex_ocr or jsonl:PATH. Default: the run's recipe dataset.")
 @click.option("--split", default="test", help="Dataset split (ignored for jsonl).")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
@@ -45,16 +57,49 @@ GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that cannot be scored (missing or unreadable image, no answer): stop (fail), or leave "
                    "it out and list it in skipped.jsonl (skip).")
+@click.option("--metric", type=click.Choice(list(METRICS)), default="chartqa",
+              help="Relaxed accuracy rule. chartqa: ChartQA's reference (pix2struct; \"45%\" is 0.45), comparable "
+                   "with published numbers. lenient: the kit's earlier rule (\"%\" dropped, so \"45%\" = \"45\").")
+@click.option("--score", "score_files", multiple=True, type=click.Path(path_type=Path),
+              help="Score a predictions JSONL file instead of running a model (no TARGET), e.g. "
+                   "--score questions.answers.jsonl; repeat to compare systems.")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-         on_bad_row):
-    """Score TARGET (a run folder made by train.py); see the module docstring for examples."""
+         on_bad_row, metric, score_files):
+    """Score TARGET (a run folder made by train.py), or --score FILE; see the module docstring for examples."""
     with user_errors():
-        run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-            on_bad_row)
+        if score_files:
+            if target is not None:
+                raise UserError("give a TARGET run to evaluate, or --score FILE to score its answers, not both")
+            score(list(score_files), metric, out, force)
+        elif target is None:
+            raise UserError("give TARGET (a run folder made by train.py), or --score FILE.jsonl; see --help")
+        else:
+            run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
+                on_bad_row, metric)
+
+
+def score(files, metric, out, force):
+    """Scores, intervals and diffs for answers already written by infer.py --batch, eval.py or any tool."""
+    out = out or files[0].with_name(files[0].name.removesuffix(".jsonl") + "-eval")
+    check_out(out, force, files)
+    rows, names = report.read_predictions(files, metric)
+    summary = report.save(out, rows, names, metric, f"Scores of {', '.join(f.name for f in files)}",
+                          f"{len(rows)} questions from {', '.join(map(str, files))}")
+    click.echo(f"\n{report.tables(summary)}\n\nwrote {out}/predictions.jsonl, report.md, report.json, report.png, "
+               "diff.jsonl, diff.html")
+
+
+def check_out(out: Path, force: bool, inputs=()):
+    """`out` may be written: empty, or replaced with --force, and never a folder holding one of `inputs`."""
+    if any(out.resolve() in path.resolve().parents for path in inputs):
+        raise UserError(f"--out {out} holds {', '.join(map(str, inputs))}, which it would replace; choose another "
+                        "--out")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already holds an evaluation; use --force to replace it or --out for another folder")
 
 
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
-        force, on_bad_row):
+        force, on_bad_row, metric="chartqa"):
     # --- options -----------------------------------------------------------------------------------
     if not (run_dir / "run_config.json").exists():
         raise UserError(f"{run_dir} is not a run folder (no run_config.json); eval.py scores runs made by train.py")
@@ -67,8 +112,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
         click.echo("note: base+prompt left out: the recipe has no system_prompt, so it would be the same as base")
         systems.remove("base+prompt")
     out = out or run_dir / "eval"
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} already holds an evaluation; use --force to replace it or --out for another folder")
+    check_out(out, force, [run_dir / "run_config.json"])  # --out runs --force must not delete the run
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
 
@@ -93,24 +137,13 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                       max_new_tokens, answers, seconds)
 
     # --- save ---------------------------------------------------------------------------------------
-    rows = prediction_rows(samples, donors, answers)
-    names = list(answers)
-    table = report_table(rows, names, seconds)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_jsonl(tmp / "predictions.jsonl", rows)
-    if skipped:
-        write_jsonl(tmp / "skipped.jsonl", skipped)
-    (tmp / "report.md").write_text(f"# Evaluation of {run_dir}\n\n{len(rows)} samples from "
-                                   f"{data_spec or recipe['dataset']} ({split}). Accuracy in %: relaxed as in ChartQA "
-                                   f"(5 % numeric tolerance), also per subset/qtype; exact match ignores case "
-                                   f"and a trailing period.\n\n{table}\n")
-    plot_report(rows, names, tmp / "report.png")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    click.echo(f"\n{table}\n\nwrote {out}/predictions.jsonl, report.md, report.png"
+    rows = prediction_rows(samples, donors, answers, metric)
+    images = {str(row["id"]): sample["images"][0] for row, sample in zip(rows, samples) if sample["images"]}
+    summary = report.save(out, rows, list(answers), metric, f"Evaluation of {run_dir}",
+                          f"{len(rows)} samples from {data_spec or recipe['dataset']} ({split})", seconds, images,
+                          {"skipped.jsonl": skipped} if skipped else None)
+    click.echo(f"\n{report.tables(summary)}\n\nwrote {out}/predictions.jsonl, report.md, report.json, "
+               "report.png, diff.jsonl, diff.html"
                + (f", skipped.jsonl ({len({s['index'] for s in skipped})} rows left out)" if skipped else ""))
 
 
@@ -186,71 +219,25 @@ def question_of(sample: dict) -> str:
     return " ".join(part["text"] for part in content if part.get("type") == "text")
 
 
-def prediction_rows(samples, donors, answers) -> list[dict]:
+def prediction_rows(samples, donors, answers, metric="chartqa") -> list[dict]:
     rows = []
     for i, sample in enumerate(samples):
         row = {"id": sample["id"], "image": _path_or_none(sample["images"]), "question": question_of(sample),
                "references": sample["answers"]}
-        for key in GROUPS:
+        for key in report.GROUPS:
             if key in sample:
                 row[key] = sample[key]
         if donors is not None:
             row["shuffled_image"] = _path_or_none(samples[donors[i]]["images"])
-        row["systems"] = {name: {"answer": given[i], "relaxed": relaxed_correct(given[i], sample["answers"]),
+        row["systems"] = {name: {"answer": given[i], "relaxed": relaxed_correct(given[i], sample["answers"], metric),
                                  "exact": exact_correct(given[i], sample["answers"])}
                           for name, given in answers.items()}
         rows.append(row)
     return rows
 
 
-def report_table(rows, names, seconds) -> str:
-    """One markdown table: a row per system, relaxed accuracy and exact match overall and per group."""
-    groups = [(key, group) for key in GROUPS for group in sorted({str(r[key]) for r in rows if key in r})]
-    header = ["system", "relaxed acc", "exact match"] + [f"{key}={group}" for key, group in groups] + \
-             ["samples", "s/sample"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        cells = [name, _percent(accuracy([r["systems"][name]["relaxed"] for r in rows])),
-                 _percent(accuracy([r["systems"][name]["exact"] for r in rows]))]
-        for key, group in groups:
-            cells.append(_percent(grouped_accuracy(rows, lambda r: r["systems"][name]["relaxed"], key)[group]))
-        cells += [str(len(rows)), f"{seconds[name]:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_report(rows, names, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = [100 * accuracy([r["systems"][name]["relaxed"] for r in rows]) for name in names]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5), dpi=100)
-    colors = ["lightgray" if name.endswith("(shuffled)") else "tab:blue" for name in names]
-    bars = ax.bar(range(len(names)), scores, color=colors)
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_xticks(range(len(names)), names, rotation=15)
-    ax.set_ylabel("relaxed accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{len(rows)} samples")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_jsonl(path: Path, rows: list[dict]):
-    with path.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-
-
 def _path_or_none(images: list):
     return str(images[0]) if images and isinstance(images[0], (str, Path)) else None
-
-
-def _percent(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 
 TARGET is a run folder made by train.py (base + adapter, or the whole model), a model folder or hub id
 (`tiny` too), or a .gguf file or a folder holding one. --batch reads rows {"image": path relative to the
-file, "question": ...} and writes each row with its "answer" to <FILE>.answers.jsonl beside it.
+file, "question": ...} or training's {"images": [...], "messages": [...]} rows (the answer turn is left out of
+the prompt) and writes each row as it was plus "prediction" to <FILE>.answers.jsonl beside it; a row's
+reference ("answer", "answers" or the answer turn) stays, so `python eval.py --score FILE.answers.jsonl` scores it.
 Greedy unless --temperature is above 0.
 """
 
@@ -31,7 +33,8 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 @click.option("--image", type=click.Path(path_type=Path), help="The chart to ask about.")
 @click.option("--question", help="The question to ask.")
 @click.option("--batch", "batch_file", type=click.Path(path_type=Path),
-              help="A JSONL file of {\"image\", \"question\"} rows instead of --image/--question.")
+              help="A JSONL file of {\"image\", \"question\"} (or training's {\"images\", \"messages\"}) rows instead "
+                   "of --image/--question, e.g. --batch charts/questions.jsonl.")
 @click.option("--system", help="System prompt. Default: the run's recipe system_prompt when TARGET is a run "
                                "(or has its run_config.json beside it), else the chat template's default.")
 @click.option("--max-new-tokens", default=64, help="Longest answer, in tokens.")
@@ -63,7 +66,8 @@ def run(target, image, question, batch_file, system, max_new_tokens, temperature
         if answers_file.exists() and not force:
             raise UserError(f"{answers_file} exists; use --force to replace it")
     elif image and question:
-        questions = [{"image": str(image), "question": question}]
+        questions = [{"images": [str(image)], "messages": [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": question}]}]}]
         check_image(image, "--image")
     else:
         raise UserError("give --image PATH and --question TEXT, or --batch FILE.jsonl")
@@ -101,28 +105,46 @@ def run(target, image, question, batch_file, system, max_new_tokens, temperature
     tmp = answers_file.with_suffix(".tmp")
     with tmp.open("w") as handle:
         for row, answer in zip(questions, answers):
-            handle.write(json.dumps({**row["row"], "answer": answer}) + "\n")
+            handle.write(json.dumps({**row["row"], "prediction": answer}) + "\n")
     tmp.replace(answers_file)
     click.echo(f"wrote {len(answers)} answers to {answers_file}")
 
 
 def read_batch(path: Path) -> list[dict]:
-    """[{"image": absolute path, "question", "row": the row as written}]; every image checked up front."""
+    """[{"images": absolute paths, "messages": the prompt, "row": the row as written}]; every image checked up
+    front. Rows are read as training reads them (data/jsonl.py); an answer turn is not part of the prompt."""
+    from data.jsonl import to_sample
+    from kit.chat import prompt_messages
+
     if not path.is_file():
         raise UserError(f"--batch {path}: no such file")
     questions = []
     for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():
             continue
+        where = f"{path}:{line}"
         try:
             row = json.loads(text)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{line}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or "question" not in row:
-            raise UserError(f"{path}:{line}: a row needs \"image\" (a path relative to the file) and \"question\"")
-        image = path.parent / row["image"]
-        check_image(image, f"{path}:{line}")
-        questions.append({"image": str(image), "question": str(row["question"]), "row": row})
+            raise UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        shape = isinstance(row, dict) and (
+            isinstance(row.get("image"), str) and "question" in row
+            or isinstance(row.get("messages"), list) and isinstance(row.get("images"), list)
+            and all(isinstance(image, str) for image in row["images"]))
+        if not shape:
+            raise UserError(f"{where}: a row needs \"image\" (a path relative to the file) and \"question\", or "
+                            "\"images\" (a list of such paths) and \"messages\" as in training's JSONL")
+        sample = to_sample(row, line, path)
+        messages = prompt_messages(sample["messages"])
+        placeholders = sum(1 for m in messages if isinstance(m.get("content"), list)
+                           for part in m["content"] if part.get("type") == "image")
+        if not any(m.get("role") == "user" for m in messages) or placeholders != len(sample["images"]) \
+                or not sample["images"]:
+            raise UserError(f"{where}: the prompt needs a user turn and one {{\"type\": \"image\"}} per image "
+                            f"({placeholders} placeholders for {len(sample['images'])} images)")
+        for image in sample["images"]:
+            check_image(Path(image), where)
+        questions.append({"images": sample["images"], "messages": messages, "row": row})
     if not questions:
         raise UserError(f"--batch {path}: no rows")
     return questions
@@ -191,9 +213,7 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
         from transformers import TextStreamer
 
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    samples = [{"id": str(i), "images": [q["image"]],
-                "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]}]}
-               for i, q in enumerate(questions)]
+    samples = [{"id": str(i), "images": q["images"], "messages": q["messages"]} for i, q in enumerate(questions)]
     answers, _ = generate_answers(model, processor, samples, system, max_new_tokens, batch_size, temperature, min_p,
                                   streamer, show_progress.update if show_progress else None)
     return answers
@@ -222,10 +242,7 @@ def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, tempera
                    repeat_penalty=1.0, stream=stream)
     answers = []
     for q in questions:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_uri(q["image"])}},
-            {"type": "text", "text": q["question"]}]}]
-        reply = llm.create_chat_completion(messages=messages, **options)
+        reply = llm.create_chat_completion(messages=chat_completion_messages(q, system), **options)
         if stream:
             pieces = []
             for chunk in reply:
@@ -239,6 +256,26 @@ def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, tempera
         if show_progress:
             show_progress.update(1)
     return answers
+
+
+def chat_completion_messages(question: dict, system: str) -> list[dict]:
+    """The prompt in llama-cpp-python's (OpenAI's) form: each {"type": "image"} becomes the next image as a data
+    URI; a turn of text only is a plain string, as the chat template expects for system turns."""
+    images = iter(question["images"])
+    messages = [m for m in question["messages"] if m["role"] != "system"] if system else question["messages"]
+    if system:
+        messages = [{"role": "system", "content": system}, *messages]
+    converted = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list) and any(part.get("type") == "image" for part in content):
+            content = [{"type": "image_url", "image_url": {"url": data_uri(next(images))}}
+                       if part.get("type") == "image" else {"type": "text", "text": part.get("text", "")}
+                       for part in content]
+        elif isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content)
+        converted.append({"role": message["role"], "content": content})
+    return converted
 
 
 def use_run_image_size(handler, llm, mmproj: Path, recipe: dict):

@@ -1,4 +1,5 @@
-"""eval.py on the shortened demo run: what it writes, and that the report says what the predictions say."""
+"""eval.py on the shortened demo run: what it writes, and that the report says what the predictions say;
+eval.py --score on prediction files written by hand (no model)."""
 
 import json
 import shutil
@@ -8,16 +9,24 @@ from click.testing import CliRunner
 from tests.conftest import read_jsonl
 
 import eval as evaluate
-from kit.metrics import exact_correct, relaxed_correct
+from kit import report
+from kit.metrics import bootstrap_interval, exact_correct, mcnemar_exact, paired_counts, relaxed_correct
 
 
 def eval_cli(args):
     return CliRunner().invoke(evaluate.main, [str(a) for a in args], catch_exceptions=False)
 
 
-def read_table(report: str) -> dict[str, dict[str, str]]:
-    """{system: {column: cell}} from the one markdown table in report.md."""
-    lines = [line for line in report.splitlines() if line.startswith("|")]
+def read_table(text: str, which: int = 0) -> dict[str, dict[str, str]]:
+    """{first cell: {column: cell}} from the `which`-th markdown table in report.md."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    lines = tables[which]
     split = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]  # noqa: E731
     header = split(lines[0])
     return {cells[0]: dict(zip(header, cells)) for cells in map(split, lines[2:])}
@@ -25,6 +34,12 @@ def read_table(report: str) -> dict[str, dict[str, str]]:
 
 def percent(flags) -> str:
     return f"{100 * sum(flags) / len(flags):.1f}"
+
+
+def with_interval(flags) -> str:
+    """The report's cell: accuracy and its bootstrap interval, recomputed here from the flags."""
+    low, high = bootstrap_interval(flags)
+    return f"{percent(flags)} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +72,66 @@ def test_one_prediction_row_per_sample_with_every_system(evaluated, full_run):
 def test_report_numbers_are_recomputed_from_predictions(evaluated):
     out, output = evaluated
     rows = read_jsonl(out / "predictions.jsonl")
-    table = read_table((out / "report.md").read_text())
+    text = (out / "report.md").read_text()
+    assert "ChartQA's reference rule (pix2struct relaxed_correctness" in text  # which rule made the columns
+    table = read_table(text)
     assert set(table) == set(rows[0]["systems"])
     qtypes = sorted({row["qtype"] for row in rows})
+    numbers = json.loads((out / "report.json").read_text())
+    assert numbers["metric"] == "chartqa" and numbers["interval"]["resamples"] == 2000
     for system, cells in table.items():
-        assert cells["relaxed acc"] == percent([row["systems"][system]["relaxed"] for row in rows])
-        assert cells["exact match"] == percent([row["systems"][system]["exact"] for row in rows])
+        relaxed = [row["systems"][system]["relaxed"] for row in rows]
+        exact = [row["systems"][system]["exact"] for row in rows]
+        assert cells["relaxed acc (chartqa)"] == with_interval(relaxed)
+        assert cells["exact match"] == with_interval(exact)
+        assert numbers["systems"][system]["relaxed"]["accuracy"] == sum(relaxed) / len(rows)
+        assert numbers["systems"][system]["exact"]["right"] == sum(exact)
         for qtype in qtypes:
             flags = [row["systems"][system]["relaxed"] for row in rows if row["qtype"] == qtype]
-            assert cells[f"qtype={qtype}"] == percent(flags)
+            assert cells[f"qtype={qtype} (chartqa)"] == with_interval(flags)
+            assert numbers["systems"][system]["groups"]["qtype"][qtype]["samples"] == len(flags)
         assert cells["samples"] == str(len(rows))
         assert float(cells["s/sample"]) > 0
     assert "| finetuned (shuffled) |" in output  # the table is printed at the end too
+
+
+def test_paired_comparisons_and_diff(evaluated):
+    """Fine-tuned against its shuffled-image control and against base: counts, McNemar's p, and the questions."""
+    out, _ = evaluated
+    rows = read_jsonl(out / "predictions.jsonl")
+    pairs = read_table((out / "report.md").read_text(), which=1)
+    numbers = {(p["baseline"], p["candidate"]): p for p in json.loads((out / "report.json").read_text())["pairs"]}
+    changed = read_jsonl(out / "diff.jsonl")
+    page = (out / "diff.html").read_text()
+    for baseline, candidate in [("finetuned (shuffled)", "finetuned"), ("base", "finetuned")]:
+        before = [row["systems"][baseline]["relaxed"] for row in rows]
+        after = [row["systems"][candidate]["relaxed"] for row in rows]
+        counts = paired_counts(before, after)
+        assert {k: numbers[baseline, candidate][k] for k in counts} == counts
+        assert numbers[baseline, candidate]["mcnemar_p"] == mcnemar_exact(counts["fixed"], counts["broken"])
+        row = [cells for cells in pairs.values() if cells["candidate"] == candidate and cells["baseline"] == baseline]
+        assert row and row[0]["fixed"] == str(counts["fixed"]) and row[0]["broken"] == str(counts["broken"])
+        listed = [d for d in changed if (d["baseline"], d["candidate"]) == (baseline, candidate)]
+        assert sorted(d["id"] for d in listed if d["change"] == "fixed") == \
+            sorted(r["id"] for r, b, a in zip(rows, before, after) if a and not b)
+        assert sorted(d["id"] for d in listed if d["change"] == "broken") == \
+            sorted(r["id"] for r, b, a in zip(rows, before, after) if b and not a)
+        assert f"{candidate} vs {baseline}: <span class=fixed>fixed</span> ({counts['fixed']})" in page
+    # every listed question shows its chart: one thumbnail file per chart, each a PNG
+    thumbs = sorted((out / "thumbs").glob("*.png"))
+    assert len(thumbs) == len({d["id"] for d in changed}) > 0
+    assert all(f"src='thumbs/{t.name}'" in page for t in thumbs)
+
+
+def test_rescoring_predictions_gives_the_same_report(evaluated, tmp_path):
+    out, _ = evaluated
+    result = eval_cli(["--score", out / "predictions.jsonl", "--out", tmp_path / "again"])
+    assert result.exit_code == 0, result.output
+    first, again = (json.loads((folder / "report.json").read_text()) for folder in (out, tmp_path / "again"))
+    for system, entry in first["systems"].items():
+        entry.pop("seconds_per_sample")
+        assert again["systems"][system] == entry
+    assert again["pairs"] == first["pairs"]
 
 
 def test_existing_eval_folder_needs_force(evaluated, full_run):
@@ -121,9 +184,96 @@ def test_missing_image_skipped_on_request(full_run, questions_with_missing_image
 def test_report_splits_chartqa_subsets():
     rows = [{"subset": subset, "systems": {"finetuned": {"relaxed": relaxed, "exact": False}}}
             for subset, relaxed in [("human", True), ("human", False), ("augmented", True), ("augmented", True)]]
-    table = read_table(evaluate.report_table(rows, ["finetuned"], {"finetuned": 0.5}))
+    table = read_table(report.table(report.summarize(rows, ["finetuned"], "chartqa", {"finetuned": 0.5})))
     human = [row["systems"]["finetuned"]["relaxed"] for row in rows if row["subset"] == "human"]
     augmented = [row["systems"]["finetuned"]["relaxed"] for row in rows if row["subset"] == "augmented"]
-    assert table["finetuned"]["subset=human"] == percent(human)
-    assert table["finetuned"]["subset=augmented"] == percent(augmented)
-    assert table["finetuned"]["relaxed acc"] == percent([row["systems"]["finetuned"]["relaxed"] for row in rows])
+    assert table["finetuned"]["subset=human (chartqa)"] == with_interval(human)
+    assert table["finetuned"]["subset=augmented (chartqa)"] == with_interval(augmented)
+    assert table["finetuned"]["relaxed acc (chartqa)"] == \
+        with_interval([row["systems"]["finetuned"]["relaxed"] for row in rows])
+
+
+# --- eval.py --score: answers written by another tool, no model -------------------------------------------------
+# pix2struct's metrics_test.py pairs (prediction, targets); tests/test_metrics.py works out each verdict by hand.
+PIX2STRUCT = [("abc", ["abc"]), ("abc", ["Abc"]), ("Abc", ["abc"]), ("100%", ["96%"]), ("100%", ["94%"]),
+              ("100%", ["0.96"]), ("100%", ["0.94"]), ("Don't", ["Won't"])]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_score_a_predictions_file(tmp_path):
+    answers = write_rows(tmp_path / "answers.jsonl", [
+        {"prediction": p, "answers": t} if i % 2 else {"prediction": p, "answer": t[0]}
+        for i, (p, t) in enumerate(PIX2STRUCT)])
+    result = eval_cli(["--score", answers])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "answers-eval"  # the default: beside the file
+    numbers = json.loads((out / "report.json").read_text())
+    assert list(numbers["systems"]) == ["answers"]  # rows without "system" are named after their file
+    entry = numbers["systems"]["answers"]
+    assert entry["samples"] == 8 and entry["relaxed"]["accuracy"] == 0.625  # pix2struct's own figure
+    assert entry["exact"]["right"] == 3  # the three "abc"s, case ignored
+    assert read_table((out / "report.md").read_text())["answers"]["relaxed acc (chartqa)"].startswith("62.5 [")
+
+    result = eval_cli(["--score", answers, "--metric", "lenient", "--out", tmp_path / "lenient"])
+    assert result.exit_code == 0, result.output
+    lenient = json.loads((tmp_path / "lenient" / "report.json").read_text())
+    assert lenient["systems"]["answers"]["relaxed"]["accuracy"] == 0.5  # "100%" read as 100 misses "0.96"
+    assert "kit's lenient rule" in (tmp_path / "lenient" / "report.md").read_text()
+
+
+def test_score_compares_systems_on_the_same_questions(tmp_path):
+    """Two systems in one file and a third in another, matched by id; 12 questions, the candidate fixes 10
+    and breaks 1 against base."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "chart.png")
+    base = [False] * 11 + [True]
+    tuned = [True] * 10 + [False, False]
+    rows = []
+    for i, (b, t) in enumerate(zip(base, tuned)):
+        question = {"id": f"q{i}", "image": "chart.png", "question": f"Value of {i}?", "answer": str(10 + i),
+                    "qtype": "value" if i % 3 else "count"}
+        rows.append({**question, "system": "base", "prediction": str(10 + i) if b else "no idea"})
+        rows.append({**question, "system": "tuned", "prediction": f"{10 + i}\n" if t else "0"})
+    both = write_rows(tmp_path / "both.jsonl", rows)
+    other = write_rows(tmp_path / "other.jsonl", [{"id": f"q{i}", "answer": str(10 + i), "prediction": str(10 + i)}
+                                                  for i in range(0, 12, 2)])  # half the questions
+    out = tmp_path / "report"
+    result = eval_cli(["--score", both, "--score", other, "--out", out])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads((out / "report.json").read_text())
+    assert [numbers["systems"][name]["samples"] for name in ("base", "tuned", "other")] == [12, 12, 6]
+    pairs = {(p["baseline"], p["candidate"]): p for p in numbers["pairs"]}
+    assert set(pairs) == {("base", "tuned"), ("base", "other"), ("tuned", "other")}
+    tuned_vs_base = pairs["base", "tuned"]
+    # q0-q9: base wrong, tuned right; q10: both wrong; q11: base right, tuned wrong
+    assert (tuned_vs_base["fixed"], tuned_vs_base["broken"], tuned_vs_base["both_right"],
+            tuned_vs_base["both_wrong"]) == (10, 1, 0, 1)
+    assert tuned_vs_base["mcnemar_p"] == mcnemar_exact(10, 1) == 2 * (1 + 11) / 2 ** 11
+    assert pairs["base", "other"]["samples"] == 6
+    changed = read_jsonl(out / "diff.jsonl")
+    assert sorted(d["id"] for d in changed if d["candidate"] == "tuned" and d["change"] == "broken") == ["q11"]
+    assert "tuned vs base: <span class=fixed>fixed</span> (10)" in (out / "diff.html").read_text()
+    assert (out / "thumbs" / "00000.png").exists()  # the chart, found relative to the scored file
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_bad_input_is_named(tmp_path):
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prediction": "1", "answer": "1"}, {"answer": "2"}])
+    result = eval_cli(["--score", bad, "--out", tmp_path / "out"])
+    assert result.exit_code == 2 and f"{bad}:2" in result.output and "prediction" in result.output
+    assert not (tmp_path / "out").exists()
+    good = write_rows(tmp_path / "good.jsonl", [{"prediction": "1", "answer": "1"}])
+    result = eval_cli(["--score", good, "--out", tmp_path])  # would replace the folder holding the file
+    assert result.exit_code == 2 and "choose another --out" in result.output and good.exists()
+    assert eval_cli(["--score", good, "--out", tmp_path / "out"]).exit_code == 0
+    before = (tmp_path / "out" / "report.json").read_text()
+    result = eval_cli(["--score", good, "--out", tmp_path / "out"])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (tmp_path / "out" / "report.json").read_text() == before
+    result = eval_cli([])
+    assert result.exit_code == 2 and "--score" in result.output

@@ -20,7 +20,8 @@ def last_line(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def questions(full_run, tmp_path_factory):
-    """A batch file of held-out synthetic questions, images relative to the file, the two question kinds mixed."""
+    """A batch file of held-out synthetic questions with their reference answers, images relative to the file,
+    the two question kinds mixed."""
     import data
 
     recipe = json.loads((full_run / "run_config.json").read_text())["recipe"]
@@ -30,7 +31,8 @@ def questions(full_run, tmp_path_factory):
     for i, sample in enumerate(data.load({**recipe, "limit": 7}, "test", progress=False)):
         shutil.copy(sample["images"][0], folder / "charts" / f"{i}.png")
         question = sample["messages"][0]["content"][-1]["text"]
-        rows.append({"image": f"charts/{i}.png", "question": question, "id": sample["id"]})
+        rows.append({"image": f"charts/{i}.png", "question": question, "id": sample["id"],
+                     "answer": sample["answers"][0]})
     path = folder / "questions.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -49,19 +51,61 @@ def batch_answers(full_run, questions):
 
 def test_batch_writes_one_answer_per_row(questions, batch_answers):
     rows, answered = read_jsonl(questions), batch_answers[3]
-    assert [{k: v for k, v in row.items() if k != "answer"} for row in answered] == rows
-    assert all(row["answer"] for row in answered)
+    # each row as it was (its reference "answer" included) plus the model's "prediction"
+    assert [{k: v for k, v in row.items() if k != "prediction"} for row in answered] == rows
+    assert all(row["prediction"] for row in answered)
 
 
 def test_batched_answers_equal_one_by_one(batch_answers):
-    assert [row["answer"] for row in batch_answers[3]] == [row["answer"] for row in batch_answers[1]]
+    assert [row["prediction"] for row in batch_answers[3]] == [row["prediction"] for row in batch_answers[1]]
+
+
+def test_batch_reads_training_rows_and_feeds_eval_score(full_run, questions, batch_answers, tmp_path):
+    """The same questions in training's {"images", "messages"} shape (the answer as the assistant turn, which is
+    not shown to the model) get the same predictions, and eval.py --score scores the answers file as written."""
+    import eval as evaluate
+    from kit.metrics import relaxed_correct
+
+    shutil.copytree(questions.parent / "charts", tmp_path / "charts")
+    rows = [{"id": row["id"], "images": [row["image"]], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}]} for row in read_jsonl(questions)]
+    batch = tmp_path / "train-shaped.jsonl"
+    batch.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = infer_cli([full_run, "--batch", batch, "--batch-size", 3])
+    assert result.exit_code == 0, result.output
+    answered = read_jsonl(batch.with_suffix(".answers.jsonl"))
+    assert [row["prediction"] for row in answered] == [row["prediction"] for row in batch_answers[3]]
+    assert [{k: v for k, v in row.items() if k != "prediction"} for row in answered] == rows
+
+    result = CliRunner().invoke(evaluate.main, ["--score", str(batch.with_suffix(".answers.jsonl")),
+                                                "--score", str(questions.with_suffix(".answers.jsonl")),
+                                                "--out", str(tmp_path / "scored")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    scored = read_jsonl(tmp_path / "scored" / "predictions.jsonl")
+    assert len(scored) == len(rows)  # both files' rows paired on "id": one question each
+    for row, reference in zip(scored, read_jsonl(questions)):
+        assert set(row["systems"]) == {"train-shaped.answers", "questions.answers"}
+        for verdict in row["systems"].values():
+            assert verdict["relaxed"] == relaxed_correct(verdict["answer"], [reference["answer"]])
+    pair = json.loads((tmp_path / "scored" / "report.json").read_text())["pairs"][0]
+    assert pair["fixed"] == pair["broken"] == 0 and pair["mcnemar_p"] == 1.0  # the same answers
+
+
+def test_batch_row_with_wrong_image_count_is_named(full_run, questions, tmp_path):
+    shutil.copytree(questions.parent / "charts", tmp_path / "charts")
+    batch = tmp_path / "two.jsonl"
+    batch.write_text(json.dumps({"images": ["charts/0.png", "charts/1.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars?"}]}]}) + "\n")
+    result = infer_cli([full_run, "--batch", batch])
+    assert result.exit_code == 2 and f"{batch}:1" in result.output and "1 placeholders for 2 images" in result.output
 
 
 def test_answers_a_chart(full_run, questions, batch_answers):
     row = batch_answers[3][0]
     result = infer_cli([full_run, "--image", questions.parent / row["image"], "--question", row["question"]])
     assert result.exit_code == 0, result.output
-    assert last_line(result.stdout) == row["answer"]
+    assert last_line(result.stdout) == row["prediction"]
 
 
 def test_existing_answers_file_needs_force(full_run, questions, batch_answers):
@@ -109,8 +153,8 @@ def test_gguf_answers_like_the_transformers_model(gguf_dir, questions, batch_ans
     shutil.copytree(questions.parent / "charts", tmp_path / "charts")
     result = infer_cli([gguf_dir, "--batch", batch])
     assert result.exit_code == 0, result.output
-    from_gguf = [row["answer"] for row in read_jsonl(batch.with_suffix(".answers.jsonl"))]
-    from_hf = [row["answer"] for row in batch_answers[1]]
+    from_gguf = [row["prediction"] for row in read_jsonl(batch.with_suffix(".answers.jsonl"))]
+    from_hf = [row["prediction"] for row in batch_answers[1]]
     # f32 weights and the same chat text and image size: greedy decoding picks the same tokens
     assert from_gguf == from_hf
 
