@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from kit import runfolder
 from kit.errors import UserError, user_errors
 
 
@@ -39,7 +40,7 @@ from kit.errors import UserError, user_errors
               help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
 def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
     """Fine-tune Qwen2-VL with a recipe; see the module docstring for examples."""
-    with user_errors():
+    with runfolder.restore_on_failure(), user_errors():
         run(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row)
 
 
@@ -57,25 +58,30 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     if backend_name:
         overrides = [*overrides, f"backend={backend_name}"]
     recipe, changes = recipes.load(recipe_name, overrides)
+    if gpu:
+        from kit.plan import named_gpu
+
+        named_gpu(gpu)  # a mistyped --gpu is refused before any data loads
     if not resume_dir:
         run_dir = output or Path("runs") / recipe_name
         if run_dir.exists() and any(run_dir.iterdir()) and not plan_only:
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                                 "--output for another folder, or --force to replace it")
-            shutil.rmtree(run_dir)
     click.echo(f"recipe {recipe_name}:")
     for key, value in recipe.items():
         click.echo(f"  {key} = {value!r}")
     for key, old, new in changes:
         click.echo(f"Overriding: {key} = {new!r} (recipe: {old!r})")
+    for note in recipes.notes(recipe):
+        click.echo(f"note: {note}")
 
     backend, reason = backends.select(recipe["backend"])
     precision = backends.precision(recipe["precision"])
     click.echo(f"backend {backend} ({reason}); precision {precision}")
     import torch
 
-    if recipe["load_in_4bit"] and not torch.cuda.is_available():
+    if recipe["load_in_4bit"] and not torch.cuda.is_available() and not (plan_only and gpu):
         backends.check_cpu_4bit()
         click.echo("note: 4-bit weights on the CPU run through bitsandbytes' CPU kernels: correct but slow")
 
@@ -94,9 +100,11 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
     gpu_name, gpu_bytes = plan.gpu_memory(gpu)
+    planned = plan.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
     memory = plan.estimate_memory(plan.model_shape(base_path), recipe, max(i + t for i, t in counts or [(0, 0)]),
-                                  max((i for i, _ in counts), default=0), precision if gpu_bytes else "bf16")
+                                  max((i for i, _ in counts), default=0), planned)
     if plan_only:
+        click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
         plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor)
         return
     if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
@@ -105,6 +113,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                         "or --force to try anyway")
     from data.lint import split_bad_rows
 
+    if force and not resume_dir:  # the checks passed: the old run waits aside until the new one has started
+        runfolder.set_aside(run_dir)
     train_samples = split_bad_rows(train_samples, findings, on_bad_row, run_dir / "skipped.jsonl")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "run_config.json", {
@@ -164,11 +174,11 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                              keep_until=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     trainer.add_callback(progress_callback)
     trainer.add_callback(progress.stop_on_signal())
+    trainer.add_callback(runfolder.commit_after_first_step())
     started = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < trainer.state.max_steps:
-        raise UserError(f"interrupted at step {trainer.state.global_step}: checkpoint saved in "
-                        f"{run_dir / 'checkpoints'}; continue with: python train.py --resume {run_dir}")
+        raise UserError(_stopped_early(trainer.state, run_dir))
 
     # --- save --------------------------------------------------------------------------------------
     final = run_dir / ".final.tmp"
@@ -182,6 +192,17 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     click.echo(f"done: {trainer.state.global_step} steps in {_duration(time.time() - started)} | "
                f"final loss {progress_callback.last_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
                f"outputs in {run_dir}")
+
+
+def _stopped_early(state, run_dir: Path) -> str:
+    """What to say when training ended before max_steps: a checkpoint is named only if it exists."""
+    saved = _last_checkpoint(run_dir / "checkpoints")
+    where = f"step {state.global_step} of {state.max_steps}"
+    if saved and int(saved.name.split("-")[1]) == state.global_step:
+        return f"interrupted at {where}: checkpoint saved in {saved}; continue with: python train.py --resume {run_dir}"
+    kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
+    return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
+            f"python train.py --plan (or python -m data.lint)")
 
 
 def _last_checkpoint(folder: Path):

@@ -17,6 +17,10 @@ from PIL import Image
 
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more extreme images
 ROLES = ("system", "user", "assistant")
+# Qwen2-VL's chat and vision markers: typed into a row's text, the processor reads them as image slots or turn
+# boundaries (an <|image_pad|> without its image stops the processor deep inside a batch).
+SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+                  "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 def where(sample: dict, index: int) -> str:
@@ -51,6 +55,29 @@ def image_problem(image) -> str | None:
     return None
 
 
+def text_problems(messages: list[dict]) -> list[str]:
+    """Text parts that are not text, or that hold markers the model would not read as the user meant."""
+    problems = []
+    for message in messages:
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                continue
+            text = part.get("text")
+            if not isinstance(text, str):
+                problems.append(f"a {message.get('role')} text part is {json.dumps(text)}, not text")
+                continue
+            token = next((t for t in SPECIAL_TOKENS if t in text), None)
+            if token:
+                problems.append(f"{message.get('role')} text holds Qwen2-VL's special token {token}; remove it "
+                                "(an image goes in \"images\", placed by a {\"type\": \"image\"} part)")
+            elif "<image>" in text:
+                problems.append(f"{message.get('role')} text holds a LLaVA-style \"<image>\", which Qwen2-VL reads "
+                                "as plain text; remove it (the image is placed by a {\"type\": \"image\"} part)")
+    return problems
+
+
 def sample_problems(sample: dict) -> list[str]:
     if sample.get("problem"):  # the loader could not even read the row
         return [sample["problem"]]
@@ -59,6 +86,7 @@ def sample_problems(sample: dict) -> list[str]:
     for message in messages:
         if message.get("role") not in ROLES:
             problems.append(f"unknown role {message.get('role')!r} (expected one of {', '.join(ROLES)})")
+    problems += text_problems(messages)
     answers = [m for m in messages if m.get("role") == "assistant"]
     if not answers or not "".join(_texts(answers[-1])).strip():
         problems.append("empty or missing assistant answer")
