@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 from kit.metrics import accuracy, exact_correct, grouped_accuracy, relaxed_correct
 
@@ -47,7 +48,7 @@ GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
                    "it out and list it in skipped.jsonl (skip).")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
          on_bad_row):
-    """Score TARGET (a run folder made by train.py); see the module docstring for examples."""
+    """Score TARGET (a run folder made by train.py)."""
     with user_errors():
         run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
             on_bad_row)
@@ -252,6 +253,8 @@ def _path_or_none(images: list):
 def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
+
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

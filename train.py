@@ -1,7 +1,7 @@
 """Fine-tune Qwen2-VL on charts: 4-bit QLoRA through Unsloth on a GPU, or plain transformers + peft.
 
     python train.py --recipe chartqa                          # Qwen2-VL-7B QLoRA, fits a 24 GB GPU
-    python train.py --recipe demo                             # tiny model, synthetic charts, CPU, ~2 min
+    python train.py --recipe demo                             # tiny model, synthetic charts, CPU, ~1-2 min
     python train.py --recipe demo --set max_steps=100 --output runs/quick
     python train.py --resume runs/chartqa                     # continue from the last checkpoint
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from kit import runfolder
+from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 
 
@@ -32,14 +33,16 @@ from kit.errors import UserError, user_errors
               help="Override the recipe's backend (auto picks unsloth when CUDA and unsloth are present).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the run in this folder from its last complete checkpoint.")
-@click.option("--force", is_flag=True, help="Replace an existing run folder; start even if the plan says it won't fit.")
+@click.option("--force", is_flag=True, help="Replace an existing run folder (kept aside until the new run has taken its "
+              "first step, and put back if it fails before); start even if the plan says it won't fit.")
 @click.option("--plan", "plan_only", is_flag=True, help="Check the data and estimate tokens and memory; no training.")
 @click.option("--plan-samples", type=int, default=0, help="With --plan: look at only this many rows (0 = all).")
-@click.option("--gpu", help="Plan for this card instead of the one present: 16GB, 24GB, 40GB, 48GB or 80GB.")
+@click.option("--gpu", help="Plan for this card instead of the one present: its memory (12GB, 16GB, 11.5GB) or its "
+              "name (T4, L4, A10G, A100, H100, ...).")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
 def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
-    """Fine-tune Qwen2-VL with a recipe; see the module docstring for examples."""
+    """Fine-tune Qwen2-VL with a recipe."""
     with runfolder.restore_on_failure(), user_errors():
         run(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row)
 
@@ -47,6 +50,9 @@ def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_
 def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
     import recipes
     from kit import backend as backends
+    from kit.noise import silence_known_noise
+
+    silence_known_noise()
 
     # --- options -> resolved recipe ---------------------------------------------------------------
     if resume_dir:
@@ -189,8 +195,12 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         item.replace(run_dir / item.name)
     final.rmdir()
     progress.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    click.echo(f"done: {trainer.state.global_step} steps in {_duration(time.time() - started)} | "
-               f"final loss {progress_callback.last_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
+    resumed_at = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    final_loss, earlier = progress.summary(run_dir / "metrics.jsonl", resumed_at)
+    this_session = time.time() - started
+    click.echo(f"done: {trainer.state.global_step} steps in {_duration(earlier + this_session)}"
+               + (f" ({_duration(this_session)} of it since resuming at step {resumed_at})" if resumed_at else "")
+               + f" | final loss {final_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
                f"outputs in {run_dir}")
 
 
@@ -249,6 +259,8 @@ def _git_version() -> str:
 def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
+
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

@@ -19,9 +19,13 @@ class SampleTooLong(ValueError):
     """A sample whose tokens (image tokens included) exceed max_length; it is never cut inside an image."""
 
 
-def load_image(image) -> Image.Image:
+def load_image(image, processor=None) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if processor is not None:  # a huge file is decoded once, then read from a copy at the size the model sees
+        from kit.images import open_rgb
+
+        return open_rgb(image, processor)
     with Image.open(image) as opened:
         return opened.convert("RGB")
 
@@ -67,7 +71,7 @@ class VisionCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         self.processor.tokenizer.padding_side = "right"
-        images = [[load_image(i) for i in s["images"]] or None for s in samples]
+        images = [[load_image(i, self.processor) for i in s["images"]] or None for s in samples]
         texts = self.texts(samples)
         try:
             batch = self.processor(text=texts, images=images if any(images) else None,
@@ -127,5 +131,5 @@ def generation_inputs(processor, batch: list[dict], system_prompt: str = ""):
     processor.tokenizer.padding_side = "left"
     texts = [processor.apply_chat_template(with_system(prompt_messages(s["messages"]), system_prompt),
                                            tokenize=False, add_generation_prompt=True) for s in batch]
-    images = [[load_image(i) for i in s["images"]] for s in batch]
+    images = [[load_image(i, processor) for i in s["images"]] for s in batch]
     return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
