@@ -20,6 +20,8 @@ from pathlib import Path
 
 import click
 
+from kit.cli import help_with_examples
+
 # Dense bf16 peak of the cards we report on (vendor datasheets), for model FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "RTX 4090": 165.0,
                "RTX 3090": 71.0, "A10": 125.0}
@@ -198,6 +200,8 @@ def to_markdown(results, recipe, overrides, steps, warmup, memory_cap) -> str:
                       f"peak memory {u['peak_allocated_gb'] / h['peak_allocated_gb']:.2f}x"]
     return "\n".join(lines)
 
+
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

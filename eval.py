@@ -34,6 +34,7 @@ from pathlib import Path
 import click
 
 from kit import report
+from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 from kit.metrics import METRICS, exact_correct, relaxed_correct
 
@@ -65,7 +66,7 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
                    "--score questions.answers.jsonl; repeat to compare systems.")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
          on_bad_row, metric, score_files):
-    """Score TARGET (a run folder made by train.py), or --score FILE; see the module docstring for examples."""
+    """Score TARGET (a run folder made by train.py), or --score FILE."""
     with user_errors():
         if score_files:
             if target is not None:
@@ -239,6 +240,8 @@ def prediction_rows(samples, donors, answers, metric="chartqa") -> list[dict]:
 def _path_or_none(images: list):
     return str(images[0]) if images and isinstance(images[0], (str, Path)) else None
 
+
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

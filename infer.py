@@ -23,6 +23,7 @@ import click
 from PIL import Image
 
 from kit import export
+from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -49,7 +50,7 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 @click.option("--force", is_flag=True, help="With --batch: replace an existing answers file.")
 def main(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
          backend, mmproj, force):
-    """Answer a question about a chart with TARGET; see the module docstring for examples."""
+    """Answer a question about a chart with TARGET."""
     with user_errors():
         run(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
             backend, mmproj, force)
@@ -323,6 +324,8 @@ def data_uri(image_path: str) -> str:
         opened.convert("RGB").save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
+
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

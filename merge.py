@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from kit import export
+from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 
 QUANTS = export.CONVERTER_TYPES + export.QUANTIZER_TYPES
@@ -49,7 +50,7 @@ QUANTS = export.CONVERTER_TYPES + export.QUANTIZER_TYPES
               help="Run every GGUF file in llama.cpp (llama-cpp-python) and compare its tokens with the merged model.")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 def main(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force):
-    """Merge RUN_DIR (a train.py output) into 16-bit weights and/or GGUF; see the module docstring."""
+    """Merge RUN_DIR (a train.py output) into 16-bit weights and/or GGUF."""
     with user_errors():
         run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
 
@@ -83,7 +84,8 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
     click.echo(f"loading {what} from {run_dir} ({dtype_name} on {device}; never 4-bit for merging)")
     model, processor = export.load_unmerged(run_dir, recipe, device, dtype)
     system_prompt = recipe["system_prompt"]
-    samples = export.parity_samples(recipe)
+    samples, samples_from = export.parity_samples(recipe)
+    click.echo(f"parity prompts: {samples_from}")
     unmerged = [export.probe(model, processor, sample, system_prompt) for sample in samples]
 
     # --- run: merge, reload, compare; convert, quantize, prove in llama.cpp --------------------------------------
@@ -111,7 +113,8 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
             del merged
             export.release_memory()
             gguf_dir = staging["gguf"]
-            report = write_gguf(converter, quantizer, merged_dir, gguf_dir, folders["gguf"], name, quants)
+            report = write_gguf(converter, quantizer, merged_dir, gguf_dir, folders["gguf"], name, quants,
+                                recipe["model_name_or_path"])
             report.update(export.image_token_limits(recipe), system_prompt=system_prompt)
             if verify:
                 from importlib.metadata import version
@@ -150,16 +153,19 @@ def report_parity(parity: dict, unmerged_name: str):
 
 
 def write_gguf(converter, quantizer, merged_dir: Path, gguf_dir: Path, final_dir: Path, name: str,
-               quants: list[str]) -> dict:
+               quants: list[str], base: str) -> dict:
     """The text model in every --quant and the vision projector, written into `gguf_dir` (renamed to `final_dir`)."""
     logs = gguf_dir / "logs"
     logs.mkdir()
+    metadata = logs / "metadata.json"  # the run's name, not the temporary folder's, in general.name/finetune
+    export.write_json(metadata, export.gguf_metadata(name, base))
     report = {"name": name, "converter": str(converter), "models": {}, "quantization": {},
               "pre_tokenizer_forced_qwen2": False}
 
     def convert(filename: str, outtype: str, mmproj: bool = False) -> Path:
         path, started = gguf_dir / filename, time.time()
-        forced = export.convert(converter, merged_dir, path, outtype, name, mmproj, logs / f"convert-{path.stem}.log")
+        forced = export.convert(converter, merged_dir, path, outtype, name, mmproj, logs / f"convert-{path.stem}.log",
+                                metadata)
         if forced and not report["pre_tokenizer_forced_qwen2"]:
             click.echo(f"note: {export.FORCED_PRE_NOTE}")
         report["pre_tokenizer_forced_qwen2"] |= forced
@@ -231,15 +237,16 @@ def describe(result: dict) -> str:
 
 def print_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str):
     model = gguf_dir / next(iter(report["models"].values()))
-    common = ["--mmproj", str(gguf_dir / report["mmproj"]), "--image-min-tokens", str(report["image_min_tokens"]),
-              "--image-max-tokens", str(report["image_max_tokens"])]
+    mmproj = gguf_dir / report["mmproj"]
     question = sample["messages"][0]["content"][-1]["text"]
-    system = ["-sys", system_prompt] if system_prompt else []
     click.echo("run it in llama.cpp:")
-    click.echo("  " + shlex.join(["llama-mtmd-cli", "-m", str(model), *common, "--image", str(sample["images"][0]),
-                                  "-p", question, *system, "--temp", "0"]))
-    click.echo("  " + shlex.join(["llama-server", "-m", str(model), *common]))
+    click.echo("  " + shlex.join(export.llama_cli_command(model, mmproj, report, sample["images"][0], question,
+                                                          system_prompt)))
+    click.echo("  " + shlex.join(["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
+                                  "--image-min-tokens", str(report["image_min_tokens"]),
+                                  "--image-max-tokens", str(report["image_max_tokens"])]))
 
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Fine-tune Qwen2-VL on charts: 4-bit QLoRA through Unsloth on a GPU, or plain transformers + peft.
 
     python train.py --recipe chartqa                          # Qwen2-VL-7B QLoRA, fits a 24 GB GPU
-    python train.py --recipe demo                             # tiny model, synthetic charts, CPU, ~2 min
+    python train.py --recipe demo                             # tiny model, synthetic charts, CPU, ~1-2 min
     python train.py --recipe demo --set max_steps=100 --output runs/quick
     python train.py --resume runs/chartqa                     # continue from the last checkpoint
 
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from kit import runfolder
+from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 
 
@@ -31,21 +33,26 @@ from kit.errors import UserError, user_errors
               help="Override the recipe's backend (auto picks unsloth when CUDA and unsloth are present).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the run in this folder from its last complete checkpoint.")
-@click.option("--force", is_flag=True, help="Replace an existing run folder; start even if the plan says it won't fit.")
+@click.option("--force", is_flag=True, help="Replace an existing run folder (kept aside until the new run has taken its "
+              "first step, and put back if it fails before); start even if the plan says it won't fit.")
 @click.option("--plan", "plan_only", is_flag=True, help="Check the data and estimate tokens and memory; no training.")
 @click.option("--plan-samples", type=int, default=0, help="With --plan: look at only this many rows (0 = all).")
-@click.option("--gpu", help="Plan for this card instead of the one present: 16GB, 24GB, 40GB, 48GB or 80GB.")
+@click.option("--gpu", help="Plan for this card instead of the one present: its memory (12GB, 16GB, 11.5GB) or its "
+              "name (T4, L4, A10G, A100, H100, ...).")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
 def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
-    """Fine-tune Qwen2-VL with a recipe; see the module docstring for examples."""
-    with user_errors():
+    """Fine-tune Qwen2-VL with a recipe."""
+    with runfolder.restore_on_failure(), user_errors():
         run(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row)
 
 
 def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
     import recipes
     from kit import backend as backends
+    from kit.noise import silence_known_noise
+
+    silence_known_noise()
 
     # --- options -> resolved recipe ---------------------------------------------------------------
     if resume_dir:
@@ -57,25 +64,30 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     if backend_name:
         overrides = [*overrides, f"backend={backend_name}"]
     recipe, changes = recipes.load(recipe_name, overrides)
+    if gpu:
+        from kit.plan import named_gpu
+
+        named_gpu(gpu)  # a mistyped --gpu is refused before any data loads
     if not resume_dir:
         run_dir = output or Path("runs") / recipe_name
         if run_dir.exists() and any(run_dir.iterdir()) and not plan_only:
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                                 "--output for another folder, or --force to replace it")
-            shutil.rmtree(run_dir)
     click.echo(f"recipe {recipe_name}:")
     for key, value in recipe.items():
         click.echo(f"  {key} = {value!r}")
     for key, old, new in changes:
         click.echo(f"Overriding: {key} = {new!r} (recipe: {old!r})")
+    for note in recipes.notes(recipe):
+        click.echo(f"note: {note}")
 
     backend, reason = backends.select(recipe["backend"])
     precision = backends.precision(recipe["precision"], backend)
     click.echo(f"backend {backend} ({reason}); precision {precision}")
     import torch
 
-    if recipe["load_in_4bit"] and not torch.cuda.is_available():
+    if recipe["load_in_4bit"] and not torch.cuda.is_available() and not (plan_only and gpu):
         backends.check_cpu_4bit()
         click.echo("note: 4-bit weights on the CPU run through bitsandbytes' CPU kernels: correct but slow")
 
@@ -94,9 +106,11 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
     gpu_name, gpu_bytes = plan.gpu_memory(gpu)
+    planned = plan.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
     memory = plan.estimate_memory(plan.model_shape(base_path), recipe, max(i + t for i, t in counts or [(0, 0)]),
-                                  max((i for i, _ in counts), default=0), precision if gpu_bytes else "bf16")
+                                  max((i for i, _ in counts), default=0), planned)
     if plan_only:
+        click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
         plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor)
         return
     if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
@@ -105,6 +119,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                         "or --force to try anyway")
     from data.lint import split_bad_rows
 
+    if force and not resume_dir:  # the checks passed: the old run waits aside until the new one has started
+        runfolder.set_aside(run_dir)
     train_samples = split_bad_rows(train_samples, findings, on_bad_row, run_dir / "skipped.jsonl")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "run_config.json", {
@@ -164,11 +180,11 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                              keep_until=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     trainer.add_callback(progress_callback)
     trainer.add_callback(progress.stop_on_signal())
+    trainer.add_callback(runfolder.commit_after_first_step())
     started = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < trainer.state.max_steps:
-        raise UserError(f"interrupted at step {trainer.state.global_step}: checkpoint saved in "
-                        f"{run_dir / 'checkpoints'}; continue with: python train.py --resume {run_dir}")
+        raise UserError(_stopped_early(trainer.state, run_dir))
 
     # --- save --------------------------------------------------------------------------------------
     final = run_dir / ".final.tmp"
@@ -179,9 +195,24 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         item.replace(run_dir / item.name)
     final.rmdir()
     progress.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    click.echo(f"done: {trainer.state.global_step} steps in {_duration(time.time() - started)} | "
-               f"final loss {progress_callback.last_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
+    resumed_at = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    final_loss, earlier = progress.summary(run_dir / "metrics.jsonl", resumed_at)
+    this_session = time.time() - started
+    click.echo(f"done: {trainer.state.global_step} steps in {_duration(earlier + this_session)}"
+               + (f" ({_duration(this_session)} of it since resuming at step {resumed_at})" if resumed_at else "")
+               + f" | final loss {final_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
                f"outputs in {run_dir}")
+
+
+def _stopped_early(state, run_dir: Path) -> str:
+    """What to say when training ended before max_steps: a checkpoint is named only if it exists."""
+    saved = _last_checkpoint(run_dir / "checkpoints")
+    where = f"step {state.global_step} of {state.max_steps}"
+    if saved and int(saved.name.split("-")[1]) == state.global_step:
+        return f"interrupted at {where}: checkpoint saved in {saved}; continue with: python train.py --resume {run_dir}"
+    kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
+    return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
+            f"python train.py --plan (or python -m data.lint)")
 
 
 def _last_checkpoint(folder: Path):
@@ -228,6 +259,8 @@ def _git_version() -> str:
 def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
+
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

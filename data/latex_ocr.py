@@ -16,7 +16,7 @@ def to_sample(row: dict, index: int, split: str) -> dict:
 
 
 def load(split: str = "train", limit: int | None = None) -> list[dict]:
-    from datasets import load_dataset
+    from data.hub import load_dataset  # fails fast, in one line, without network
 
     rows = load_dataset("unsloth/LaTeX_OCR", split=f"{split}[:{limit}]" if limit else split)
     return [to_sample(row, i, split) for i, row in enumerate(rows)]

@@ -10,13 +10,20 @@ Each finding names the source, the row and the problem. train.py runs the same c
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
 from PIL import Image
 
+from kit.cli import help_with_examples  # the CLI's help; the checks need nothing from kit
+
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more extreme images
 ROLES = ("system", "user", "assistant")
+# Qwen2-VL's chat and vision markers: typed into a row's text, the processor reads them as image slots or turn
+# boundaries (an <|image_pad|> without its image stops the processor deep inside a batch).
+SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+                  "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 def where(sample: dict, index: int) -> str:
@@ -39,9 +46,27 @@ def image_problem(image) -> str | None:
         if not path.exists():
             return f"image file not found: {path}"
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                width, height = opened.size
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", Image.DecompressionBombWarning)
+                with Image.open(path) as opened:
+                    opened.load()
+                    width, height = opened.size
+            if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+                click.echo(f"note: {path} is {width}x{height} ({width * height / 1e6:.0f} Mpx), more than PIL's "
+                           f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx decompression-bomb threshold: it is decoded "
+                           "once and then read from a copy at the size the model sees", err=True)
+                # named now: PIL's own warning for it, which names no file, would only repeat this
+                warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        except Image.DecompressionBombError:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only to read the size from the header
+            try:
+                with Image.open(path) as opened:
+                    width, height = opened.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+            return (f"image is {width}x{height} ({width * height / 1e6:.0f} Mpx), over PIL's limit of "
+                    f"{2 * limit / 1e6:.0f} Mpx (its guard against decompression bombs): {path}; downscale it, "
+                    "e.g. to 4000 pixels on the long side")
         except Exception as error:  # PIL raises many types for corrupt files
             return f"image unreadable or truncated: {path} ({error})"
     if width == 0 or height == 0:
@@ -49,6 +74,29 @@ def image_problem(image) -> str | None:
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         return f"image aspect ratio {max(width, height) / min(width, height):.0f} is over {MAX_ASPECT_RATIO}"
     return None
+
+
+def text_problems(messages: list[dict]) -> list[str]:
+    """Text parts that are not text, or that hold markers the model would not read as the user meant."""
+    problems = []
+    for message in messages:
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                continue
+            text = part.get("text")
+            if not isinstance(text, str):
+                problems.append(f"a {message.get('role')} text part is {json.dumps(text)}, not text")
+                continue
+            token = next((t for t in SPECIAL_TOKENS if t in text), None)
+            if token:
+                problems.append(f"{message.get('role')} text holds Qwen2-VL's special token {token}; remove it "
+                                "(an image goes in \"images\", placed by a {\"type\": \"image\"} part)")
+            elif "<image>" in text:
+                problems.append(f"{message.get('role')} text holds a LLaVA-style \"<image>\", which Qwen2-VL reads "
+                                "as plain text; remove it (the image is placed by a {\"type\": \"image\"} part)")
+    return problems
 
 
 def sample_problems(sample: dict) -> list[str]:
@@ -59,6 +107,7 @@ def sample_problems(sample: dict) -> list[str]:
     for message in messages:
         if message.get("role") not in ROLES:
             problems.append(f"unknown role {message.get('role')!r} (expected one of {', '.join(ROLES)})")
+    problems += text_problems(messages)
     answers = [m for m in messages if m.get("role") == "assistant"]
     if not answers or not "".join(_texts(answers[-1])).strip():
         problems.append("empty or missing assistant answer")
@@ -86,7 +135,7 @@ def lint(samples, duplicates: bool = True) -> list[tuple[int, str, str]]:
     for index, sample in enumerate(samples):
         for problem in sample_problems(sample):
             findings.append((index, where(sample, index), problem))
-        if not duplicates:
+        if not duplicates or sample.get("problem"):  # rows the loader could not read are all alike, not copies
             continue
         key = _row_key(sample)
         if key in seen:
@@ -125,6 +174,23 @@ def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path:
     return [sample for index, sample in enumerate(samples) if index not in bad]
 
 
+def lint_with_lengths(samples, config: dict):
+    """lint() and, with the recipe's processor, every sample over max_length (as train.py's preflight counts);
+    when that processor cannot be had here, the other checks and one line saying what was not checked."""
+    from kit import chat, model as models, plan
+
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(models.resolve(config["model_name_or_path"], weights=False))
+    except (OSError, ValueError) as error:
+        click.echo(f"note: max_length not checked, the processor of {config['model_name_or_path']} is not "
+                   f"available here: {str(error).splitlines()[0]}", err=True)
+        return lint(samples)
+    chat.set_pixels(processor, config["min_pixels"], config["max_pixels"])
+    return plan.preflight(samples, processor, config)[0]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", required=False)
 @click.option("--recipe", default="chartqa", show_default=True, help="Recipe whose data settings apply.")
@@ -141,7 +207,7 @@ def main(source, recipe, overrides, split):
             overrides = [f"dataset={source}", *overrides]
         config, _ = recipes.load(recipe, overrides)
         samples = data.load(config, split)
-        findings = lint(samples)
+        findings = lint_with_lengths(samples, config)
         for index, place, problem in findings:
             # a JSONL row already names its file and line
             click.echo(f"{place}: {problem}" if samples[index].get("source") else
@@ -149,6 +215,8 @@ def main(source, recipe, overrides, split):
         click.echo(f"{len(samples)} rows checked, {len(findings)} problem(s)")
         sys.exit(1 if findings else 0)
 
+
+main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

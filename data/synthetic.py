@@ -23,6 +23,7 @@ QUESTION_TEMPLATES = {
     "min": "Which label has the lowest value?",
     "value": "What is the value of {label}?",
 }
+CHART_TYPES = ("bar", "line")
 TOKEN_PIXELS = 28  # one merged vision token covers 28x28 pixels in Qwen2-VL
 
 
@@ -54,6 +55,8 @@ def render(spec: dict, path: Path):
     import matplotlib.pyplot as plt
 
     labels, values = spec["labels"], spec["values"]
+    if spec["chart"] not in CHART_TYPES:  # never draw one kind of chart and call it another
+        raise ValueError(f"synthetic chart type {spec['chart']!r} is not one of: {', '.join(CHART_TYPES)}")
     if spec["layout"] == "aligned":
         side = spec["size"]
         fig = plt.figure(figsize=(side / 100, side / 100), dpi=100)
@@ -65,7 +68,7 @@ def render(spec: dict, path: Path):
         x = [i + 0.5 for i in range(len(values))]
         if spec["chart"] == "bar":
             ax.bar(x, values, width=0.7, color="tab:blue")
-        else:
+        elif spec["chart"] == "line":
             ax.plot(x, values, color="tab:red", marker="o", markersize=4, linewidth=1.5)
         for xi, label in zip(x, labels):
             ax.text(xi, -7, label, ha="center", va="center", fontsize=7)
@@ -74,7 +77,7 @@ def render(spec: dict, path: Path):
         ax = fig.add_subplot()
         if spec["chart"] == "bar":
             ax.bar(labels, values, color="tab:blue")
-        else:
+        elif spec["chart"] == "line":
             ax.plot(labels, values, color="tab:red", marker="o")
         ax.set_title("Synthetic chart")
         ax.set_ylim(0, 100)
@@ -93,6 +96,11 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
 
     if split not in ("train", "test"):
         raise ValueError(f"synthetic split must be 'train' or 'test', not {split!r}")
+    for kind, chosen, allowed in (("chart type", chart_types, CHART_TYPES),
+                                  ("question type", question_types, tuple(QUESTION_TEMPLATES))):
+        unknown = [item for item in chosen if item not in allowed]
+        if unknown or not chosen:
+            raise ValueError(f"synthetic {kind}s must be among {', '.join(allowed)}, not {', '.join(unknown) or 'none'}")
     if layout not in ("aligned", "chartqa"):
         raise ValueError(f"synthetic layout must be 'aligned' or 'chartqa', not {layout!r}")
     if layout == "aligned" and (size % TOKEN_PIXELS or size < 2 * TOKEN_PIXELS):

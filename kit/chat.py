@@ -11,13 +11,21 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 IGNORE = -100
 
 
+class BadSample(ValueError):
+    """A sample the processor cannot turn into model inputs; the message names it and the fix."""
+
+
 class SampleTooLong(ValueError):
     """A sample whose tokens (image tokens included) exceed max_length; it is never cut inside an image."""
 
 
-def load_image(image) -> Image.Image:
+def load_image(image, processor=None) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if processor is not None:  # a huge file is decoded once, then read from a copy at the size the model sees
+        from kit.images import open_rgb
+
+        return open_rgb(image, processor)
     with Image.open(image) as opened:
         return opened.convert("RGB")
 
@@ -65,9 +73,15 @@ class VisionCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         self.processor.tokenizer.padding_side = "right"
-        images = [[load_image(i) for i in s["images"]] or None for s in samples]
-        batch = self.processor(text=self.texts(samples), images=images if any(images) else None,
-                               padding=True, return_tensors="pt")
+        images = [[load_image(i, self.processor) for i in s["images"]] or None for s in samples]
+        texts = self.texts(samples)
+        try:
+            batch = self.processor(text=texts, images=images if any(images) else None,
+                                   padding=True, return_tensors="pt")
+        except StopIteration:
+            # Escaping a collator, a StopIteration reads to the trainer as "end of data": training would stop
+            # early and look finished. It means more image slots in the text than images.
+            raise BadSample(mismatched_images(samples, texts)) from None
         lengths = batch["attention_mask"].sum(dim=1)
         for sample, length in zip(samples, lengths.tolist()):
             if length > self.max_length:
@@ -106,10 +120,18 @@ class VisionCollator:
                 i += 1
 
 
+def mismatched_images(samples: list[dict], texts: list[str]) -> str:
+    """The message for a batch whose text holds more <|image_pad|> slots than it has images."""
+    bad = [s for s, text in zip(samples, texts) if text.count("<|image_pad|>") != len(s["images"])] or samples
+    names = ", ".join(str(s.get("source") or s.get("id", "?")) for s in bad[:5])
+    return (f"{names}: the text holds more image slots (<|image_pad|>) than the row has images; remove Qwen's "
+            "vision tokens from the text (python -m data.lint finds every such row)")
+
+
 def generation_inputs(processor, batch: list[dict], system_prompt: str = ""):
     """Left-padded inputs for model.generate from samples ({"images", "messages"}); answers are left out."""
     processor.tokenizer.padding_side = "left"
     texts = [processor.apply_chat_template(with_system(prompt_messages(s["messages"]), system_prompt),
                                            tokenize=False, add_generation_prompt=True) for s in batch]
-    images = [[load_image(i) for i in s["images"]] for s in batch]
+    images = [[load_image(i, processor) for i in s["images"]] for s in batch]
     return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")

@@ -13,13 +13,15 @@ class UserError(Exception):
 @contextlib.contextmanager
 def user_errors(*extra_types):
     """Turn the kit's own error types (and `extra_types`) into `error: ...` + exit 2."""
+    from data.hub import HubUnavailable
     from data.jsonl import BadRow
     from kit.backend import BackendError
-    from kit.chat import SampleTooLong
+    from kit.chat import BadSample, SampleTooLong
     from recipes import RecipeError
 
     try:
         yield
-    except (UserError, RecipeError, BackendError, SampleTooLong, BadRow, FileNotFoundError, *extra_types) as error:
+    except (UserError, RecipeError, BackendError, BadSample, SampleTooLong, BadRow, FileNotFoundError,
+            HubUnavailable, *extra_types) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

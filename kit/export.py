@@ -136,7 +136,52 @@ def load_merged(folder: Path, device: str, dtype):
     return model.eval(), AutoProcessor.from_pretrained(folder)
 
 
-def parity_samples(recipe: dict, count: int = 4) -> list[dict]:
+def parity_samples(recipe: dict, count: int = 4) -> tuple[list[dict], str]:
+    """(fixed prompts, where they come from): the first usable rows of the run's own data, so a model trained on
+    the user's charts is checked on such charts; the kit's synthetic charts for a synthetic run, or when the run's
+    data cannot be read here (moved files, no network), which is then said."""
+    if recipe["dataset"] != "synthetic":
+        try:
+            samples = own_samples(recipe, count)
+            if samples:
+                return samples, f"the first {len(samples)} usable rows of {recipe['dataset']}"
+            why = "none of its first rows is one image + a question"
+        except Exception as error:  # any failure to read the run's data: the synthetic charts still prove parity
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        click.echo(f"note: the parity check uses the kit's synthetic charts: the run's data "
+                   f"{recipe['dataset']} could not be used here ({why})")
+    return synthetic_parity_samples(recipe, count), f"{count} synthetic charts"
+
+
+def own_samples(recipe: dict, count: int) -> list[dict]:
+    """The run's first rows with one image and a text question, images as files (llama.cpp reads files)."""
+    import hashlib
+
+    import data
+    from data.lint import sample_problems
+    from kit.model import cache_dir
+
+    chosen = []
+    for sample in data.load({**recipe, "limit": 8 * count}, recipe["dataset_split"], progress=False):
+        messages = sample.get("messages") or []
+        first = messages[0] if messages else {}
+        if (len(sample.get("images") or []) != 1 or first.get("role") != "user" or sample_problems(sample)
+                or not isinstance(first.get("content"), list) or first["content"][-1].get("type") != "text"):
+            continue
+        image = sample["images"][0]
+        if not isinstance(image, (str, Path)):  # a decoded hub image: saved once so llama.cpp can read it
+            path = cache_dir() / "parity-charts" / f"{hashlib.sha1(str(sample['id']).encode()).hexdigest()[:12]}.png"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.convert("RGB").save(path)
+            sample = {**sample, "images": [str(path)]}
+        chosen.append(sample)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def synthetic_parity_samples(recipe: dict, count: int) -> list[dict]:
     """Fixed prompts drawn by the kit itself (offline), laid out as the run's recipe draws synthetic charts."""
     from data.synthetic import generate
 
@@ -335,13 +380,20 @@ def run_logged(command: list[str], log: Path, what: str, env=None):
         raise UserError(f"{what} failed (exit {process.returncode}): {tail[0].strip()} -- full log: {kept}")
 
 
+def gguf_metadata(name: str, base: str) -> dict:
+    """general.* keys for the converter's --metadata: without them it names the model after the temporary folder
+    it reads (".demo-merged.tmp-9qog0aeq")."""
+    return {"general.name": name, "general.finetune": name, "general.basename": Path(base).name}
+
+
 def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, name: str, mmproj: bool,
-            log: Path) -> bool:
+            log: Path, metadata: Path | None = None) -> bool:
     """One converter run in a subprocess; returns whether the pre-tokenizer had to be written as "qwen2"."""
     force_qwen2 = not mmproj and uses_qwen2_regex(model_dir)
     script = ["-c", QWEN2_PRE_WRAPPER, str(converter)] if force_qwen2 else [str(converter)]
     command = [sys.executable, "-u", *script, str(model_dir), "--outfile", str(outfile), "--outtype", outtype,
-               "--model-name", name, *(["--mmproj"] if mmproj else [])]
+               "--model-name", name, *(["--metadata", str(metadata)] if metadata else []),
+               *(["--mmproj"] if mmproj else [])]
     # The converter's own gguf-py first: the pip gguf may lag behind the converter that uses it.
     paths = [str(converter.parent / "gguf-py"), str(converter.parent), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
@@ -532,6 +584,17 @@ def answer_text(ids: list[int], stop_ids: set[int], tokenizer) -> str:
     """What a chat would show: the greedy tokens up to the first end-of-turn."""
     end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
     return tokenizer.decode(ids[:end], skip_special_tokens=True)
+
+
+def llama_cli_command(model: Path, mmproj: Path, limits: dict, image: str, question: str,
+                      system_prompt: str) -> list[str]:
+    """llama-mtmd-cli asked what the proof asked: --jinja formats the chat with the model's own template (the one
+    in the GGUF, with Qwen's default system turn), as the merged model and the proof do; llama.cpp builds whose
+    default is their built-in template would drop that turn."""
+    system = ["-sys", system_prompt] if system_prompt else []
+    return ["llama-mtmd-cli", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
+            "--image-min-tokens", str(limits["image_min_tokens"]), "--image-max-tokens", str(limits["image_max_tokens"]),
+            "--image", str(image), "-p", question, *system, "--temp", "0"]
 
 
 def release_memory():

@@ -208,7 +208,25 @@ def resolve(model_name_or_path: str, weights: bool = True) -> str:
         return str(tiny_model_dir())
     if model_name_or_path.startswith("random:"):
         return str(random_model_dir(model_name_or_path.split(":", 1)[1], weights))
+    check_hub_model(model_name_or_path)
     return model_name_or_path
+
+
+def check_hub_model(name: str):
+    """A hub id with no network and no cached copy is one line now, not minutes of retries and a traceback."""
+    import re
+
+    from data.hub import HubUnavailable, host, reachable
+
+    if Path(name).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: offline mode loads it from there
+    raise HubUnavailable(f"model {name}: {host()} cannot be reached and there is no cached copy; download it "
+                         f"where there is network (hf download {name}) and copy ~/.cache/huggingface here, or set "
+                         "model_name_or_path to a local folder (--set model_name_or_path=PATH)")
 
 
 def lora_target_regex(vision: bool, language: bool, attention: bool, mlp: bool) -> str:

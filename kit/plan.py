@@ -14,7 +14,6 @@ from kit.chat import with_system
 from kit.errors import UserError
 
 GIB = 1024**3
-GPU_SIZES = {"16GB": 16 * GIB, "24GB": 24 * GIB, "40GB": 40 * GIB, "48GB": 48 * GIB, "80GB": 80 * GIB}
 CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9 GB on recent drivers
 
 
@@ -141,14 +140,45 @@ def gpu_memory(named: str | None) -> tuple[str, int | None]:
     import torch
 
     if named:
-        key = named.upper().replace(" ", "")
-        if key not in GPU_SIZES:
-            raise UserError(f"--gpu {named}: choose one of {', '.join(GPU_SIZES)}")
-        return named, GPU_SIZES[key]
+        return named, named_gpu(named)[0]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.name, props.total_memory
     return "no GPU", None
+
+
+# Cards by name: (memory, whether it has bf16). A size alone ("16GB") says nothing about bf16.
+GPU_CARDS = {"T4": (16, False), "P100": (16, False), "V100": (16, False), "V100-32GB": (32, False),
+             "L4": (24, True), "A10G": (24, True), "A10": (24, True), "RTX3090": (24, True), "RTX4090": (24, True),
+             "A100": (80, True), "A100-40GB": (40, True), "L40S": (48, True), "A6000": (48, True),
+             "H100": (80, True), "H200": (141, True)}
+
+
+def named_gpu(named: str) -> tuple[int, bool | None]:
+    """(bytes, has bf16 or None when unknown) for --gpu: a size (12GB, 12G, 11.5GB, 16gib) or a card (T4, A100)."""
+    import re
+
+    key = named.upper().replace(" ", "").replace("_", "-")
+    if key in GPU_CARDS:
+        size, bf16 = GPU_CARDS[key]
+        return int(size * GIB), bf16
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(?:G|GB|GIB)?", key)
+    if not match or not 1 <= float(match.group(1)) <= 1024:
+        raise UserError(f"--gpu {named}: give the card's memory (e.g. 12GB, 16GB, 24GB, 11.5GB) or its name "
+                        f"({', '.join(GPU_CARDS)})")
+    return int(float(match.group(1)) * GIB), None
+
+
+def planning_precision(actual: str, requested: str, named: str | None) -> str:
+    """The precision to estimate memory in: that of the card planned for, not of this machine. bf16 and fp16
+    take the same bytes, so for a card named only by size the recipe's choice (auto: bf16) is as good as any."""
+    import torch
+
+    if named:
+        if requested in ("bf16", "fp16", "fp32"):
+            return "fp16" if requested == "bf16" and named_gpu(named)[1] is False else requested
+        return "fp16" if named_gpu(named)[1] is False else "bf16"
+    return actual if torch.cuda.is_available() else "bf16"
 
 
 def gb(value: float) -> str:

@@ -39,6 +39,10 @@ def progress_line(path: Path, counter: CountingCollator, keep_until: int):
         def on_train_begin(self, args, state, control, **kwargs):
             self.last_time, self.last_step = time.time(), state.global_step
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last step is always logged: the final loss is the loss at the end
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
@@ -57,6 +61,18 @@ def progress_line(path: Path, counter: CountingCollator, keep_until: int):
             self.last_loss = row["loss"]
 
     return ProgressLine()
+
+
+def summary(path: Path, resumed_at: int = 0) -> tuple[float, float]:
+    """(the last logged loss, seconds spent training up to step `resumed_at` in earlier sessions), from
+    metrics.jsonl, so that a resumed run reports the whole run and not only its last part."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    earlier, previous = 0.0, 0
+    for row in rows:
+        if row["step"] <= resumed_at:
+            earlier += (row["step"] - previous) * row["ms_per_step"] / 1000
+            previous = row["step"]
+    return (rows[-1]["loss"] if rows else float("nan")), earlier
 
 
 def stop_on_signal():

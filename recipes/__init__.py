@@ -12,6 +12,11 @@ CHOICES = {
     "synthetic_layout": ("aligned", "chartqa"),
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"),
 }
+# List keys whose every item must be one of these (data/synthetic.py draws exactly these).
+LIST_CHOICES = {
+    "synthetic_chart_types": ("bar", "line"),
+    "synthetic_question_types": ("count", "max", "min", "value"),
+}
 POSITIVE = ("lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
             "num_train_epochs", "logging_steps", "save_steps", "max_length", "min_pixels", "max_pixels",
             "synthetic_num_train", "synthetic_num_test", "synthetic_size", "max_grad_norm")
@@ -54,6 +59,16 @@ def check(recipe: dict, name: str = "recipe"):
     for key, allowed in CHOICES.items():
         if recipe.get(key) not in allowed:
             raise RecipeError(f"{name}: {key}={recipe.get(key)!r} is not one of: {', '.join(allowed)}")
+    for key, allowed in LIST_CHOICES.items():
+        items = recipe.get(key)
+        if not isinstance(items, list) or not items:
+            raise RecipeError(f"{name}: {key} needs at least one of: {', '.join(allowed)} (comma-separated)")
+        for item in items:
+            if item not in allowed:
+                close = difflib.get_close_matches(str(item), allowed, n=1)
+                hint = f" Did you mean {close[0]}?" if close else ""
+                raise RecipeError(f"{name}: {key} item {item!r} is not one of: {', '.join(allowed)}.{hint} "
+                                  f"e.g. --set {key}={','.join(allowed)}")
     for key in POSITIVE:
         if not recipe[key] > 0:
             raise RecipeError(f"{name}: {key} must be greater than 0, not {recipe[key]}")
@@ -69,6 +84,21 @@ def check(recipe: dict, name: str = "recipe"):
     if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic") or recipe["dataset"].startswith("jsonl:")):
         raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: chartqa, latex_ocr, synthetic, "
                           "jsonl:PATH")
+
+
+def notes(recipe: dict) -> list[str]:
+    """Settings that are allowed but probably not meant: one line each, printed before training starts."""
+    steps, found = recipe["max_steps"], []
+    if steps > 0 and recipe["logging_steps"] > steps:
+        found.append(f"logging_steps={recipe['logging_steps']} is more than max_steps={steps}: only step 1 and "
+                     f"the last step are logged; lower logging_steps for a loss curve")
+    if steps > 0 and recipe["warmup_steps"] >= steps:
+        found.append(f"warmup_steps={recipe['warmup_steps']} is not below max_steps={steps}: the learning rate "
+                     f"never reaches learning_rate={recipe['learning_rate']:g}; lower warmup_steps")
+    if steps > 0 and recipe["save_steps"] > steps:
+        found.append(f"save_steps={recipe['save_steps']} is more than max_steps={steps}: no checkpoint before the "
+                     "end, so an interrupted run starts over")
+    return found
 
 
 def load(name: str, overrides: list[str] = ()) -> tuple[dict, list[tuple[str, object, object]]]:

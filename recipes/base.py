@@ -43,7 +43,7 @@ BASE = {
     "per_device_train_batch_size": 2,
     "gradient_accumulation_steps": 4,
     "learning_rate": 2e-4,  # the usual QLoRA rate (QLoRA paper, Unsloth and TRL notebooks)
-    "num_train_epochs": 1,
+    "num_train_epochs": 1.0,  # a float: 0.5 = half an epoch, as the trainer takes it
     "max_steps": -1,  # > 0 overrides num_train_epochs
     "warmup_steps": 10,
     "lr_scheduler_type": "linear",

@@ -22,7 +22,7 @@ RECIPE = {
     "max_pixels": 313600,  # <= 400 image tokens: ChartQA's 800x600 charts stay legible
     "per_device_train_batch_size": 2,
     "gradient_accumulation_steps": 8,  # effective batch 16
-    "num_train_epochs": 1,  # 28k rows; a second epoch overfits the short answers
+    "num_train_epochs": 1.0,  # 28k rows; a second epoch overfits the short answers
     "learning_rate": 2e-4,
     "max_length": 1024,  # 400 image tokens + system prompt + question + answer with room to spare
 }

@@ -1,9 +1,9 @@
 """The laptop demo: the tiny random-initialised Qwen2-VL learns to read synthetic bar charts on the CPU.
 
-    python train.py --recipe demo            # about 2 minutes on two cores
+    python train.py --recipe demo            # ~1 min of training on two cores; ~2 min the first time (draws charts)
     make demo                                 # train -> eval -> merge -> GGUF -> infer
 
-Settings measured to learn (see DESIGN.md): only full fine-tuning of the tiny model learns to use the
+Settings measured to learn (docs/demo.md says why each is what it is): only full fine-tuning of the tiny model learns to use the
 image; LoRA on a random base learns the answer format and ignores the chart.
 """
 

@@ -7,6 +7,7 @@ from recipes.chartqa import RECIPE as CHARTQA
 
 RECIPE = {
     **CHARTQA,
+    "precision": "fp16",  # the T4 has no bf16; said here so that --plan on another machine plans for fp16 too
     "per_device_train_batch_size": 1,  # 16 GB: one sample at a time
     "gradient_accumulation_steps": 16,  # effective batch 16, as on 24 GB
     "max_pixels": 200704,  # 448x448-equivalent: <= 256 image tokens, to stay under 14.5 GB
