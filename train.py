@@ -83,9 +83,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     import data
     from kit import chat, model as models, plan, progress, trainer as training
 
-    train_samples = data.load(recipe, "train")
-    if plan_only and plan_samples:
-        train_samples = train_samples[:plan_samples]
+    train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0)
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}")
     base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     from transformers import AutoProcessor

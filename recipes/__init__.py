@@ -66,9 +66,10 @@ def check(recipe: dict, name: str = "recipe"):
     if recipe["finetune"] == "full" and recipe["load_in_4bit"]:
         raise RecipeError(f"{name}: finetune=full cannot train 4-bit weights; set load_in_4bit=false or "
                           "finetune=lora")
-    if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic") or recipe["dataset"].startswith("jsonl:")):
+    if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic")
+            or recipe["dataset"].startswith(("jsonl:", "hf:"))):
         raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: chartqa, latex_ocr, synthetic, "
-                          "jsonl:PATH")
+                          "jsonl:PATH, hf:HUB_ID_OR_FOLDER")
 
 
 def load(name: str, overrides: list[str] = ()) -> tuple[dict, list[tuple[str, object, object]]]:
