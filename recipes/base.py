@@ -53,6 +53,16 @@ BASE = {
     "save_steps": 200,
     "save_total_limit": 2,
     "seed": 3407,
+    # processes that decode each batch's images beside the GPU step (a 7B step takes seconds, a batch's
+    # decode ~50 ms); 0 = in the training process
+    "dataloader_num_workers": 2,
     "max_length": 2048,  # tokens, image tokens included; a longer sample is an error, never cut in an image
-    "train_on_responses_only": True,  # loss only on the assistant's answers, not on the question
+    "train_on_responses_only": True,
+    # --- held-out evaluation during training ------------------------------------------------------
+    "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
+    "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)
+    "eval_steps": 0,  # evaluate every N steps: loss + relaxed accuracy by greedy generation; 0 = never
+    "eval_samples": 0,  # the first N held-out questions (a fixed, seeded order) are scored; 0 = all
+    "load_best_model_at_end": False,  # keep the checkpoint with the best held-out accuracy as the final model
+    "report_to": "none",  # none | tensorboard | wandb | trackio (transformers' integrations; logs in <run>/logs)  # loss only on the assistant's answers, not on the question
 }
