@@ -95,9 +95,9 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     import data
     from kit import chat, model as models, plan, progress, trainer as training
 
-    train_samples = data.load(recipe, "train")
-    if plan_only and plan_samples:
-        train_samples = train_samples[:plan_samples]
+    train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0)
+    eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
+    train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}")
     base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     from transformers import AutoProcessor
@@ -122,12 +122,15 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     if force and not resume_dir:  # the checks passed: the old run waits aside until the new one has started
         runfolder.set_aside(run_dir)
     train_samples = split_bad_rows(train_samples, findings, on_bad_row, run_dir / "skipped.jsonl")
+    eval_questions = training.eval_questions(recipe, eval_samples, on_bad_row, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "run_config.json", {
         "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
                                                   if not (resume_dir and k == "backend")],
         "recipe": recipe, "backend": backend, "precision": precision, "versions": _versions(),
         "code_version": _git_version(), "command": " ".join(sys.argv)})
+    if heldout_rows:
+        training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
 
     dtype = backends.torch_dtype(precision)
     model, processor = models.load_for_training(base_path, recipe, backend, dtype)
@@ -156,6 +159,10 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
             for checkpoint in staging.glob("checkpoint-*"):
                 shutil.rmtree(Path(final_root) / checkpoint.name, ignore_errors=True)
                 checkpoint.rename(Path(final_root) / checkpoint.name)
+                best = self.state.best_model_checkpoint  # named in staging when this one is the best so far
+                if best and ".staging-" in best:
+                    self.state.best_model_checkpoint = str(Path(final_root) / Path(best).name)
+                    self.state.save_to_json(str(Path(final_root) / checkpoint.name / "trainer_state.json"))
             shutil.rmtree(staging)  # what is left is the model card trl writes beside checkpoints
             rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
 
@@ -169,9 +176,11 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
             model.load_state_dict(reloaded.state_dict())
 
     args = training.sft_config(recipe, precision, backend, str(run_dir / "checkpoints"))
-    train_dataset, collate = training.indexed_dataset(train_samples, collator)
+    train_dataset, eval_dataset, collate = training.indexed_datasets(train_samples, eval_questions, collator)
     trainer = KitTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate,
-                            processing_class=processor)
+                            processing_class=processor, eval_dataset=eval_dataset)
+    trainer.eval_questions, trainer.eval_system_prompt, trainer.eval_backend = \
+        eval_questions, recipe["system_prompt"], backend
     trainer.remove_callback(PrinterCallback)
     checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume_dir else None
     if resume_dir:

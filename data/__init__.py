@@ -1,16 +1,20 @@
 """Where samples come from. Every source yields the one sample format:
 
-    {"id": str, "images": [PIL image or path], "messages": [user turn with {"type": "image"} + text,
+    {"id": str, "images": [PIL image, path or {"bytes", "path"} dict], "messages": [user turn with {"type": "image"} + text,
      assistant turn with the answer], "answers": [every accepted answer], ...source extras}
 
-The recipe's system prompt and pixel limits apply to all sources later, in kit/chat.py.
+The recipe's system prompt and pixel limits apply to all sources later, in kit/chat.py. Hugging Face
+sources (chartqa, latex_ocr, hf:NAME_OR_PATH) return lazy samples (data/hf.py): Arrow-backed, one sample
+built per access, images decoded only by the collator.
 """
 
 
-def load(recipe: dict, split: str | None = None, progress: bool = True) -> list[dict]:
-    """Samples of the recipe's dataset; `split` defaults to the recipe's `dataset_split`."""
+def load(recipe: dict, split: str | None = None, progress: bool = True, limit: int = 0):
+    """Samples of the recipe's dataset (a list, or lazy samples for Hugging Face sources); `split` defaults
+    to the recipe's `dataset_split`; `limit` (or the recipe's) reads only that many rows."""
     split = split or recipe["dataset_split"]
-    name, limit = recipe["dataset"], recipe["limit"] or None
+    name = recipe["dataset"]
+    limit = min(filter(None, (limit, recipe["limit"])), default=None)
     if name == "synthetic":
         from data.synthetic import generate
 
@@ -19,14 +23,11 @@ def load(recipe: dict, split: str | None = None, progress: bool = True) -> list[
                            chart_types=recipe["synthetic_chart_types"],
                            question_types=recipe["synthetic_question_types"],
                            layout=recipe["synthetic_layout"], size=recipe["synthetic_size"], progress=progress)
-    elif name == "chartqa":
-        from data.chartqa import load as load_chartqa
+    elif name in ("chartqa", "latex_ocr") or name.startswith("hf:"):
+        from data.hf import load as load_hf
 
-        samples = load_chartqa(split, limit)
-    elif name == "latex_ocr":
-        from data.latex_ocr import load as load_latex
-
-        samples = load_latex(split, limit)
+        samples = load_hf(name.split(":", 1)[-1], split, limit, recipe.get("dataset_columns"),
+                          shown=f"dataset={name}")
     elif name.startswith("jsonl:"):
         from data.jsonl import load as load_jsonl
 

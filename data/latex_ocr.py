@@ -1,22 +1,13 @@
-"""LaTeX OCR (unsloth/LaTeX_OCR on the hub): an image of a formula and its LaTeX source."""
+"""LaTeX OCR (unsloth/LaTeX_OCR on the hub): an image of a formula and its LaTeX source.
 
-INSTRUCTION = "Write the LaTeX representation for this image."
+A preset of data/hf.py: `dataset=latex_ocr` is `dataset=hf:unsloth/LaTeX_OCR` with every row asked INSTRUCTION.
+"""
 
+from data.hf import PRESETS, load as load_hf
 
-def to_sample(row: dict, index: int, split: str) -> dict:
-    return {
-        "id": f"latex_ocr-{split}-{index}",
-        "images": [row["image"]],
-        "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]},
-            {"role": "assistant", "content": [{"type": "text", "text": row["text"]}]},
-        ],
-        "answers": [row["text"]],
-    }
+INSTRUCTION = PRESETS["latex_ocr"][1]["instruction"]
 
 
-def load(split: str = "train", limit: int | None = None) -> list[dict]:
-    from data.hub import load_dataset  # fails fast, in one line, without network
-
-    rows = load_dataset("unsloth/LaTeX_OCR", split=f"{split}[:{limit}]" if limit else split)
-    return [to_sample(row, i, split) for i, row in enumerate(rows)]
+def load(split: str = "train", limit: int | None = None, columns: list | None = None):
+    """Lazy samples (Arrow-backed; images stay encoded until a batch needs them)."""
+    return load_hf("latex_ocr", split, limit, columns)

@@ -41,6 +41,18 @@ def image_problem(image) -> str | None:
     """Why an image cannot be used, or None. Decodes the whole file so truncation shows up here."""
     if isinstance(image, Image.Image):
         width, height = image.size
+    elif isinstance(image, (dict, bytes)):  # encoded bytes of a Hugging Face row (data/hf.py)
+        import io
+
+        data = image.get("bytes") if isinstance(image, dict) else image
+        if not data:
+            return f"image has no bytes ({image.get('path') or 'no path'})"
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+                width, height = opened.size
+        except Exception as error:  # PIL raises many types for corrupt files
+            return f"image unreadable or truncated: {image.get('path') if isinstance(image, dict) else ''} ({error})"
     else:
         path = Path(image)
         if not path.exists():
@@ -124,8 +136,17 @@ def sample_problems(sample: dict) -> list[str]:
 
 
 def _row_key(sample: dict) -> str:
-    images = [i if isinstance(i, str) else f"<image {id(i)}>" for i in sample.get("images") or []]
+    images = [i if isinstance(i, str) else _image_digest(i) for i in sample.get("images") or []]
     return json.dumps([images, sample.get("messages")], sort_keys=True, default=str)
+
+
+def _image_digest(image) -> str:
+    """Encoded bytes (a Hugging Face row's image) by content, so the same chart in two rows is a duplicate."""
+    if isinstance(image, dict) and image.get("bytes"):
+        import hashlib
+
+        return hashlib.sha1(image["bytes"]).hexdigest()
+    return f"<image {id(image)}>"
 
 
 def lint(samples, duplicates: bool = True) -> list[tuple[int, str, str]]:
@@ -165,13 +186,16 @@ def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path:
                         "in skipped.jsonl)")
     bad = {index for index, _, _ in findings}
     click.echo(f"skipping {len(bad)} bad row(s) of {len(samples)}:")
+    keep = [index for index in range(len(samples)) if index not in bad]
     click.echo("\n".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))
     if skipped_path:
         skipped_path.parent.mkdir(parents=True, exist_ok=True)
         with skipped_path.open("w") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in skipped_rows(samples, findings))
         click.echo(f"skipped rows written to {skipped_path}")
-    return [sample for index, sample in enumerate(samples) if index not in bad]
+    if hasattr(samples, "select"):  # lazy samples (data/hf.py): a view of the good rows, nothing loaded
+        return samples.select(keep)
+    return [samples[index] for index in keep]
 
 
 def lint_with_lengths(samples, config: dict):

@@ -5,6 +5,8 @@ and, with `train_on_responses_only`, on everything outside the assistant's answe
 <|im_end|> keeps its label so the model learns to stop.
 """
 
+from pathlib import Path
+
 from PIL import Image
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -19,14 +21,37 @@ class SampleTooLong(ValueError):
     """A sample whose tokens (image tokens included) exceed max_length; it is never cut inside an image."""
 
 
+def open_image(image) -> Image.Image:
+    """An image as PIL opens it (header read, pixels not yet decoded): a PIL image, a path, raw bytes, or a
+    Hugging Face {"bytes", "path"} dict (the lazy samples of data/hf.py)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        import io
+
+        return Image.open(io.BytesIO(image))
+    return Image.open(image)
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) from the header alone; a PIL image passed in is left open."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with open_image(image) as opened:
+        return opened.size
+
+
 def load_image(image, processor=None) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    if processor is not None:  # a huge file is decoded once, then read from a copy at the size the model sees
+    if processor is not None and isinstance(image, (str, Path)):
+        # a huge file is decoded once, then read from a copy at the size the model sees
         from kit.images import open_rgb
 
         return open_rgb(image, processor)
-    with Image.open(image) as opened:
+    with open_image(image) as opened:
         return opened.convert("RGB")
 
 

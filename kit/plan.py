@@ -8,7 +8,6 @@ far it was from measured peaks.
 import math
 
 import click
-from PIL import Image
 
 from kit.chat import with_system
 from kit.errors import UserError
@@ -19,13 +18,15 @@ CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9
 
 def image_tokens(image, processor) -> int:
     """Merged vision tokens of one image after Qwen's resize (sides to multiples of 28, area in bounds)."""
+    from kit.chat import image_size
+
+    return size_tokens(*image_size(image), processor)  # reads the header only
+
+
+def size_tokens(width: int, height: int, processor) -> int:
+    """Merged vision tokens of a width x height image after Qwen's resize."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    if isinstance(image, Image.Image):
-        width, height = image.size
-    else:
-        with Image.open(image) as opened:  # reads the header only
-            width, height = opened.size
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
     height, width = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
@@ -48,14 +49,10 @@ def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int,
 
 def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) -> int:
     """The largest max_pixels (a multiple of 28x28) whose p95 image tokens stay within `budget`."""
-    sizes = []
-    for sample in samples:
-        for image in sample["images"]:
-            if isinstance(image, Image.Image):
-                sizes.append(image.size)
-            else:
-                with Image.open(image) as opened:
-                    sizes.append(opened.size)
+    from kit import scan
+
+    # the sizes preflight read from the image headers (cached), not a second pass over the images
+    sizes = [size for row in scan.check_rows(samples, progress=False) for size in row[2] if size]
     if not sizes:
         return processor.image_processor.size["longest_edge"]
     areas = sorted(w * h for w, h in sizes)
@@ -191,12 +188,16 @@ def steps_per_epoch(rows: int, recipe: dict) -> int:
 
 def preflight(samples, processor, recipe):
     """Lint findings (broken rows and rows over max_length) and each sample's (image, text) token counts."""
-    from data.lint import lint
+    from kit import scan
 
-    findings = lint(samples)
+    # lint's checks (every image fully decoded) and the header sizes: one pass over all cores, cached by the
+    # data set's fingerprint; then text tokens (cached too). Image tokens follow from the sizes.
+    rows = scan.check_rows(samples)
+    findings = scan.findings(samples, rows)
     broken = {index for index, _, _ in findings}
-    counts = token_counts([s for i, s in enumerate(samples) if i not in broken], processor, recipe["system_prompt"])
     good = [i for i in range(len(samples)) if i not in broken]
+    texts = scan.text_tokens(samples, good, processor, recipe["system_prompt"])
+    counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]), text) for i, text in zip(good, texts)]
     for index, (image, text) in zip(good, counts):
         if image + text > recipe["max_length"]:
             findings.append((index, samples[index].get("source") or f"row {index} ({samples[index].get('id')})",

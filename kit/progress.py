@@ -17,11 +17,19 @@ class CountingCollator:
     """Counts the real (non-padding) tokens that pass, for the tokens/s field of the progress line."""
 
     def __init__(self, collator):
-        self.collator, self.tokens = collator, 0
+        import multiprocessing
+
+        # shared memory: with dataloader_num_workers > 0 the collator runs in worker processes
+        self.collator, self._tokens = collator, multiprocessing.Value("q", 0)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens.value
 
     def __call__(self, samples):
         batch = self.collator(samples)
-        self.tokens += int(batch["attention_mask"].sum())
+        with self._tokens.get_lock():
+            self._tokens.value += int(batch["attention_mask"].sum())
         return batch
 
 
@@ -44,6 +52,8 @@ def progress_line(path: Path, counter: CountingCollator, keep_until: int):
                 control.should_log = True  # the last step is always logged: the final loss is the loss at the end
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs:
+                log_eval(path, state, logs)
             if not logs or "loss" not in logs:
                 return
             now, steps = time.time(), max(state.global_step - self.last_step, 1)
@@ -67,12 +77,26 @@ def summary(path: Path, resumed_at: int = 0) -> tuple[float, float]:
     """(the last logged loss, seconds spent training up to step `resumed_at` in earlier sessions), from
     metrics.jsonl, so that a resumed run reports the whole run and not only its last part."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [row for row in rows if "loss" in row]  # eval rows (eval_loss) carry no training step time
     earlier, previous = 0.0, 0
     for row in rows:
         if row["step"] <= resumed_at:
             earlier += (row["step"] - previous) * row["ms_per_step"] / 1000
             previous = row["step"]
     return (rows[-1]["loss"] if rows else float("nan")), earlier
+
+
+def log_eval(path: Path, state, logs: dict):
+    """The held-out evaluation's line and metrics.jsonl row (rows with eval_loss; training rows have loss)."""
+    row = {"step": state.global_step, "eval_loss": logs["eval_loss"],
+           "eval_relaxed_accuracy": logs.get("eval_relaxed_accuracy"), "eval_questions": logs.get("eval_questions"),
+           "eval_seconds": logs.get("eval_runtime"), "time": time.time()}
+    accuracy = "" if row["eval_relaxed_accuracy"] is None else \
+        f" | relaxed acc {100 * row['eval_relaxed_accuracy']:.1f} % of {row['eval_questions']} held-out questions"
+    click.echo(f"eval {row['step']:05d}/{state.max_steps:05d} | eval loss {row['eval_loss']:.4f}{accuracy} | "
+               f"{row['eval_seconds'] or 0:.0f} s")
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
 
 
 def stop_on_signal():
@@ -104,12 +128,27 @@ def plot_loss(metrics_path: Path, png_path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    every = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows, evals = [r for r in every if "loss" in r], [r for r in every if "eval_loss" in r]
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
+    if evals:  # second panel: held-out loss, and relaxed accuracy on its own axis
+        ax = axes[0][1]
+        steps = [r["step"] for r in evals]
+        ax.plot(steps, [r["eval_loss"] for r in evals], marker="o", color="tab:orange", label="held-out loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out loss")
+        ax.grid(alpha=0.3)
+        scored = [r for r in evals if r.get("eval_relaxed_accuracy") is not None]
+        if scored:
+            right = ax.twinx()
+            right.plot([r["step"] for r in scored], [100 * r["eval_relaxed_accuracy"] for r in scored],
+                       marker="s", color="tab:green")
+            right.set_ylabel(f"relaxed accuracy % ({scored[-1].get('eval_questions')} questions)", color="tab:green")
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)

@@ -10,6 +10,7 @@ CHOICES = {
     "finetune": ("lora", "full"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "synthetic_layout": ("aligned", "chartqa"),
+    "report_to": ("none", "tensorboard", "wandb", "trackio"),
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"),
 }
 # List keys whose every item must be one of these (data/synthetic.py draws exactly these).
@@ -20,7 +21,8 @@ LIST_CHOICES = {
 POSITIVE = ("lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
             "num_train_epochs", "logging_steps", "save_steps", "max_length", "min_pixels", "max_pixels",
             "synthetic_num_train", "synthetic_num_test", "synthetic_size", "max_grad_norm")
-NON_NEGATIVE = ("lora_dropout", "limit", "warmup_steps", "weight_decay", "save_total_limit")
+NON_NEGATIVE = ("lora_dropout", "limit", "warmup_steps", "weight_decay", "save_total_limit", "dataloader_num_workers",
+                "eval_steps", "eval_samples", "eval_fraction")
 
 
 class RecipeError(ValueError):
@@ -75,15 +77,26 @@ def check(recipe: dict, name: str = "recipe"):
     for key in NON_NEGATIVE:
         if recipe[key] < 0:
             raise RecipeError(f"{name}: {key} must be 0 or more, not {recipe[key]}")
+    if recipe["eval_split"] and recipe["eval_fraction"]:
+        raise RecipeError(f"{name}: set eval_split or eval_fraction, not both")
+    if recipe["eval_fraction"] >= 1:
+        raise RecipeError(f"{name}: eval_fraction is a share of the training rows, below 1 (e.g. 0.05)")
+    if recipe["eval_steps"] and not (recipe["eval_split"] or recipe["eval_fraction"]):
+        raise RecipeError(f"{name}: eval_steps={recipe['eval_steps']} needs held-out rows: set eval_split=SPLIT "
+                          "or eval_fraction=0.05")
+    if recipe["load_best_model_at_end"] and recipe["eval_steps"] and recipe["save_steps"] % recipe["eval_steps"]:
+        raise RecipeError(f"{name}: load_best_model_at_end needs save_steps ({recipe['save_steps']}) to be a "
+                          f"multiple of eval_steps ({recipe['eval_steps']})")
     if recipe["min_pixels"] > recipe["max_pixels"]:
         raise RecipeError(f"{name}: min_pixels ({recipe['min_pixels']}) is larger than max_pixels "
                           f"({recipe['max_pixels']})")
     if recipe["finetune"] == "full" and recipe["load_in_4bit"]:
         raise RecipeError(f"{name}: finetune=full cannot train 4-bit weights; set load_in_4bit=false or "
                           "finetune=lora")
-    if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic") or recipe["dataset"].startswith("jsonl:")):
+    if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic")
+            or recipe["dataset"].startswith(("jsonl:", "hf:"))):
         raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: chartqa, latex_ocr, synthetic, "
-                          "jsonl:PATH")
+                          "jsonl:PATH, hf:HUB_ID_OR_FOLDER")
 
 
 def notes(recipe: dict) -> list[str]:

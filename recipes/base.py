@@ -26,7 +26,10 @@ BASE = {
     "finetune_mlp_modules": True,
     "gradient_checkpointing": True,  # Unsloth's offloaded checkpointing on its path; the only way 7B fits 24 GB
     # --- data ------------------------------------------------------------------------------------
-    "dataset": "chartqa",  # chartqa | latex_ocr | synthetic | jsonl:PATH
+    "dataset": "chartqa",  # chartqa | latex_ocr | synthetic | jsonl:PATH | hf:HUB_ID_OR_FOLDER
+    # hf: columns as ROLE=COLUMN (image, question, answer, subset; instruction=TEXT for one fixed question);
+    # [] = the preset's own (ChartQA's image, query, label, human_or_machine for hf:)
+    "dataset_columns": [],
     "dataset_split": "train",
     "limit": 0,  # 0 = every row of the split
     "system_prompt": "",  # empty = the chat template's default system message
@@ -54,6 +57,16 @@ BASE = {
     "save_steps": 200,
     "save_total_limit": 2,
     "seed": 3407,
+    # processes that decode each batch's images beside the GPU step (a 7B step takes seconds, a batch's
+    # decode ~50 ms); 0 = in the training process
+    "dataloader_num_workers": 2,
     "max_length": 2048,  # tokens, image tokens included; a longer sample is an error, never cut in an image
-    "train_on_responses_only": True,  # loss only on the assistant's answers, not on the question
+    "train_on_responses_only": True,
+    # --- held-out evaluation during training ------------------------------------------------------
+    "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
+    "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)
+    "eval_steps": 0,  # evaluate every N steps: loss + relaxed accuracy by greedy generation; 0 = never
+    "eval_samples": 0,  # the first N held-out questions (a fixed, seeded order) are scored; 0 = all
+    "load_best_model_at_end": False,  # keep the checkpoint with the best held-out accuracy as the final model
+    "report_to": "none",  # none | tensorboard | wandb | trackio (transformers' integrations; logs in <run>/logs)  # loss only on the assistant's answers, not on the question
 }

@@ -8,6 +8,8 @@ from recipes.base import BASE
 RECIPE = {
     **BASE,
     "dataset": "latex_ocr",
+    # the preset's columns, spelled out so dataset=hf:LOCAL_COPY reads a local copy the same way
+    "dataset_columns": ["image=image", "answer=text", "instruction=Write the LaTeX representation for this image."],
     "system_prompt": "Write the LaTeX representation for this image.",
     "max_pixels": 200704,  # formulas are small, wide images; 256 tokens is plenty
     "per_device_train_batch_size": 2,
