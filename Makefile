@@ -1,4 +1,5 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
+# make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
 # make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
 # Both create .venv on first use. On a GPU machine use `pip install -r requirements.txt` instead.
 
@@ -11,7 +12,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 # The demo's run folder.
 DEMO := runs/demo
 
-.PHONY: demo test venv llama-cpp clean
+.PHONY: demo test venv llama-cpp clean board browser
 
 venv: $(VENV)/.installed
 
@@ -43,6 +44,7 @@ $(CONVERTER): $(VENV)/.installed
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.export import find_converter; print(find_converter())"
 
 test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
+	-@$(MAKE) --no-print-directory browser
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
@@ -51,6 +53,17 @@ demo: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	$(PY) merge.py $(DEMO) --to merged,gguf --quant f16 --force
 	$(PY) infer.py $(DEMO)-gguf --question "How many bars are in the chart?" \
 	  --image "$$($(PY) -c 'import json; print(json.loads(open("$(DEMO)/eval/predictions.jsonl").readline())["image"])')"
+
+board: $(VENV)/.installed
+	$(PY) board.py
+
+# tests/test_board.py drives the OS's headless Chromium through its chromedriver (nothing downloads a browser).
+# Installed with apt-get when missing and we are root (CI); otherwise the test skips and says how to run it.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver as root): tests/test_board.py skips"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

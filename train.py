@@ -4,6 +4,7 @@
     python train.py --recipe demo                             # tiny model, synthetic charts, CPU, ~1-2 min
     python train.py --recipe demo --set max_steps=100 --output runs/quick
     python train.py --resume runs/chartqa                     # continue from the last checkpoint
+    python train.py --config my.yaml --set max_steps=50       # a JSON/YAML dict of recipe keys (+ "recipe")
 
 Writes into the run folder: run_config.json (resolved recipe, versions), the adapter (or the whole model
 for finetune=full) with the processor, checkpoints/, metrics.jsonl and loss.png.
@@ -26,6 +27,9 @@ from kit.errors import UserError, user_errors
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--recipe", help="Recipe name from recipes/ (chartqa, chartqa_2b, kaggle_t4, latex_ocr, demo).")
+@click.option("--config", "config", type=click.Path(path_type=Path),
+              help="JSON/YAML file of recipe keys, with \"recipe\": NAME to start from (default base); "
+                   "a run's run_config.json replays that run. Default run folder: runs/<file name>.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, typed like its default; repeatable.")
 @click.option("--output", type=click.Path(path_type=Path), help="Run folder. Default: runs/<recipe>.")
@@ -41,13 +45,14 @@ from kit.errors import UserError, user_errors
               "name (T4, L4, A10G, A100, H100, ...).")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
-def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
-    """Fine-tune Qwen2-VL with a recipe."""
+def main(recipe, config, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
+    """Fine-tune Qwen2-VL with a recipe or a config file."""
     with runfolder.restore_on_failure(), user_errors():
-        run(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row)
+        run(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row, config)
 
 
-def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
+def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row,
+        config=None):
     import recipes
     from kit import backend as backends
     from kit.noise import silence_known_noise
@@ -58,18 +63,27 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     if resume_dir:
         saved = json.loads(_require(resume_dir / "run_config.json", "--resume needs a run folder").read_text())
         recipe_name, overrides = saved["recipe_name"], list(saved["overrides"]) + list(overrides)
+        config, config_label = saved.get("config"), f"{resume_dir / 'run_config.json'} (config)"
         run_dir = resume_dir
+    elif recipe_name and config:
+        raise UserError("give --recipe NAME or --config FILE, not both (a config names its recipe as \"recipe\")")
+    elif config:
+        config_label, config_stem, config = str(config), config.stem, recipes.read_config(config)
     elif not recipe_name:
-        raise UserError(f"give --recipe NAME (one of: {', '.join(recipes.names())}) or --resume RUN_DIR")
+        raise UserError(f"give --recipe NAME (one of: {', '.join(recipes.names())}), --config FILE "
+                        "or --resume RUN_DIR")
     if backend_name:
         overrides = [*overrides, f"backend={backend_name}"]
-    recipe, changes = recipes.load(recipe_name, overrides)
+    if config is not None:
+        recipe, changes, recipe_name = recipes.load_config(config, overrides, config_label)
+    else:
+        recipe, changes = recipes.load(recipe_name, overrides)
     if gpu:
         from kit.plan import named_gpu
 
         named_gpu(gpu)  # a mistyped --gpu is refused before any data loads
     if not resume_dir:
-        run_dir = output or Path("runs") / recipe_name
+        run_dir = output or Path("runs") / (config_stem if config and config_stem != "run_config" else recipe_name)
         if run_dir.exists() and any(run_dir.iterdir()) and not plan_only:
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
@@ -127,7 +141,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     _write_json(run_dir / "run_config.json", {
         "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
                                                   if not (resume_dir and k == "backend")],
-        "recipe": recipe, "backend": backend, "precision": precision, "versions": _versions(),
+        "config": config, "recipe": recipe, "backend": backend, "precision": precision, "versions": _versions(),
         "code_version": _git_version(), "command": " ".join(sys.argv)})
     if heldout_rows:
         training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)

@@ -1,8 +1,10 @@
 """Recipes are plain dicts. `load(name, overrides)` finds one, applies `key=value` overrides typed by the
-default's type, and checks every value, so a mistake ends in one line that names the key and the fix."""
+default's type, and checks every value, so a mistake ends in one line that names the key and the fix.
+`load_config(path, overrides)` does the same for a user's JSON/YAML file (or a run's run_config.json)."""
 
 import difflib
 import importlib
+import json
 from pathlib import Path
 
 CHOICES = {
@@ -126,7 +128,95 @@ def load(name: str, overrides: list[str] = ()) -> tuple[dict, list[tuple[str, ob
     unknown = set(recipe) - set(BASE)
     if unknown:
         raise RecipeError(f"recipes/{name}.py: unknown keys {sorted(unknown)}; every key must be in recipes/base.py")
+    recipe, changes = load_values(recipe, overrides)
+    check(recipe, f"recipe {name}")
+    return recipe, changes
+
+
+def read_config(path) -> dict:
+    """A config file (.json, .yaml or .yml) as a dict; a missing or unreadable file is a RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"--config {path}: no such file")
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise RecipeError(f"--config {path}: give a .json, .yaml or .yml file")
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        config = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix that line") from None
+    except yaml.YAMLError as error:  # its message names the line and column
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if isinstance(config, dict) and isinstance(config.get("recipe"), dict):
+        # A run's run_config.json: its resolved recipe is the config; versions, command etc. record the run.
+        return {"recipe": config["recipe"], "recipe_name": config.get("recipe_name")}
+    if not isinstance(config, dict):
+        raise RecipeError(f"{path}: a config is a mapping of recipe keys, e.g. {{\"recipe\": \"demo\", "
+                          "\"max_steps\": 100}")
+    return config
+
+
+def load_config(config, overrides: list[str] = (), label: str = "config") -> tuple[dict, list, str]:
+    """A config (a file path, or its dict) resolved to a recipe: start from its "recipe" (a recipe name, default
+    `base`; or, in a run's run_config.json, the resolved dict, used as it is), set its other keys, then apply
+    the `key=value` overrides. Returns the recipe, the (key, old, new) changes and the name the run goes by."""
+    from recipes.base import BASE
+
+    if not isinstance(config, dict):
+        label, config = str(config), read_config(config)
+    start = config.get("recipe", "base")
+    if isinstance(start, dict):  # a run's run_config.json: the rest of the file is the run's record
+        name, values = config.get("recipe_name") or "config", start
+    elif isinstance(start, str):
+        name = start
+        values = {key: value for key, value in config.items() if key != "recipe"}
+    else:
+        raise RecipeError(f"{label}: recipe={start!r} is a recipe name, one of: {', '.join(names())}")
+    try:
+        recipe = dict(BASE) if name == "base" or isinstance(start, dict) else load(name)[0]
+    except RecipeError as error:
+        raise RecipeError(f"{label}: {error}") from None
+    unknown = [key for key in values if key not in BASE]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(BASE), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " Keys are listed in recipes/base.py."
+        raise RecipeError(f"{label}: unknown key {unknown[0]!r}.{hint}")
     changes = []
+    for key, value in values.items():
+        value = config_value(key, value, BASE[key], label)
+        if value != recipe[key]:
+            changes.append((key, recipe[key], value))
+        recipe[key] = value
+    recipe, more = load_values(recipe, overrides)
+    check(recipe, label)
+    return recipe, changes + more, name
+
+
+def config_value(key: str, value, default, label: str = "config"):
+    """A value from a config file, checked against the type of `default`; text is read as --set reads it
+    (YAML reads 2e-4 as text, so learning_rate: 2e-4 works)."""
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            return parse_value(key, value, default)
+        except RecipeError as error:
+            raise RecipeError(f"{label}: {key}={value!r}: {str(error).split(': ', 1)[1]}") from None
+    kinds = {bool: (bool,), int: (int,), float: (int, float), list: (list,), str: (str,)}[type(default)]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
+        kind = {bool: "true or false", int: "a whole number", float: "a number", list: "a list",
+                str: "text"}[type(default)]
+        raise RecipeError(f"{label}: {key}={value!r} should be {kind}, like {key}: {default!r}")
+    if isinstance(default, list):
+        return [str(item) for item in value]
+    return float(value) if isinstance(default, float) else value
+
+
+def load_values(recipe: dict, overrides: list[str]) -> tuple[dict, list]:
+    """`recipe` with `key=value` overrides applied as --set applies them (unchecked; see check)."""
+    from recipes.base import BASE
+
+    recipe, changes = dict(recipe), []
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set {item}: write key=value, e.g. --set learning_rate=1e-4")
@@ -139,5 +229,4 @@ def load(name: str, overrides: list[str] = ()) -> tuple[dict, list[tuple[str, ob
         value = parse_value(key, text, BASE[key])
         changes.append((key, recipe[key], value))
         recipe[key] = value
-    check(recipe, f"recipe {name}")
     return recipe, changes

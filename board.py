@@ -1,0 +1,359 @@
+"""The board: the kit's whole workflow in a local web page, one tab per step (Train, Evaluate, Export, Chat).
+
+    python board.py                          # http://127.0.0.1:7860
+    python board.py --port 8080 --runs runs
+    make board
+
+It runs the scripts exactly as you would (train.py, eval.py, merge.py, infer.py; each command is shown) and reads
+what they write in the run folder; it never trains in its own process. A training run is started detached with
+its output in <run>/train.log: close the page or stop the board and it goes on; the Train tab finds it again.
+"""
+
+import json
+from pathlib import Path
+
+import click
+
+import recipes
+from kit import board_runs as runs
+from kit.export import CONVERTER_TYPES, QUANTIZER_TYPES
+from recipes.base import BASE
+
+SECTIONS = {"model_name_or_path": "Model", "lora_r": "LoRA", "dataset": "Data",
+            "per_device_train_batch_size": "Training"}  # the key each part of recipes/base.py starts with
+SYSTEMS = ("base", "base+prompt", "finetuned")
+ROOT = Path("runs")  # --runs
+
+
+# --- the recipe form: one field per key of recipes/base.py, typed and checked as --set is ---------------------
+def as_text(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def start_recipe(name: str) -> dict:
+    return dict(BASE) if name == "base" else recipes.load(name)[0]
+
+
+def read_form(start: str, values: list) -> tuple[list[str], dict[str, str]]:
+    """The form as --set overrides of `start` (only what differs), and the errors by key ("" for the form)."""
+    recipe, overrides, errors = start_recipe(start), [], {}
+    for key, value in zip(BASE, values):
+        text = as_text(value)
+        try:
+            typed = recipes.parse_value(key, text, BASE[key])
+        except recipes.RecipeError as error:
+            errors[key] = str(error).split(": ", 1)[1]
+            continue
+        if typed != recipe[key]:
+            overrides.append(f"{key}={text}")
+    if not errors:
+        try:
+            recipes.load_config({"recipe": start}, overrides, "form")
+        except recipes.RecipeError as error:
+            message = str(error).removeprefix("form: ")
+            key = next((k for k in BASE if message.startswith(k) or message.startswith(f"--set {k}=")), "")
+            errors[key] = message
+    return overrides, errors
+
+
+def train_command(start, run_name, config_path, overrides, *extra) -> list[str]:
+    if start == "base":  # no recipe by that name: only a config file can start from base
+        if not config_path:
+            raise recipes.RecipeError("a form that starts from base runs from a config file: Save config first")
+        return runs.command("train.py", "--config", config_path, "--output", ROOT / run_name, *extra)
+    sets = [part for item in overrides for part in ("--set", item)]
+    return runs.command("train.py", "--recipe", start, *sets, "--output", ROOT / run_name, *extra)
+
+
+def loss_plot(run_dir: Path):
+    rows = runs.metrics(run_dir)
+    if not rows:
+        return None
+    import tempfile
+
+    from kit.progress import plot_loss
+
+    png = Path(tempfile.gettempdir()) / "qwen2vl-board" / f"{run_dir.name}-loss-{len(rows)}.png"
+    if not png.exists():
+        png.parent.mkdir(exist_ok=True)
+        plot_loss(run_dir / "metrics.jsonl", png)
+    return str(png)
+
+
+def run_names() -> list[str]:
+    return [row["run"] for row in runs.runs(ROOT) if (ROOT / row["run"] / "run_config.json").exists()]
+
+
+def chat_targets() -> list[str]:
+    folders = [p for p in sorted(ROOT.glob("*")) if p.is_dir() and not p.name.startswith(".")]
+    return [str(p) for p in folders if (p / "run_config.json").exists() or list(p.glob("*.gguf"))]
+
+
+def field(key, value):
+    """A form field typed like the key's default: a checkbox, a choice, or text read as --set reads it."""
+    import gradio as gr
+
+    info = f"default {as_text(BASE[key])!s:.40}"
+    if isinstance(BASE[key], bool):
+        return gr.Checkbox(value, label=key, info=info, elem_id=f"field-{key}")
+    if key in recipes.CHOICES:
+        return gr.Dropdown(list(recipes.CHOICES[key]), value=value, label=key, info=info, elem_id=f"field-{key}")
+    return gr.Textbox(as_text(value), label=key, info=info, max_lines=1, elem_id=f"field-{key}")
+
+
+def build():
+    import gradio as gr
+
+    def runs_table():
+        return [[r["run"], r["state"], r["step"], r["loss"], r["updated"]] for r in runs.runs(ROOT)]
+
+    def refresh_choices(current=None):
+        names = run_names()
+        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+
+    with gr.Blocks(title="qwen2vl-kit board") as board:
+        gr.Markdown("# qwen2vl-kit board\nEach button runs the kit's scripts as you would; the command is shown.")
+        with gr.Tabs():
+            # --- Train ---------------------------------------------------------------------------------
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    start = gr.Dropdown(["base", *recipes.names()], value="demo", label="Start from recipe")
+                    upload = gr.File(label="...or load a config file (.json / .yaml)", file_types=[".json", ".yaml",
+                                     ".yml"], type="filepath", height=90)
+                    run_name = gr.Textbox("demo", label="Run folder name (under runs/)", elem_id="run-name")
+                    config_path = gr.Textbox(str(ROOT / "demo.yaml"), label="Config file to save")
+                fields, sections, section = {}, {}, "Model"
+                for key in BASE:  # the keys of each part of recipes/base.py, in its order
+                    section = SECTIONS.get(key) or section
+                    sections.setdefault(section, []).append(key)
+                for section, keys in sections.items():
+                    with gr.Accordion(section, open=section != "LoRA"):
+                        for row in range(0, len(keys), 4):
+                            with gr.Row():
+                                for key in keys[row:row + 4]:
+                                    fields[key] = field(key, start_recipe("demo")[key])
+                with gr.Row(elem_id="train-buttons"):
+                    plan_button, save_button = gr.Button("Plan"), gr.Button("Save config")
+                    start_button = gr.Button("Start", variant="primary")
+                    stop_button, resume_button = gr.Button("Stop"), gr.Button("Resume")
+                status = gr.Markdown(elem_id="train-status")
+                plan_out = gr.Textbox(label="Plan (train.py --plan)", lines=12, visible=False, elem_id="plan")
+                with gr.Row():
+                    watched = gr.Dropdown(run_names(), label="Run shown below", allow_custom_value=True,
+                                          elem_id="watched")
+                    runs_view = gr.Dataframe(runs_table(), headers=["run", "state", "step", "loss", "updated"],
+                                             label="Runs under " + str(ROOT), interactive=False, elem_id="runs")
+                with gr.Row():
+                    log = gr.Textbox(label="Progress (train.log)", lines=14, max_lines=14, autoscroll=True,
+                                     elem_id="train-log")
+                    loss = gr.Image(label="Training loss (metrics.jsonl)", elem_id="loss-plot", height=300)
+                timer = gr.Timer(2)
+
+            field_list = list(fields.values())
+
+            def checked(start_name, *values):
+                """(overrides, a gr.update per field showing its error, the status line)."""
+                overrides, errors = read_form(start_name, values)
+                updates = [gr.update(info=f"⚠ {errors[k]}" if k in errors else f"default {as_text(BASE[k])!s:.40}")
+                           for k in BASE]
+                note = "" if not errors else "**Fix the fields marked ⚠**" + (f": {errors['']}" if "" in errors else "")
+                return (None if errors else overrides), updates, note
+
+            def set_start(name):
+                values = start_recipe(name)
+                return [gr.update(value=as_text(values[k]) if not isinstance(values[k], bool) else values[k])
+                        for k in BASE] + [name, str(ROOT / f"{name}.yaml")]
+
+            def load_file(path):
+                if not path:
+                    return [gr.update()] * (len(BASE) + 3) + [""]
+                try:
+                    recipe, _, name = recipes.load_config(Path(path), [], Path(path).name)
+                except recipes.RecipeError as error:
+                    return [gr.update()] * (len(BASE) + 3) + [f"**{error}**"]
+                return ([gr.update(value=recipe[k] if isinstance(recipe[k], bool) else as_text(recipe[k]))
+                         for k in BASE] + [name, Path(path).stem, str(ROOT / Path(path).with_suffix(".yaml").name)]
+                        + [f"loaded {Path(path).name} (starts from {name})"])
+
+            def plan(start_name, name, config, *values):
+                overrides, updates, note = checked(start_name, *values)
+                if overrides is None:
+                    return *updates, note, gr.update()
+                cmd = train_command(start_name, name, config, overrides, "--plan")
+                output = ""
+                for output, code in runs.stream(cmd):
+                    pass
+                return *updates, f"`{runs.shown(cmd)}` exit {code}", gr.update(value=output, visible=True)
+
+            def save(start_name, name, config, *values):
+                overrides, updates, note = checked(start_name, *values)
+                if overrides is None:
+                    return *updates, note
+                import yaml
+
+                settings = dict(item.split("=", 1) for item in overrides)
+                recipe = recipes.load_config({"recipe": start_name}, overrides)[0]
+                target = Path(config)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(yaml.safe_dump({"recipe": start_name, **{k: recipe[k] for k in settings}},
+                                                 sort_keys=False))
+                shown = runs.shown(runs.command("train.py", "--config", target, "--output", ROOT / name))
+                return *updates, f"wrote {target}; run it with:\n\n```\n{shown}\n```"
+
+            def start_run(start_name, name, config, *values):
+                overrides, updates, note = checked(start_name, *values)
+                if overrides is None:
+                    return *updates, note, gr.update()
+                if (ROOT / name).exists() and any((ROOT / name).iterdir()):
+                    return *updates, f"**runs/{name} already holds a run**: Resume it or pick another name", name
+                try:
+                    cmd = train_command(start_name, name, config, overrides)
+                except recipes.RecipeError as error:
+                    return *updates, f"**{error}**", gr.update()
+                pid = runs.start_training(cmd, ROOT / name)
+                return *updates, f"started (pid {pid}):\n\n```\n{runs.shown(cmd)}\n```", name
+
+            def stop_run(name):
+                if name and runs.stop_training(ROOT / name):
+                    return f"sent SIGTERM to {name}: it saves a checkpoint after this step, then stops"
+                return f"{name or 'no run'} is not running"
+
+            def resume_run(name):
+                if not name or not (ROOT / name / "run_config.json").exists():
+                    return "pick a run to resume"
+                if runs.training_pid(ROOT / name):
+                    return f"{name} is already running"
+                cmd = runs.command("train.py", "--resume", ROOT / name)
+                return f"resumed (pid {runs.start_training(cmd, ROOT / name)}):\n\n```\n{runs.shown(cmd)}\n```"
+
+            def watch(name, seen):
+                """Redraw only what changed since the last tick (the page stays responsive while it waits)."""
+                table = runs_table()
+                log_file = runs.log_path(ROOT / name) if name else None
+                now = (name, log_file.stat().st_size if log_file and log_file.exists() else 0, str(table))
+                if now == seen:
+                    return gr.skip(), gr.skip(), gr.skip(), seen
+                if not name:
+                    return "", None, table, now
+                return runs.tail(log_file), loss_plot(ROOT / name), table, now
+
+            form = [start, run_name, config_path, *field_list]
+            start.input(set_start, start, [*field_list, run_name, config_path])
+            run_name.input(lambda name: str(ROOT / f"{name}.yaml"), run_name, config_path)
+            upload.upload(load_file, upload, [*field_list, start, run_name, config_path, status])
+            plan_button.click(plan, form, [*field_list, status, plan_out])
+            save_button.click(save, form, [*field_list, status])
+            start_button.click(start_run, form, [*field_list, status, watched])
+            stop_button.click(stop_run, watched, status)
+            resume_button.click(resume_run, watched, status)
+            seen = gr.State()
+            timer.tick(watch, [watched, seen], [log, loss, runs_view, seen])
+
+            # --- Evaluate ------------------------------------------------------------------------------
+            with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
+                with gr.Row():
+                    eval_run = gr.Dropdown(run_names(), label="Run", elem_id="eval-run")
+                    systems = gr.CheckboxGroup(list(SYSTEMS), value=["base", "finetuned"], label="Systems")
+                    shuffled = gr.Checkbox(label="Also with each question shown another chart (--control shuffled)")
+                    limit = gr.Number(0, precision=0, label="Questions (0 = all)", elem_id="eval-limit")
+                    eval_force = gr.Checkbox(label="Replace an existing evaluation")
+                eval_button = gr.Button("Evaluate", variant="primary")
+                eval_log = gr.Textbox(label="eval.py", lines=8, max_lines=8, autoscroll=True, elem_id="eval-log")
+                report = gr.Markdown(elem_id="eval-report")
+                with gr.Row():
+                    report_png = gr.Image(label="report.png", height=300)
+                    answers = gr.Dataframe(headers=["question", "references", "system", "answer", "relaxed"],
+                                           label="A few answers (predictions.jsonl)", elem_id="eval-answers")
+
+            def evaluate(name, chosen, control, count, force):
+                cmd = runs.command("eval.py", ROOT / name, "--compare", ",".join(chosen), "--limit", int(count or 0),
+                                   *(["--control", "shuffled"] if control else []), *(["--force"] if force else []))
+                for output, code in runs.stream(cmd):
+                    yield f"$ {runs.shown(cmd)}\n{output}", "", None, None
+                out = ROOT / name / "eval"
+                if code or not (out / "report.md").exists():
+                    return
+                rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[:4]]
+                table = [[r["question"], ", ".join(r["references"]), system, result["answer"], result["relaxed"]]
+                         for r in rows for system, result in r["systems"].items()]
+                yield f"$ {runs.shown(cmd)}\n{output}", (out / "report.md").read_text(), str(out / "report.png"), table
+
+            eval_button.click(evaluate, [eval_run, systems, shuffled, limit, eval_force],
+                              [eval_log, report, report_png, answers])
+            evaluate_tab.select(refresh_choices, eval_run, eval_run)
+
+            # --- Export --------------------------------------------------------------------------------
+            with gr.Tab("Export", id="export") as export_tab:
+                with gr.Row():
+                    export_run = gr.Dropdown(run_names(), label="Run", elem_id="export-run")
+                    targets = gr.CheckboxGroup(["merged", "gguf"], value=["merged", "gguf"], label="Write")
+                    quants = gr.CheckboxGroup([*CONVERTER_TYPES, *QUANTIZER_TYPES], value=["f16"],
+                                              label="GGUF types (--quant)")
+                    export_force = gr.Checkbox(label="Replace existing exports")
+                export_button = gr.Button("Export", variant="primary")
+                export_log = gr.Textbox(label="merge.py", lines=10, max_lines=10, autoscroll=True,
+                                        elem_id="export-log")
+                parity = gr.Markdown(elem_id="export-parity")
+                llama_commands = gr.Code(label="Run it in llama.cpp", language="shell", elem_id="export-commands")
+
+            def export(name, chosen_targets, chosen_quants, force):
+                cmd = runs.command("merge.py", ROOT / name, "--to", ",".join(chosen_targets), "--quant",
+                                   ",".join(chosen_quants), *(["--force"] if force else []))
+                for output, code in runs.stream(cmd):
+                    yield f"$ {runs.shown(cmd)}\n{output}", "", ""
+                lines = output.splitlines()
+                proofs = [line for line in lines if line.startswith(("parity", "  '", "llama.cpp ", "note:"))]
+                commands = lines[lines.index("run it in llama.cpp:") + 1:] if "run it in llama.cpp:" in lines else []
+                verdict = "**done**" if code == 0 else f"**merge.py failed (exit {code})**: see its output above"
+                yield (f"$ {runs.shown(cmd)}\n{output}", verdict + "\n\n" + "\n".join(f"- `{p.strip()}`" for p in proofs),
+                       "\n".join(c.strip() for c in commands))
+
+            export_button.click(export, [export_run, targets, quants, export_force],
+                                [export_log, parity, llama_commands])
+            export_tab.select(refresh_choices, export_run, export_run)
+
+            # --- Chat ----------------------------------------------------------------------------------
+            with gr.Tab("Chat", id="chat") as chat_tab:
+                with gr.Row():
+                    with gr.Column():
+                        chat_target = gr.Dropdown(chat_targets(), label="Model: a run, a merged folder or a GGUF "
+                                                  "folder", elem_id="chat-target")
+                        image = gr.Image(type="filepath", label="Chart", height=260, elem_id="chat-image")
+                    with gr.Column():
+                        question = gr.Textbox(label="Question", elem_id="chat-question")
+                        ask = gr.Button("Ask", variant="primary")
+                        answer = gr.Textbox(label="Answer (streamed from infer.py --stream)", lines=4,
+                                            elem_id="chat-answer")
+                        chat_command = gr.Markdown(elem_id="chat-command")
+
+            def chat(target, picture, text):
+                if not (target and picture and text):
+                    yield "pick a model, upload a chart and write a question", ""
+                    return
+                cmd = runs.command("infer.py", target, "--image", picture, "--question", text, "--stream")
+                for output, code in runs.stream(cmd, chars=True):
+                    ended = "" if code is None else " (finished)" if code == 0 else f" (failed, exit {code})"
+                    yield output.strip(), f"`{runs.shown(cmd)}`{ended}"
+
+            ask.click(chat, [chat_target, image, question], [answer, chat_command])
+            chat_tab.select(lambda current: gr.Dropdown(choices=chat_targets(), value=current), chat_target,
+                            chat_target)
+    return board
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 shares the board with your network.")
+@click.option("--port", default=7860, help="Port to listen on.")
+@click.option("--runs", "runs_root", default="runs", type=click.Path(path_type=Path),
+              help="Folder holding the run folders (train.py's default).")
+def main(host, port, runs_root):
+    """Open the board in your browser at http://HOST:PORT; see the module docstring."""
+    global ROOT
+    ROOT = runs_root.resolve()
+    ROOT.mkdir(parents=True, exist_ok=True)
+    build().queue().launch(server_name=host, server_port=port, allowed_paths=[str(ROOT.resolve())],
+                           show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""What board.py needs to run the scripts and read their run folders, without importing any script.
+
+Training runs are started detached (their own session, output to a log file), so they outlive the page and the
+board; the board finds them again from the run folder and the process table. Everything else (eval, merge,
+infer) runs attached and is streamed line by line, or character by character for a chat answer.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
+
+
+def command(script: str, *args) -> list[str]:
+    """The exact command a user would type, run with this Python (-u: lines arrive as they are printed)."""
+    return [sys.executable, "-u", str(ROOT / script), *map(str, args)]
+
+
+def shown(cmd: list[str]) -> str:
+    """`cmd` as the user would type it in the repository: python train.py ..."""
+    return shlex.join(["python", Path(cmd[2]).name, *[_relative(a) for a in cmd[3:]]])
+
+
+def _relative(arg: str) -> str:
+    try:
+        return str(Path(arg).relative_to(Path.cwd())) if os.path.isabs(arg) else arg
+    except ValueError:
+        return arg
+
+
+def log_path(run_dir: Path) -> Path:
+    """train.log in the run folder; before train.py has made the folder (it refuses a non-empty one), the log
+    waits beside it as .NAME.train.log and moves in once run_config.json is there (the open file moves with it)."""
+    inside, waiting = run_dir / "train.log", run_dir.parent / f".{run_dir.name}.train.log"
+    if waiting.exists() and (run_dir / "run_config.json").exists():
+        if inside.exists():  # a resumed run: keep the earlier part
+            with inside.open("a") as handle:
+                handle.write(waiting.read_text())
+            waiting.unlink()
+        else:
+            waiting.replace(inside)
+    return inside if inside.exists() or run_dir.is_dir() and not waiting.exists() else waiting
+
+
+def start_training(cmd: list[str], run_dir: Path) -> int:
+    """Start train.py detached: a new session (closing the page or the board does not stop it), its output
+    appended to the run's log after the command line itself."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path(run_dir)
+    with log.open("a") as handle:
+        handle.write(f"$ {shown(cmd)}\n")
+        handle.flush()
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return process.pid
+
+
+def training_pid(run_dir: Path) -> int | None:
+    """The live train.py process writing `run_dir` (started here or from a shell), from /proc."""
+    target = run_dir.resolve()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if not any(a.endswith("train.py") for a in args) or (entry / "stat").read_text().split()[2] == "Z":
+                continue
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        for flag in ("--output", "--resume"):
+            if flag in args[:-1] and (cwd / args[args.index(flag) + 1]).resolve() == target:
+                return int(entry.name)
+    return None
+
+
+def stop_training(run_dir: Path) -> bool:
+    """SIGTERM: train.py saves a checkpoint at the end of the step, then stops."""
+    pid = training_pid(run_dir)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+    return pid is not None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    done = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def state(run_dir: Path) -> str:
+    if training_pid(run_dir):
+        return "running"
+    if any((run_dir / name).exists() for name in WEIGHTS):
+        return "done"
+    if checkpoints(run_dir):
+        return "stopped (checkpoint)"
+    return "failed"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            pass
+    return rows
+
+
+def runs(root: Path) -> list[dict]:
+    """Every run folder under `root` (one with run_config.json, or a run that is starting), newest first."""
+    found = {p.parent for p in root.glob("*/run_config.json")}
+    found |= {root / p.name[1:-len(".train.log")] for p in root.glob(".*.train.log")}
+    rows = []
+    for run_dir in found:
+        last = (metrics(run_dir) or [{}])[-1]
+        saved = json.loads((run_dir / "run_config.json").read_text()) if (run_dir / "run_config.json").exists() else {}
+        steps = saved.get("recipe", {}).get("max_steps", "")
+        log = log_path(run_dir)
+        rows.append({"run": run_dir.name, "state": state(run_dir) if saved else
+                     ("running" if training_pid(run_dir) else "failed"),
+                     "step": f"{last.get('step', 0)}/{steps}", "loss": round(last["loss"], 4) if "loss" in last else "",
+                     "updated": time.strftime("%H:%M:%S", time.localtime(log.stat().st_mtime)) if log.exists() else "",
+                     "mtime": log.stat().st_mtime if log.exists() else 0})
+    return sorted(rows, key=lambda r: -r["mtime"])
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return ""
+    text = path.read_text(errors="replace").replace("\r", "\n")  # tqdm bars redraw with \r
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def stream(cmd: list[str], chars: bool = False):
+    """Run `cmd` attached and yield its output so far, growing; the last item is (output, exit code)."""
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = b""
+    try:
+        while chunk := (os.read(process.stdout.fileno(), 256) if chars else process.stdout.readline()):
+            output += chunk
+            yield output.decode(errors="replace"), None
+    finally:
+        if process.poll() is None:  # the page went away mid-run: do not leave it behind
+            process.terminate()
+        process.wait()
+    yield output.decode(errors="replace"), process.returncode

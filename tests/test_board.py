@@ -1,0 +1,226 @@
+"""The board in a real browser (headless Chromium from the OS packages, driven by Selenium through chromedriver):
+the demo recipe through every tab, as a user clicks it. Needs `apt-get install chromium chromium-driver`
+(`make browser` does it as root); elsewhere it skips with one line.
+
+Set QWEN2VL_KIT_SCREENSHOTS=docs to refresh the README's screenshots (docs/board-*.png)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, read_jsonl
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver: run "
+                                "`make browser` (apt-get install chromium chromium-driver) to run tests/test_board.py")
+# Short: a step of the tiny model takes ~40 ms on two idle cores; Stop is clicked at the first progress line.
+SETTINGS = {"max_steps": "60", "synthetic_num_train": "240", "synthetic_num_test": "40", "logging_steps": "5",
+            "save_steps": "1000", "warmup_steps": "5"}
+QUESTION = "How many bars are in the chart?"
+
+
+@pytest.fixture
+def board(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "board.log").open("w")
+    process = subprocess.Popen([sys.executable, str(ROOT / "board.py"), "--runs", str(tmp_path / "runs"),
+                                "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert process.poll() is None, (tmp_path / "board.log").read_text()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline, "the board did not start in 120 s"
+            time.sleep(0.5)
+    yield url, tmp_path / "runs"
+    process.terminate()
+    process.wait(timeout=30)
+    for pid_dir in Path("/proc").glob("[0-9]*"):  # a training run this test started and did not finish
+        try:
+            if str(tmp_path) in (pid_dir / "cmdline").read_text():
+                os.kill(int(pid_dir.name), 9)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # the OS driver: nothing downloaded
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    def __init__(self, driver, shots: Path):
+        self.driver, self.shots = driver, shots
+
+    def css(self, selector, many=False):
+        from selenium.webdriver.common.by import By
+
+        return (self.driver.find_elements if many else self.driver.find_element)(By.CSS_SELECTOR, selector)
+
+    def wait(self, condition, what: str, timeout: float = 300):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if condition():
+                    return
+            except Exception:  # an element being redrawn; look again
+                pass
+            time.sleep(0.5)
+        self.driver.save_screenshot(str(self.shots / "failed.png"))
+        raise AssertionError(f"timed out waiting for: {what}")
+
+    def text(self, elem_id) -> str:
+        box = self.css(f"#{elem_id} textarea, #{elem_id} input")
+        return box.get_attribute("value") or ""
+
+    def type(self, elem_id, value):
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.css(f"#{elem_id} textarea, #{elem_id} input")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE, str(value))
+        box.send_keys(Keys.TAB)  # gradio takes the value on change/blur
+
+    def button(self, label):
+        buttons = [b for b in self.css("button", many=True) if b.text.strip() == label and b.is_displayed()]
+        assert buttons, f"no button {label!r}"
+        buttons[0].click()
+
+    def tab(self, label):
+        [tab] = [b for b in self.css("button[role=tab]", many=True) if b.text.strip() == label]
+        tab.click()
+        time.sleep(1)
+
+    def choose(self, elem_id, option):
+        """Pick `option` in a gradio dropdown: open it, click the entry."""
+        self.css(f"#{elem_id} input").click()
+        self.wait(lambda: any(o.text.strip() == option for o in self.css("ul.options li", many=True)),
+                  f"{option} in {elem_id}", timeout=20)
+        [entry] = [o for o in self.css("ul.options li", many=True) if o.text.strip() == option]
+        entry.click()
+        time.sleep(0.5)
+
+    def shot(self, name, top_id=None):
+        """A screenshot with element `top_id` (else the page's top) at the top of the window."""
+        if top_id:
+            self.driver.execute_script("arguments[0].scrollIntoView(true)", self.css(f"#{top_id}"))
+        else:
+            self.driver.execute_script("window.scrollTo(0, 0)")
+        time.sleep(0.5)
+        path = self.shots / f"board-{name}.png"
+        self.driver.save_screenshot(str(path))
+        if os.environ.get("QWEN2VL_KIT_SCREENSHOTS"):
+            from PIL import Image
+
+            target = ROOT / os.environ["QWEN2VL_KIT_SCREENSHOTS"] / path.name
+            target.parent.mkdir(exist_ok=True)
+            Image.open(path).convert("RGB").quantize(64).save(target, optimize=True)  # a small PNG for the README
+
+
+def test_the_demo_through_every_tab(board, browser, tmp_path):
+    url, runs = board
+    page = Page(browser, tmp_path)
+    browser.get(url)
+    page.wait(lambda: page.css("#field-max_steps"), "the Train tab's form", timeout=60)
+
+    # --- Train: a wrong value is named next to its field, not run -----------------------------------------
+    page.type("run-name", "board-demo")
+    page.type("field-max_steps", "forty")
+    page.button("Plan")
+    page.wait(lambda: "whole number" in page.css("#field-max_steps").text, "the error next to max_steps", 30)
+    assert not (runs / "board-demo").exists()
+    for key, value in SETTINGS.items():
+        page.type(f"field-{key}", value)
+    page.button("Plan")
+    page.wait(lambda: "steps per epoch" in page.text("plan"), "the plan's output", 180)
+    plan = page.text("plan")
+    assert "peak GPU memory estimate" in plan and "over max_length" in plan and "whole number" not in \
+        page.css("#field-max_steps").text
+
+    page.button("Save config")
+    page.wait(lambda: "python train.py --config" in page.css("#train-status").text, "the saved config's command")
+    saved = (runs / "board-demo.yaml").read_text()
+    assert "recipe: demo" in saved and "max_steps: 60" in saved
+
+    # --- Start: progress lines and the loss curve appear; Stop checkpoints; Resume finishes -----------------
+    page.button("Start")
+    metrics = runs / "board-demo" / "metrics.jsonl"
+    page.wait(lambda: metrics.exists() and metrics.read_text().strip(), "the first progress line", 300)
+    page.button("Stop")  # as soon as training runs, so that it stops before the end even on a fast machine
+    page.wait(lambda: "stopped (checkpoint)" in page.css("#runs").text, "the run to stop with a checkpoint", 120)
+    page.wait(lambda: "continue with: python train.py --resume" in page.text("train-log"), "the stop in the log", 30)
+    log = page.text("train-log")
+    assert "SIGTERM: saving a checkpoint" in log and "step 00005/00060 | loss" in log
+    stopped_at = int(next((runs / "board-demo" / "checkpoints").glob("checkpoint-*")).name.split("-")[1])
+    assert stopped_at < 60
+    page.wait(lambda: page.css("#loss-plot img").get_attribute("src"), "the loss plot", 30)
+    page.shot("train", "train-buttons")
+
+    page.button("Resume")
+    page.wait(lambda: "done" in page.css("#runs").text, "the resumed run to finish", 300)
+    log = (runs / "board-demo" / "train.log").read_text()
+    assert "resuming from" in log and "done: 60 steps" in log
+    assert log.startswith("$ python train.py --recipe demo") and "--resume" in log
+    steps = [row["step"] for row in read_jsonl(runs / "board-demo" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 60 and 5 in steps
+
+    # --- Evaluate ---------------------------------------------------------------------------------------------
+    page.tab("Evaluate")
+    page.type("eval-limit", 20)
+    page.button("Evaluate")
+    page.wait(lambda: "relaxed acc" in page.css("#eval-report").text, "the evaluation report", 300)
+    report = (runs / "board-demo" / "eval" / "report.md").read_text()
+    assert "finetuned" in page.css("#eval-report").text and "| finetuned |" in report
+    assert "20" in page.css("#eval-report").text
+    assert len(page.css("#eval-answers tbody tr", many=True)) >= 4
+    page.shot("evaluate")
+
+    # --- Export: GGUF, its parity with the merged model, llama.cpp's commands ----------------------------------
+    page.tab("Export")
+    page.button("Export")
+    page.wait(lambda: "llama-mtmd-cli" in page.css("#export-commands").text, "llama.cpp's commands", 600)
+    assert "done" in page.css("#export-parity").text and "llama.cpp board-demo-f16.gguf" in \
+        page.css("#export-parity").text
+    gguf = runs / "board-demo-gguf"
+    assert json.loads((gguf / "gguf_report.json").read_text())
+    page.shot("export")
+
+    # --- Chat: the GGUF pair answers a chart question, streamed; the same answer as infer.py gives ------------
+    chart = read_jsonl(runs / "board-demo" / "eval" / "predictions.jsonl")[0]["image"]
+    page.tab("Chat")
+    page.choose("chat-target", str(gguf))
+    page.css("#chat-image input[type=file]").send_keys(chart)
+    page.wait(lambda: page.css("#chat-image img"), "the uploaded chart", 30)
+    page.type("chat-question", QUESTION)
+    page.button("Ask")
+    page.wait(lambda: page.text("chat-answer").strip(), "the answer's first characters", 120)
+    page.wait(lambda: "(finished)" in page.css("#chat-command").text, "the end of the answer", 120)
+    expected = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(gguf), "--image", chart,
+                               "--question", QUESTION], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert expected.returncode == 0, expected.stderr
+    assert page.text("chat-answer").strip() == expected.stdout.strip()
+    page.shot("chat")
