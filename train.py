@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from kit import distributed
 from kit.errors import UserError, user_errors
 
 
@@ -34,7 +35,8 @@ from kit.errors import UserError, user_errors
 @click.option("--force", is_flag=True, help="Replace an existing run folder; start even if the plan says it won't fit.")
 @click.option("--plan", "plan_only", is_flag=True, help="Check the data and estimate tokens and memory; no training.")
 @click.option("--plan-samples", type=int, default=0, help="With --plan: look at only this many rows (0 = all).")
-@click.option("--gpu", help="Plan for this card instead of the one present: 16GB, 24GB, 40GB, 48GB or 80GB.")
+@click.option("--gpu", help="Plan for this card instead of the one present: 16GB, 24GB, 40GB, 48GB or 80GB; "
+              "N x it for N GPUs (4x24GB, or 4x for 4 of the card present).")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
 def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
@@ -46,6 +48,8 @@ def main(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_
 def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
     import recipes
     from kit import backend as backends
+
+    distributed.prepare()
 
     # --- options -> resolved recipe ---------------------------------------------------------------
     if resume_dir:
@@ -59,7 +63,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     recipe, changes = recipes.load(recipe_name, overrides)
     if not resume_dir:
         run_dir = output or Path("runs") / recipe_name
-        if run_dir.exists() and any(run_dir.iterdir()) and not plan_only:
+        if run_dir.exists() and any(run_dir.iterdir()) and not plan_only and distributed.is_main():
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                                 "--output for another folder, or --force to replace it")
@@ -73,6 +77,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     backend, reason = backends.select(recipe["backend"])
     precision = backends.precision(recipe["precision"])
     click.echo(f"backend {backend} ({reason}); precision {precision}")
+    distributed.init()
     import torch
 
     if recipe["load_in_4bit"] and not torch.cuda.is_available():
@@ -83,21 +88,27 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     import data
     from kit import chat, model as models, plan, progress, trainer as training
 
-    train_samples = data.load(recipe, "train")
+    with distributed.main_first():  # rank 0 fills the caches, then the others read them
+        train_samples = data.load(recipe, "train", progress=distributed.is_main())
+        base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     if plan_only and plan_samples:
         train_samples = train_samples[:plan_samples]
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}")
-    base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base_path)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
+    gpus, gpu = plan.gpu_count(gpu)
     gpu_name, gpu_bytes = plan.gpu_memory(gpu)
     memory = plan.estimate_memory(plan.model_shape(base_path), recipe, max(i + t for i, t in counts or [(0, 0)]),
                                   max((i for i, _ in counts), default=0), precision if gpu_bytes else "bf16")
     if plan_only:
         plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor)
+        if gpus > 1:
+            plan.print_multi_gpu(len(train_samples), recipe, plan.per_gpu_memory(
+                plan.model_shape(base_path), recipe, memory, gpus, precision if gpu_bytes else "bf16"),
+                gpus, gpu_name, gpu_bytes)
         return
     if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
         raise UserError(f"the plan estimates {plan.gb(memory['total'])} peak on {gpu_name} "
@@ -105,13 +116,14 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                         "or --force to try anyway")
     from data.lint import split_bad_rows
 
-    train_samples = split_bad_rows(train_samples, findings, on_bad_row, run_dir / "skipped.jsonl")
+    train_samples = split_bad_rows(train_samples, findings, on_bad_row,
+                                   run_dir / "skipped.jsonl" if distributed.is_main() else None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "run_config.json", {
+    distributed.is_main() and _write_json(run_dir / "run_config.json", {  # one writer under torchrun
         "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
                                                   if not (resume_dir and k == "backend")],
         "recipe": recipe, "backend": backend, "precision": precision, "versions": _versions(),
-        "code_version": _git_version(), "command": " ".join(sys.argv)})
+        "code_version": _git_version(), "command": " ".join(sys.argv), "launch": distributed.describe(recipe)})
 
     dtype = backends.torch_dtype(precision)
     model, processor = models.load_for_training(base_path, recipe, backend, dtype)
@@ -120,6 +132,12 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     total = sum(p.numel() for p in model.parameters())
     click.echo(f"model {recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "
                f"({recipe['finetune']})")
+    if distributed.world() > 1:
+        launch = distributed.describe(recipe)
+        click.echo(f"data parallel: {launch['world_size']} processes ({launch['launcher']}, {launch['strategy']}); "
+                   f"global batch {recipe['per_device_train_batch_size']} per device x "
+                   f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = "
+                   f"{launch['global_batch']}")
     collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
                                                     recipe["train_on_responses_only"], recipe["system_prompt"]))
 
@@ -137,6 +155,9 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = final_root
+            distributed.barrier()  # every rank has written its part (RNG state, optimizer shards) into staging
+            if not distributed.is_main():
+                return
             for checkpoint in staging.glob("checkpoint-*"):
                 shutil.rmtree(Path(final_root) / checkpoint.name, ignore_errors=True)
                 checkpoint.rename(Path(final_root) / checkpoint.name)
@@ -165,15 +186,18 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     trainer.add_callback(progress_callback)
     trainer.add_callback(progress.stop_on_signal())
     started = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with distributed.errors_from_every_rank():  # a bad row may sit in one rank's shard only
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < trainer.state.max_steps:
         raise UserError(f"interrupted at step {trainer.state.global_step}: checkpoint saved in "
-                        f"{run_dir / 'checkpoints'}; continue with: python train.py --resume {run_dir}")
+                        f"{run_dir / 'checkpoints'}; continue with: {distributed.relaunch()} --resume {run_dir}")
 
     # --- save --------------------------------------------------------------------------------------
     final = run_dir / ".final.tmp"
     shutil.rmtree(final, ignore_errors=True)
-    trainer.model.save_pretrained(final)
+    distributed.save_model(trainer, final)
+    if not distributed.is_main():
+        return
     processor.save_pretrained(final)
     for item in final.iterdir():
         item.replace(run_dir / item.name)

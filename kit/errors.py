@@ -21,5 +21,8 @@ def user_errors(*extra_types):
     try:
         yield
     except (UserError, RecipeError, BackendError, SampleTooLong, BadRow, FileNotFoundError, *extra_types) as error:
-        click.echo(f"error: {error}", err=True)
+        from kit.distributed import reports_errors
+
+        if reports_errors():  # under torchrun every rank meets the same bad input; one line, not one per rank
+            click.echo(f"error: {error}", err=True)
         sys.exit(2)

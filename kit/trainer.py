@@ -25,6 +25,9 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
         max_length=None,  # the collator checks lengths: a cut inside an image would break the model
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without it accelerate never picks gloo on a CPU-only machine: under torchrun every process then
+        # trains its own copy ("process group is initialized, but parallel_mode != DISTRIBUTED").
+        use_cpu=not torch.cuda.is_available(),
     )
     values.update(changes)
     return SFTConfig(**values)
