@@ -77,7 +77,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     backend, reason = backends.select(recipe["backend"])
     precision = backends.precision(recipe["precision"])
     click.echo(f"backend {backend} ({reason}); precision {precision}")
-    distributed.init()
+    distributed.init(recipe)
     import torch
 
     if recipe["load_in_4bit"] and not torch.cuda.is_available():

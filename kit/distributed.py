@@ -88,6 +88,24 @@ def prepare():
 
         logging.disable(logging.WARNING)
         warnings.simplefilter("ignore")
+    if world() > 1 and launcher() in ("torchrun", "accelerate") and sys.platform == "linux":
+        # torchrun starts workers in their own session: a launcher killed with -9 would leave them training
+        # on, unseen. SIGTERM when it dies makes them checkpoint at the end of the step and stop instead.
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            raise UserError("the launcher is gone; start the run again")
+    if strategy() in ("fsdp", "deepspeed"):
+        import torch
+
+        if not torch.cuda.is_available():
+            # accelerate 1.15 turns FSDP and DeepSpeed on for GPU process groups only: on the CPU (MULTI_CPU)
+            # it would quietly run plain DDP under a config that says otherwise
+            raise UserError(f"{strategy()} needs CUDA GPUs (accelerate does not shard on the CPU); on this "
+                            "machine use configs/ddp.yaml: accelerate launch --config_file configs/ddp.yaml "
+                            f"--num_processes {world()} train.py ...")
     if (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
             and "WORLD_SIZE" not in os.environ):
         # `accelerate launch --cpu --num_processes N` starts ONE process (its multi-CPU mode runs through mpirun)
@@ -96,12 +114,17 @@ def prepare():
                         "train.py ... (or torchrun --nproc_per_node 2 train.py ...)")
 
 
-def init():
+def init(recipe: dict):
     """Join the process group before any work, so that rank 0 can prepare the data while the others wait.
 
     transformers makes its own accelerate PartialState later (in TrainingArguments) and reuses this group."""
     if world() == 1:
         return
+    if shards_weights() and recipe["load_in_4bit"]:
+        # sharding 4-bit weights needs bitsandbytes' quant_storage set to match, which this kit does not do
+        raise UserError(f"{strategy()}{' ZeRO-3' if zero_stage() == 3 else ''} shards the weights and cannot "
+                        "shard 4-bit ones here: add --set load_in_4bit=false, or train QLoRA with "
+                        "configs/ddp.yaml (the trained adapter is small; DDP is the faster fit for it)")
     import torch
     from accelerate import PartialState
 
@@ -161,11 +184,31 @@ def _device():
     return f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
 
 
+def zero_stage() -> int:
+    """The DeepSpeed ZeRO stage of this launch (0 when not DeepSpeed), from accelerate's config or its JSON."""
+    if strategy() != "deepspeed":
+        return 0
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if path and path.lower() != "none":
+        import json
+
+        try:
+            return int(json.loads(open(path).read()).get("zero_optimization", {}).get("stage", 0))
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path}: cannot read the DeepSpeed config ({error}); run from the repository root "
+                            "or give its full path in the accelerate config")
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
+
+
+def shards_weights() -> bool:
+    """FSDP and ZeRO-3 split the weights themselves; the others keep a whole copy on every GPU."""
+    return strategy() == "fsdp" or zero_stage() == 3
+
+
 def device_map():
-    """Where a rank loads the model: its own GPU; none under ZeRO-3, which places the weights itself."""
-    if strategy() == "deepspeed" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        return None
-    return {"": local_rank()}
+    """Where a rank loads the model: its own GPU; the CPU under FSDP/ZeRO-3, which then move their shards
+    to the GPU (loading the whole model on every GPU first would defeat them)."""
+    return None if shards_weights() else {"": local_rank()}
 
 
 def save_model(trainer, folder):
