@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from kit import runfolder
+from kit import distributed, runfolder
 from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 
@@ -42,7 +42,7 @@ from kit.errors import UserError, user_errors
 @click.option("--plan", "plan_only", is_flag=True, help="Check the data and estimate tokens and memory; no training.")
 @click.option("--plan-samples", type=int, default=0, help="With --plan: look at only this many rows (0 = all).")
 @click.option("--gpu", help="Plan for this card instead of the one present: its memory (12GB, 16GB, 11.5GB) or its "
-              "name (T4, L4, A10G, A100, H100, ...).")
+              "name (T4, L4, A10G, A100, H100, ...); N x it for N GPUs (4x24GB, or 4x for 4 of the card present).")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
 def main(recipe, config, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
@@ -58,6 +58,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     from kit.noise import silence_known_noise
 
     silence_known_noise()
+
+    distributed.prepare()
 
     # --- options -> resolved recipe ---------------------------------------------------------------
     if resume_dir:
@@ -79,12 +81,13 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     else:
         recipe, changes = recipes.load(recipe_name, overrides)
     if gpu:
-        from kit.plan import named_gpu
+        from kit.plan import gpu_count, named_gpu
 
-        named_gpu(gpu)  # a mistyped --gpu is refused before any data loads
+        card = gpu_count(gpu)[1]
+        card and named_gpu(card)  # a mistyped --gpu is refused before any data loads
     if not resume_dir:
         run_dir = output or Path("runs") / (config_stem if config and config_stem != "run_config" else recipe_name)
-        if run_dir.exists() and any(run_dir.iterdir()) and not plan_only:
+        if run_dir.exists() and any(run_dir.iterdir()) and not plan_only and distributed.is_main():
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                                 "--output for another folder, or --force to replace it")
@@ -99,6 +102,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     backend, reason = backends.select(recipe["backend"])
     precision = backends.precision(recipe["precision"], backend)
     click.echo(f"backend {backend} ({reason}); precision {precision}")
+    distributed.init(recipe)
     import torch
 
     if recipe["load_in_4bit"] and not torch.cuda.is_available() and not (plan_only and gpu):
@@ -109,16 +113,19 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     import data
     from kit import chat, model as models, plan, progress, trainer as training
 
-    train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0)
-    eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
+    with distributed.main_first():  # rank 0 fills the caches, then the others read them
+        train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0,
+                                  progress=distributed.is_main())
+        eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
+        base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}")
-    base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base_path)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
+    gpus, gpu = plan.gpu_count(gpu)
     gpu_name, gpu_bytes = plan.gpu_memory(gpu)
     planned = plan.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
     memory = plan.estimate_memory(plan.model_shape(base_path), recipe, max(i + t for i, t in counts or [(0, 0)]),
@@ -126,6 +133,10 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     if plan_only:
         click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
         plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor)
+        if gpus > 1:
+            plan.print_multi_gpu(len(train_samples), recipe, plan.per_gpu_memory(
+                plan.model_shape(base_path), recipe, memory, gpus, planned),
+                gpus, gpu_name, gpu_bytes)
         return
     if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
         raise UserError(f"the plan estimates {plan.gb(memory['total'])} peak on {gpu_name} "
@@ -133,17 +144,20 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                         "or --force to try anyway")
     from data.lint import split_bad_rows
 
-    if force and not resume_dir:  # the checks passed: the old run waits aside until the new one has started
-        runfolder.set_aside(run_dir)
-    train_samples = split_bad_rows(train_samples, findings, on_bad_row, run_dir / "skipped.jsonl")
-    eval_questions = training.eval_questions(recipe, eval_samples, on_bad_row, run_dir)
+    if force and not resume_dir and distributed.is_main():  # checks passed: the old run waits aside until the
+        runfolder.set_aside(run_dir)                          # new one has started
+    distributed.barrier()
+    train_samples = split_bad_rows(train_samples, findings, on_bad_row,
+                                   run_dir / "skipped.jsonl" if distributed.is_main() else None)
+    eval_questions = training.eval_questions(recipe, eval_samples, on_bad_row,
+                                             run_dir if distributed.is_main() else None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "run_config.json", {
+    distributed.is_main() and _write_json(run_dir / "run_config.json", {  # one writer under torchrun
         "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
                                                   if not (resume_dir and k == "backend")],
         "config": config, "recipe": recipe, "backend": backend, "precision": precision, "versions": _versions(),
-        "code_version": _git_version(), "command": " ".join(sys.argv)})
-    if heldout_rows:
+        "code_version": _git_version(), "command": " ".join(sys.argv), "launch": distributed.describe(recipe)})
+    if heldout_rows and distributed.is_main():
         training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
 
     dtype = backends.torch_dtype(precision)
@@ -153,6 +167,12 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     total = sum(p.numel() for p in model.parameters())
     click.echo(f"model {recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "
                f"({recipe['finetune']})")
+    if distributed.world() > 1:
+        launch = distributed.describe(recipe)
+        click.echo(f"data parallel: {launch['world_size']} processes ({launch['launcher']}, {launch['strategy']}); "
+                   f"global batch {recipe['per_device_train_batch_size']} per device x "
+                   f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = "
+                   f"{launch['global_batch']}")
     collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
                                                     recipe["train_on_responses_only"], recipe["system_prompt"]))
 
@@ -170,6 +190,9 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = final_root
+            distributed.barrier()  # every rank has written its part (RNG state, optimizer shards) into staging
+            if not distributed.is_main():
+                return
             for checkpoint in staging.glob("checkpoint-*"):
                 shutil.rmtree(Path(final_root) / checkpoint.name, ignore_errors=True)
                 checkpoint.rename(Path(final_root) / checkpoint.name)
@@ -205,14 +228,17 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     trainer.add_callback(progress.stop_on_signal())
     trainer.add_callback(runfolder.commit_after_first_step())
     started = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with distributed.errors_from_every_rank():  # a bad row may sit in one rank's shard only
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < trainer.state.max_steps:
         raise UserError(_stopped_early(trainer.state, run_dir))
 
     # --- save --------------------------------------------------------------------------------------
     final = run_dir / ".final.tmp"
     shutil.rmtree(final, ignore_errors=True)
-    trainer.model.save_pretrained(final)
+    distributed.save_model(trainer, final)
+    if not distributed.is_main():
+        return
     processor.save_pretrained(final)
     for item in final.iterdir():
         item.replace(run_dir / item.name)
@@ -232,7 +258,7 @@ def _stopped_early(state, run_dir: Path) -> str:
     saved = _last_checkpoint(run_dir / "checkpoints")
     where = f"step {state.global_step} of {state.max_steps}"
     if saved and int(saved.name.split("-")[1]) == state.global_step:
-        return f"interrupted at {where}: checkpoint saved in {saved}; continue with: python train.py --resume {run_dir}"
+        return f"interrupted at {where}: checkpoint saved in {saved}; continue with: {distributed.relaunch()} --resume {run_dir}"
     kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
     return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
             f"python train.py --plan (or python -m data.lint)")

@@ -23,5 +23,8 @@ def user_errors(*extra_types):
         yield
     except (UserError, RecipeError, BackendError, BadSample, SampleTooLong, BadRow, FileNotFoundError,
             HubUnavailable, *extra_types) as error:
-        click.echo(f"error: {error}", err=True)
+        from kit.distributed import reports_errors
+
+        if reports_errors():  # under torchrun every rank meets the same bad input; one line, not one per rank
+            click.echo(f"error: {error}", err=True)
         sys.exit(2)

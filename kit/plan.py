@@ -233,3 +233,51 @@ def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, p
         click.echo(f"does not fit: {gb(memory['total'])} > {gb(gpu_bytes)} on {gpu_name}; lower "
                    "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
                    "max_pixels, or lora_r")
+
+
+def gpu_count(named: str | None) -> tuple[int, str | None]:
+    """--gpu 4x24GB -> (4, "24GB"); 4x -> (4, None: the card present). Without a count: the launch's world
+    size, so `torchrun --nproc_per_node 4 train.py --plan` plans for 4 as well."""
+    import os
+
+    count, _, size = (named or "").upper().replace(" ", "").rpartition("X")
+    if count:
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"--gpu {named}: write N x SIZE, e.g. 4x24GB (or 4x for 4 of the card present)")
+        return int(count), size or None
+    return int(os.environ.get("WORLD_SIZE", "1")), named
+
+
+def per_gpu_memory(shape: dict, recipe: dict, memory: dict, gpus: int, precision: str) -> dict:
+    """Peak bytes per GPU with `gpus` data-parallel processes, by strategy, from the one-GPU parts.
+
+    Activations and logits stay per device (each GPU runs per_device_train_batch_size samples); what the
+    strategies split is the model state. DDP keeps everything and adds its gradient buckets; ZeRO-2 splits
+    gradients and optimizer states; ZeRO-3 and FSDP also split the weights and gather one layer at a time."""
+    half = 2 if precision in ("bf16", "fp16") else 4
+    trainable = lora_parameters(shape, recipe) if recipe["finetune"] == "lora" else (
+        shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"] + shape["embed"])
+    optimizer = 2 if "8bit" in recipe["optim"] else 8
+    weights, state = memory["base weights"], memory["LoRA/trained weights + grads + optimizer"]
+    rest = memory["activations (largest sample)"] + memory["logits"] + memory["CUDA overhead"]
+    bucket = trainable * 4  # DDP's fp32 gradient buckets, a second copy of the gradients for all-reduce
+    # ZeRO-3/FSDP gather one decoder layer's weights (two with prefetch) on top of their shard
+    layer = 2 * (shape["attn_linear"] + shape["mlp_linear"]) / shape["layers"] * (
+        4.127 / 8 if recipe["load_in_4bit"] else half)
+    totals = {
+        "DDP": weights + state + bucket + rest,
+        "ZeRO-2": weights + trainable * 4 + trainable * (4 + optimizer) / gpus + rest,
+        "ZeRO-3 / FSDP": (weights + state) / gpus + layer + rest,
+    }
+    return {name: value * 1.1 for name, value in totals.items()}  # fragmentation, as estimate_memory
+
+
+def print_multi_gpu(rows: int, recipe: dict, per_gpu: dict, gpus: int, gpu_name: str, gpu_bytes: int | None):
+    per_step = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] * gpus
+    click.echo(f"on {gpus} GPUs: global batch {recipe['per_device_train_batch_size']} per device x "
+               f"{recipe['gradient_accumulation_steps']} accumulation x {gpus} = {per_step}; "
+               f"steps per epoch: {math.ceil(rows / per_step)}")
+    click.echo("peak memory per GPU by strategy (launch commands: README, 'Several GPUs'):")
+    for name, value in per_gpu.items():
+        verdict = "" if gpu_bytes is None else (" fits" if value <= gpu_bytes else " does not fit") + f" {gpu_name}"
+        click.echo(f"  {name:<42} {gb(value)}{verdict}")

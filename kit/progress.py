@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from kit.distributed import any_rank, is_main, total
+
 
 class CountingCollator:
     """Counts the real (non-padding) tokens that pass, for the tokens/s field of the progress line."""
@@ -41,7 +43,8 @@ def progress_line(path: Path, counter: CountingCollator, keep_until: int):
         def __init__(self):
             # On resume, rows logged after the checkpoint are logged again; keep the curve single-valued.
             rows = path.read_text().splitlines() if keep_until and path.exists() else []
-            path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= keep_until))
+            if is_main():  # one writer under torchrun
+                path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= keep_until))
             self.last_time, self.last_step, self.last_tokens, self.last_loss = time.time(), 0, 0, float("nan")
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -58,16 +61,18 @@ def progress_line(path: Path, counter: CountingCollator, keep_until: int):
                 return
             now, steps = time.time(), max(state.global_step - self.last_step, 1)
             seconds = max(now - self.last_time, 1e-9)
+            tokens = total(counter.tokens)  # every rank logs the same steps: all of them count their tokens
             row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
                    "ms_per_step": 1000 * seconds / steps,
-                   "tokens_per_s": (counter.tokens - self.last_tokens) / seconds,
+                   "tokens_per_s": (tokens - self.last_tokens) / seconds,
                    "peak_mem_gb": peak_memory_gb(), "time": now}
             click.echo(f"step {row['step']:05d}/{state.max_steps:05d} | loss {row['loss']:.4f} | "
                        f"lr {row['lr']:.1e} | {row['ms_per_step']:,.0f} ms | {row['tokens_per_s']:,.0f} tok/s | "
                        f"mem {row['peak_mem_gb']:.1f} GB")
-            with path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            self.last_time, self.last_step, self.last_tokens = now, state.global_step, counter.tokens
+            if is_main():
+                with path.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            self.last_time, self.last_step, self.last_tokens = now, state.global_step, tokens
             self.last_loss = row["loss"]
 
     return ProgressLine()
@@ -116,7 +121,8 @@ def stop_on_signal():
             self.asked = True
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.asked:
+            # A signal may reach one rank only; all of them must save and stop at the same step.
+            if any_rank(self.asked):
                 control.should_save = control.should_training_stop = True
 
     return StopOnSignal()

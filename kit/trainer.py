@@ -43,6 +43,9 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
         per_device_eval_batch_size=recipe["per_device_train_batch_size"], prediction_loss_only=True,
         load_best_model_at_end=recipe["load_best_model_at_end"] and bool(recipe["eval_steps"]),
         metric_for_best_model="relaxed_accuracy", greater_is_better=True,
+        # Without it accelerate never picks gloo on a CPU-only machine: under torchrun every process then
+        # trains its own copy ("process group is initialized, but parallel_mode != DISTRIBUTED").
+        use_cpu=not torch.cuda.is_available(),
     )
     values["report_to"] = [] if values["report_to"] == "none" else [values["report_to"]]
     if "tensorboard" in values["report_to"]:  # event files in <run>/logs, beside metrics.jsonl
@@ -163,7 +166,7 @@ def write_heldout(path: Path, rows: list[dict]):
     tmp.replace(path)
 
 
-def eval_questions(recipe: dict, held, on_bad_row: str, run_dir: Path):
+def eval_questions(recipe: dict, held, on_bad_row: str, run_dir: Path | None):
     """The held-out questions scored during training (the first eval_samples), checked like eval.py does;
     None without eval_steps."""
     if held is None or not recipe["eval_steps"]:
@@ -173,5 +176,5 @@ def eval_questions(recipe: dict, held, on_bad_row: str, run_dir: Path):
     count = min(recipe["eval_samples"] or len(held), len(held))
     questions = held.select(range(count)) if hasattr(held, "select") else held[:count]
     questions = split_bad_rows(questions, lint(questions, duplicates=False), on_bad_row,
-                               run_dir / "skipped-heldout.jsonl")
+                               run_dir / "skipped-heldout.jsonl" if run_dir else None)
     return questions if len(questions) else None
