@@ -1,7 +1,8 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
 # make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
 # make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
-# Both create .venv on first use. On a GPU machine use `pip install -r requirements.txt` instead.
+# make test-unsloth : the kit with Unsloth imported and its patches in place (CPU mode), in .venv-unsloth
+# Both create .venv on first use. On a GPU machine use `python install.py` instead.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 # The demo's run folder.
 DEMO := runs/demo
 
-.PHONY: demo test venv llama-cpp clean board browser
+.PHONY: demo test test-unsloth venv llama-cpp clean board browser
 
 venv: $(VENV)/.installed
 
@@ -47,6 +48,23 @@ test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	-@$(MAKE) --no-print-directory browser
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q tests
 
+# The GPU install (install.py: requirements.txt around the installed torch) on this machine's torch, in its own
+# venv: Unsloth patches transformers/trl/peft for the whole process, so it never shares the CPU lane's venv.
+UNSLOTH_VENV := .venv-unsloth
+UNSLOTH_PY := $(UNSLOTH_VENV)/bin/python
+
+$(UNSLOTH_VENV)/.installed: install.py requirements.txt requirements-core.txt requirements-dev.txt
+	test -x $(UNSLOTH_PY) || $(PYTHON) -m venv $(UNSLOTH_VENV)
+	$(UNSLOTH_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(UNSLOTH_PY) install.py -q
+	$(UNSLOTH_PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# UNSLOTH_ALLOW_CPU=1: Unsloth's CPU mode; the kit's switch lets --backend unsloth run here (tests/with_unsloth).
+test-unsloth: $(UNSLOTH_VENV)/.installed
+	UNSLOTH_ALLOW_CPU=1 QWEN2VL_KIT_TEST_UNSLOTH_ON_CPU=1 QWEN2VL_KIT_CACHE=$(CACHE) \
+	  $(UNSLOTH_PY) -m pytest -q tests/with_unsloth
+
 demo: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	$(PY) train.py --recipe demo --output $(DEMO) --force
 	$(PY) eval.py $(DEMO) --data synthetic --compare base,finetuned --control shuffled --force
@@ -66,4 +84,4 @@ browser:
 	  echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver as root): tests/test_board.py skips"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(UNSLOTH_VENV) runs .pytest_cache

@@ -1,6 +1,7 @@
 """Shared fixtures: short training runs on the tiny model, made once per test session."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# tests/with_unsloth/ is its own lane (make test-unsloth, in its own venv, unsloth imported on purpose); this lane
+# never collects it, so it never imports unsloth.
+collect_ignore = [] if os.environ.get("QWEN2VL_KIT_TEST_UNSLOTH_ON_CPU") == "1" else ["with_unsloth"]
 
 # Small enough to run in seconds on two cores, big enough that the loss clearly falls.
 QUICK = ["synthetic_num_train=240", "synthetic_num_test=40", "max_steps=60", "logging_steps=10",
