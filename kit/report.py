@@ -129,6 +129,11 @@ def markdown(summary: dict, title: str, source: str) -> str:
             f"- `relaxed acc ({summary['metric']})` and every `subset=` / `qtype=` column: relaxed accuracy under "
             f"{summary['rules']['relaxed']}.",
             f"- `exact match`: {EXACT.split(': ', 1)[1]}.", "", table(summary)]
+    scores = [entry[kind] for entry in summary["systems"].values() for kind in ("relaxed", "exact")]
+    if any(score["accuracy"] in (0, 1) for score in scores):
+        text += ["", "A system right on none (or all) of the questions has a zero-width bootstrap interval: every "
+                 "resample is the same. Read it with the rule of three: with n questions, the true rate is below "
+                 "3/n (or above 1 - 3/n) at 95 %."]
     if summary["pairs"]:
         text += ["", "## Paired comparisons (same questions, relaxed accuracy)", "",
                  "fixed: the candidate is right where the baseline was wrong; broken: the reverse. change: candidate "
@@ -200,7 +205,7 @@ def thumbnail(image, path: Path) -> bool:
         return False
 
 
-def diff_page(changed: list[dict], images: dict, folder: Path, title: str) -> str:
+def diff_page(changed: list[dict], pairs: list[dict], images: dict, folder: Path, title: str) -> str:
     """diff.html: per pair, the questions the candidate fixed and those it broke, each with its chart."""
     (folder / "thumbs").mkdir(exist_ok=True)
     made: dict[str, str | None] = {}
@@ -209,13 +214,16 @@ def diff_page(changed: list[dict], images: dict, folder: Path, title: str) -> st
              "border-bottom:1px solid #ddd}.fixed{color:#1a7f37}.broken{color:#cf222e}</style>",
              f"<h1>{html.escape(title)}: what changed</h1>",
              "<p>Relaxed-accuracy verdicts that differ between two systems on the same question. Shuffled-image "
-             "systems were shown another question's chart; the thumbnail is the question's own.</p>"]
-    for (baseline, candidate), group in itertools.groupby(changed, key=lambda d: (d["baseline"], d["candidate"])):
-        group = list(group)
+             "systems were shown another question's chart; the thumbnail is the question's own.</p><ul>"]
+    parts += [f"<li>{html.escape(p['candidate'])} vs {html.escape(p['baseline'])}: <a href='#{i}-fixed'>fixed "
+              f"{p['fixed']}</a>, <a href='#{i}-broken'>broken {p['broken']}</a></li>" for i, p in enumerate(pairs)]
+    parts.append("</ul>")
+    for i, (baseline, candidate) in enumerate((pair["baseline"], pair["candidate"]) for pair in pairs):
+        group = [d for d in changed if (d["baseline"], d["candidate"]) == (baseline, candidate)]
         for change in ("fixed", "broken"):
             members = [d for d in group if d["change"] == change]
-            parts.append(f"<h2>{html.escape(candidate)} vs {html.escape(baseline)}: <span class={change}>{change}"
-                         f"</span> ({len(members)})</h2>")
+            parts.append(f"<h2 id={i}-{change}>{html.escape(candidate)} vs {html.escape(baseline)}: "
+                         f"<span class={change}>{change}</span> ({len(members)})</h2>")
             if not members:
                 continue
             parts.append(f"<table><tr><th>chart</th><th>question</th><th>reference</th>"
@@ -254,7 +262,7 @@ def save(out: Path, rows: list[dict], names: list[str], metric: str, title: str,
     plot(summary, tmp / "report.png")
     write_jsonl(tmp / "diff.jsonl", changed)
     image_of = images or {str(row["id"]): row["image"] for row in rows if row.get("image")}
-    (tmp / "diff.html").write_text(diff_page(changed, image_of, tmp, title))
+    (tmp / "diff.html").write_text(diff_page(changed, summary["pairs"], image_of, tmp, title))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
