@@ -16,44 +16,12 @@ import click
 
 import recipes
 from kit import board_runs as runs
+from kit.board_form import SECTIONS, as_text, read_form, start_recipe
 from kit.export import CONVERTER_TYPES, QUANTIZER_TYPES
 from recipes.base import BASE
 
-SECTIONS = {"model_name_or_path": "Model", "lora_r": "LoRA", "dataset": "Data",
-            "per_device_train_batch_size": "Training"}  # the key each part of recipes/base.py starts with
 SYSTEMS = ("base", "base+prompt", "finetuned")
 ROOT = Path("runs")  # --runs
-
-
-# --- the recipe form: one field per key of recipes/base.py, typed and checked as --set is ---------------------
-def as_text(value) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def start_recipe(name: str) -> dict:
-    return dict(BASE) if name == "base" else recipes.load(name)[0]
-
-
-def read_form(start: str, values: list) -> tuple[list[str], dict[str, str]]:
-    """The form as --set overrides of `start` (only what differs), and the errors by key ("" for the form)."""
-    recipe, overrides, errors = start_recipe(start), [], {}
-    for key, value in zip(BASE, values):
-        text = as_text(value)
-        try:
-            typed = recipes.parse_value(key, text, BASE[key])
-        except recipes.RecipeError as error:
-            errors[key] = str(error).split(": ", 1)[1]
-            continue
-        if typed != recipe[key]:
-            overrides.append(f"{key}={text}")
-    if not errors:
-        try:
-            recipes.load_config({"recipe": start}, overrides, "form")
-        except recipes.RecipeError as error:
-            message = str(error).removeprefix("form: ")
-            key = next((k for k in BASE if message.startswith(k) or message.startswith(f"--set {k}=")), "")
-            errors[key] = message
-    return overrides, errors
 
 
 def train_command(start, run_name, config_path, overrides, *extra) -> list[str]:
@@ -63,30 +31,6 @@ def train_command(start, run_name, config_path, overrides, *extra) -> list[str]:
         return runs.command("train.py", "--config", config_path, "--output", ROOT / run_name, *extra)
     sets = [part for item in overrides for part in ("--set", item)]
     return runs.command("train.py", "--recipe", start, *sets, "--output", ROOT / run_name, *extra)
-
-
-def loss_plot(run_dir: Path):
-    rows = runs.metrics(run_dir)
-    if not rows:
-        return None
-    import tempfile
-
-    from kit.progress import plot_loss
-
-    png = Path(tempfile.gettempdir()) / "qwen2vl-board" / f"{run_dir.name}-loss-{len(rows)}.png"
-    if not png.exists():
-        png.parent.mkdir(exist_ok=True)
-        plot_loss(run_dir / "metrics.jsonl", png)
-    return str(png)
-
-
-def run_names() -> list[str]:
-    return [row["run"] for row in runs.runs(ROOT) if (ROOT / row["run"] / "run_config.json").exists()]
-
-
-def chat_targets() -> list[str]:
-    folders = [p for p in sorted(ROOT.glob("*")) if p.is_dir() and not p.name.startswith(".")]
-    return [str(p) for p in folders if (p / "run_config.json").exists() or list(p.glob("*.gguf"))]
 
 
 def field(key, value):
@@ -108,7 +52,7 @@ def build():
         return [[r["run"], r["state"], r["step"], r["loss"], r["updated"]] for r in runs.runs(ROOT)]
 
     def refresh_choices(current=None):
-        names = run_names()
+        names = runs.run_names(ROOT)
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
 
     with gr.Blocks(title="qwen2vl-kit board") as board:
@@ -137,16 +81,16 @@ def build():
                     start_button = gr.Button("Start", variant="primary")
                     stop_button, resume_button = gr.Button("Stop"), gr.Button("Resume")
                 status = gr.Markdown(elem_id="train-status")
-                plan_out = gr.Textbox(label="Plan (train.py --plan)", lines=12, visible=False, elem_id="plan")
-                with gr.Row():
-                    watched = gr.Dropdown(run_names(), label="Run shown below", allow_custom_value=True,
-                                          elem_id="watched")
-                    runs_view = gr.Dataframe(runs_table(), headers=["run", "state", "step", "loss", "updated"],
-                                             label="Runs under " + str(ROOT), interactive=False, elem_id="runs")
                 with gr.Row():
                     log = gr.Textbox(label="Progress (train.log)", lines=14, max_lines=14, autoscroll=True,
                                      elem_id="train-log")
-                    loss = gr.Image(label="Training loss (metrics.jsonl)", elem_id="loss-plot", height=300)
+                    loss = gr.Image(label="Training loss (metrics.jsonl)", elem_id="loss-plot", height=330)
+                with gr.Row():
+                    watched = gr.Dropdown(runs.run_names(ROOT), label="Run to watch, stop or resume",
+                                          allow_custom_value=True, elem_id="watched")
+                    runs_view = gr.Dataframe(runs_table(), headers=["run", "state", "step", "loss", "updated"],
+                                             label="Runs under " + str(ROOT), interactive=False, elem_id="runs")
+                plan_out = gr.Textbox(label="Plan (train.py --plan)", lines=12, visible=False, elem_id="plan")
                 timer = gr.Timer(2)
 
             field_list = list(fields.values())
@@ -156,7 +100,7 @@ def build():
                 overrides, errors = read_form(start_name, values)
                 updates = [gr.update(info=f"⚠ {errors[k]}" if k in errors else f"default {as_text(BASE[k])!s:.40}")
                            for k in BASE]
-                note = "" if not errors else "**Fix the fields marked ⚠**" + (f": {errors['']}" if "" in errors else "")
+                note = "**Fix the fields marked ⚠**" + (f": {errors['']}" if "" in errors else "") if errors else ""
                 return (None if errors else overrides), updates, note
 
             def set_start(name):
@@ -183,7 +127,12 @@ def build():
                 output = ""
                 for output, code in runs.stream(cmd):
                     pass
-                return *updates, f"`{runs.shown(cmd)}` exit {code}", gr.update(value=output, visible=True)
+                # The form already shows the recipe that train.py prints first; keep what the plan found.
+                lines = output.splitlines()
+                first = next((n for n, line in enumerate(lines) if line.startswith("recipe ")), len(lines))
+                last = next((n for n in range(first + 1, len(lines)) if not lines[n].startswith("  ")), len(lines))
+                found = "\n".join(lines[:first] + lines[last:])
+                return *updates, f"`{runs.shown(cmd)}` exit {code}", gr.update(value=found, visible=True)
 
             def save(start_name, name, config, *values):
                 overrides, updates, note = checked(start_name, *values)
@@ -235,7 +184,7 @@ def build():
                     return gr.skip(), gr.skip(), gr.skip(), seen
                 if not name:
                     return "", None, table, now
-                return runs.tail(log_file), loss_plot(ROOT / name), table, now
+                return runs.tail(log_file), runs.loss_plot(ROOT / name), table, now
 
             form = [start, run_name, config_path, *field_list]
             start.input(set_start, start, [*field_list, run_name, config_path])
@@ -252,7 +201,7 @@ def build():
             # --- Evaluate ------------------------------------------------------------------------------
             with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
                 with gr.Row():
-                    eval_run = gr.Dropdown(run_names(), label="Run", elem_id="eval-run")
+                    eval_run = gr.Dropdown(runs.run_names(ROOT), label="Run", elem_id="eval-run")
                     systems = gr.CheckboxGroup(list(SYSTEMS), value=["base", "finetuned"], label="Systems")
                     shuffled = gr.Checkbox(label="Also with each question shown another chart (--control shuffled)")
                     limit = gr.Number(0, precision=0, label="Questions (0 = all)", elem_id="eval-limit")
@@ -285,7 +234,7 @@ def build():
             # --- Export --------------------------------------------------------------------------------
             with gr.Tab("Export", id="export") as export_tab:
                 with gr.Row():
-                    export_run = gr.Dropdown(run_names(), label="Run", elem_id="export-run")
+                    export_run = gr.Dropdown(runs.run_names(ROOT), label="Run", elem_id="export-run")
                     targets = gr.CheckboxGroup(["merged", "gguf"], value=["merged", "gguf"], label="Write")
                     quants = gr.CheckboxGroup([*CONVERTER_TYPES, *QUANTIZER_TYPES], value=["f16"],
                                               label="GGUF types (--quant)")
@@ -305,8 +254,8 @@ def build():
                 proofs = [line for line in lines if line.startswith(("parity", "  '", "llama.cpp ", "note:"))]
                 commands = lines[lines.index("run it in llama.cpp:") + 1:] if "run it in llama.cpp:" in lines else []
                 verdict = "**done**" if code == 0 else f"**merge.py failed (exit {code})**: see its output above"
-                yield (f"$ {runs.shown(cmd)}\n{output}", verdict + "\n\n" + "\n".join(f"- `{p.strip()}`" for p in proofs),
-                       "\n".join(c.strip() for c in commands))
+                proven = "\n".join(f"- `{line.strip()}`" for line in proofs)
+                yield f"$ {runs.shown(cmd)}\n{output}", f"{verdict}\n\n{proven}", "\n".join(c.strip() for c in commands)
 
             export_button.click(export, [export_run, targets, quants, export_force],
                                 [export_log, parity, llama_commands])
@@ -316,8 +265,8 @@ def build():
             with gr.Tab("Chat", id="chat") as chat_tab:
                 with gr.Row():
                     with gr.Column():
-                        chat_target = gr.Dropdown(chat_targets(), label="Model: a run, a merged folder or a GGUF "
-                                                  "folder", elem_id="chat-target")
+                        chat_target = gr.Dropdown(runs.chat_targets(ROOT), elem_id="chat-target",
+                                                  label="Model: a run, a merged folder or a GGUF folder")
                         image = gr.Image(type="filepath", label="Chart", height=260, elem_id="chat-image")
                     with gr.Column():
                         question = gr.Textbox(label="Question", elem_id="chat-question")
@@ -336,8 +285,8 @@ def build():
                     yield output.strip(), f"`{runs.shown(cmd)}`{ended}"
 
             ask.click(chat, [chat_target, image, question], [answer, chat_command])
-            chat_tab.select(lambda current: gr.Dropdown(choices=chat_targets(), value=current), chat_target,
-                            chat_target)
+            chat_tab.select(lambda current: gr.Dropdown(choices=runs.chat_targets(ROOT), value=current),
+                            chat_target, chat_target)
     return board
 
 
@@ -347,7 +296,12 @@ def build():
 @click.option("--runs", "runs_root", default="runs", type=click.Path(path_type=Path),
               help="Folder holding the run folders (train.py's default).")
 def main(host, port, runs_root):
-    """Open the board in your browser at http://HOST:PORT; see the module docstring."""
+    """Open the board (train, evaluate, export, chat) in your browser at http://HOST:PORT.
+
+    \b
+        python board.py                          # http://127.0.0.1:7860
+        python board.py --port 8080 --runs runs  # another port, another runs folder
+    """
     global ROOT
     ROOT = runs_root.resolve()
     ROOT.mkdir(parents=True, exist_ok=True)

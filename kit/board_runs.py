@@ -154,3 +154,30 @@ def stream(cmd: list[str], chars: bool = False):
             process.terminate()
         process.wait()
     yield output.decode(errors="replace"), process.returncode
+
+
+def run_names(root: Path) -> list[str]:
+    return [row["run"] for row in runs(root) if (root / row["run"] / "run_config.json").exists()]
+
+
+def chat_targets(root: Path) -> list[str]:
+    """Run folders and the folders merge.py wrote beside them (merged weights, GGUF pairs)."""
+    folders = [p for p in sorted(root.glob("*")) if p.is_dir() and not p.name.startswith(".")]
+    return [str(p) for p in folders if (p / "run_config.json").exists() or list(p.glob("*.gguf"))]
+
+
+def loss_plot(run_dir: Path) -> str | None:
+    """metrics.jsonl drawn as train.py draws loss.png at the end, for a run still going."""
+    rows = metrics(run_dir)
+    if not rows:
+        return None
+    import tempfile
+
+    from kit.progress import plot_loss
+
+    stamp = (run_dir / "metrics.jsonl").stat().st_mtime_ns
+    png = Path(tempfile.gettempdir()) / "qwen2vl-board" / f"{run_dir.name}-{stamp}-loss-{len(rows)}.png"
+    if not png.exists():
+        png.parent.mkdir(exist_ok=True)
+        plot_loss(run_dir / "metrics.jsonl", png)
+    return str(png)
