@@ -128,6 +128,10 @@ def init(recipe: dict):
     import torch
     from accelerate import PartialState
 
+    if not torch.cuda.is_available():
+        # accelerate names the device "cpu:0" on the CPU, and torch.load(map_location="cpu:0"), which the
+        # Trainer uses to read optimizer.pt when resuming with several processes, fails on it
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     # cpu=True on a machine without CUDA: accelerate only picks gloo (MULTI_CPU) when told it is on the CPU
     PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
 
