@@ -31,7 +31,8 @@ GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--data", help="chartqa, synthetic, latex_ocr or jsonl:PATH. Default: the run's recipe dataset.")
-@click.option("--split", default="test", help="Dataset split (ignored for jsonl).")
+@click.option("--split", help="Dataset split (ignored for jsonl). Default: the run's held-out rows (heldout.jsonl, "
+                              "what it evaluated during training), else the test split; never its training rows.")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
 @click.option("--compare", default="base,base+prompt,finetuned", help="Comma-separated systems to score.")
 @click.option("--control", type=click.Choice(["none", "shuffled"]), default="none",
@@ -47,7 +48,8 @@ GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
                    "it out and list it in skipped.jsonl (skip).")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
          on_bad_row):
-    """Score TARGET (a run folder made by train.py); see the module docstring for examples."""
+    """Score TARGET (a run folder made by train.py, or one of its checkpoints/checkpoint-N folders); see the
+    module docstring for examples."""
     with user_errors():
         run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
             on_bad_row)
@@ -56,8 +58,7 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
         force, on_bad_row):
     # --- options -----------------------------------------------------------------------------------
-    if not (run_dir / "run_config.json").exists():
-        raise UserError(f"{run_dir} is not a run folder (no run_config.json); eval.py scores runs made by train.py")
+    run_dir, weights_dir = locate_run(run_dir)
     recipe = json.loads((run_dir / "run_config.json").read_text())["recipe"]
     systems = [name.strip() for name in compare.split(",") if name.strip()]
     unknown = [name for name in systems if name not in SYSTEMS]
@@ -66,7 +67,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     if "base+prompt" in systems and not recipe["system_prompt"]:
         click.echo("note: base+prompt left out: the recipe has no system_prompt, so it would be the same as base")
         systems.remove("base+prompt")
-    out = out or run_dir / "eval"
+    out = out or (weights_dir or run_dir) / "eval"
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} already holds an evaluation; use --force to replace it or --out for another folder")
     if batch_size < 1 or max_new_tokens < 1:
@@ -78,7 +79,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     click.echo(f"backend {backend} ({reason})")
 
     # --- load: samples, then one model at a time ----------------------------------------------------
-    samples, skipped = load_samples(recipe, data_spec, split, limit, on_bad_row)
+    samples, skipped, split = load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir)
     donors = derangement(len(samples)) if control == "shuffled" else None
     if donors is not None and len(samples) < 2:
         raise UserError("--control shuffled needs at least 2 samples")
@@ -90,7 +91,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                       answers, seconds)
     if "finetuned" in systems:
         score_systems("finetuned", ["finetuned"], run_dir, recipe, backend, samples, donors, batch_size,
-                      max_new_tokens, answers, seconds)
+                      max_new_tokens, answers, seconds, weights_dir)
 
     # --- save ---------------------------------------------------------------------------------------
     rows = prediction_rows(samples, donors, answers)
@@ -114,26 +115,62 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                + (f", skipped.jsonl ({len({s['index'] for s in skipped})} rows left out)" if skipped else ""))
 
 
-def load_samples(recipe, data_spec, split, limit, on_bad_row):
-    """(usable samples, skipped rows): every row checked (image opens, answer present) before any model loads."""
+def locate_run(target: Path) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint folder or None) for a run folder or one of its checkpoints/checkpoint-N."""
+    if (target / "run_config.json").exists():
+        return target, None
+    if (target.parent.parent / "run_config.json").exists() and target.name.startswith("checkpoint-"):
+        return target.parent.parent, target
+    raise UserError(f"{target} is not a run folder (no run_config.json) nor one of its checkpoints/checkpoint-N; "
+                    "eval.py scores runs made by train.py")
+
+
+def heldout_samples(recipe, run_dir: Path, limit: int):
+    """The run's held-out rows (heldout.jsonl, in the order training scored them), from its own dataset."""
+    import data
+
+    rows = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    source = data.load(recipe, rows[0]["split"], progress=False)
+    picked = source.select([r["index"] for r in rows]) if hasattr(source, "select") else \
+        [source[r["index"]] for r in rows]
+    for row, sample in zip(rows, picked):
+        if sample.get("id") != row["id"]:
+            raise UserError(f"{run_dir}/heldout.jsonl: row {row['index']} of {recipe['dataset']} "
+                            f"({row['split']}) is now {sample.get('id')!r}, not {row['id']!r}: the data changed "
+                            "since training; pass --data/--split to score other rows")
+    return picked
+
+
+def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | None = None):
+    """(usable samples, skipped rows, split shown): every row checked (image opens, answer present) before any
+    model loads. Without --data/--split: the run's held-out rows, else its dataset's test split."""
     import data
     from data.lint import lint, skipped_rows, split_bad_rows
 
     spec = data_spec or recipe["dataset"]
-    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith("jsonl:"):
-        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr or jsonl:PATH")
+    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith(("jsonl:", "hf:")):
+        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr, jsonl:PATH or hf:HUB_ID_OR_FOLDER")
     eval_recipe = {**recipe, "dataset": spec, "limit": limit}
     if spec == "synthetic" and limit:
         eval_recipe["synthetic_num_test"] = limit  # test charts are drawn from their own index range
+    held = not data_spec and not split and run_dir is not None and (run_dir / "heldout.jsonl").exists()
+    if not held and not split and spec.startswith("jsonl:"):
+        raise UserError(f"{spec} has no test split and the run held no rows out (eval_fraction=0), so every row "
+                        "was trained on; pass --data jsonl:OTHER_FILE, or train with --set eval_fraction=0.05")
     try:
-        samples = data.load(eval_recipe, split)
+        if held:
+            samples, split = heldout_samples(recipe, run_dir, limit), "held-out rows of the run"
+        else:
+            split = split or "test"
+            samples = data.load(eval_recipe, split)
     except ConnectionError as error:
         raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH")
     findings = lint(samples, duplicates=False)  # only rows that cannot be scored
     usable = split_bad_rows(samples, findings, on_bad_row)
-    if not usable:
+    if not len(usable):
         raise UserError(f"--data {spec}: no row can be scored")
-    return usable, skipped_rows(samples, findings)
+    return usable, skipped_rows(samples, findings), split
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -147,7 +184,7 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors, batch_size, max_new_tokens,
-                  answers, seconds):
+                  answers, seconds, weights_dir=None):
     """Load one model (the base or the run's) and fill `answers` / `seconds` for each of its systems."""
     import torch
     from tqdm import tqdm
@@ -157,7 +194,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
 
     dtype = backends.torch_dtype(backends.precision())
     if model_kind == "finetuned":
-        model, processor, _ = models.load_run(run_dir, backend, dtype)
+        model, processor, _ = models.load_run(run_dir, backend, dtype, weights_dir=weights_dir)
     else:
         model, processor = models.load_base(models.resolve(recipe["model_name_or_path"]), backend,
                                             recipe["load_in_4bit"], dtype,
