@@ -3,6 +3,12 @@
     python eval.py runs/chartqa --compare base,base+prompt,finetuned
     python eval.py runs/demo --compare base,finetuned --control shuffled
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
+    python eval.py runs/chartqa/checkpoints/checkpoint-400 --limit 300 --compare finetuned   # as in training
+    python eval.py runs/chartqa-gguf --compare finetuned --limit 500          # the GGUF pair in llama.cpp
+    python eval.py Qwen/Qwen2-VL-2B-Instruct --data chartqa --compare finetuned   # any model, as `finetuned`
+
+By default a run is scored on its held-out rows (heldout.jsonl: what it evaluated during training), else on
+its dataset's test split; never silently on its training rows.
 
 Systems: `finetuned` is the run's model with the recipe's system prompt, as it was trained; `base` is the run's
 base model with only the chat template's default system message; `base+prompt` is the base model with the
@@ -16,6 +22,7 @@ report.png (relaxed accuracy per system), and skipped.jsonl with --on-bad-row sk
 import gc
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -48,8 +55,8 @@ GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
                    "it out and list it in skipped.jsonl (skip).")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
          on_bad_row):
-    """Score TARGET (a run folder made by train.py, or one of its checkpoints/checkpoint-N folders); see the
-    module docstring for examples."""
+    """Score TARGET: a run folder made by train.py, one of its checkpoints/checkpoint-N, a merged folder, a model
+    folder or hub id, or a GGUF pair (TARGET is then the `finetuned` system); see the docstring for examples."""
     with user_errors():
         run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
             on_bad_row)
@@ -58,8 +65,8 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
         force, on_bad_row):
     # --- options -----------------------------------------------------------------------------------
-    run_dir, weights_dir = locate_run(run_dir)
-    recipe = json.loads((run_dir / "run_config.json").read_text())["recipe"]
+    kind, run_dir, weights_dir = locate_target(run_dir)
+    recipe = target_recipe(run_dir, data_spec)
     systems = [name.strip() for name in compare.split(",") if name.strip()]
     unknown = [name for name in systems if name not in SYSTEMS]
     if unknown or not systems:
@@ -67,7 +74,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     if "base+prompt" in systems and not recipe["system_prompt"]:
         click.echo("note: base+prompt left out: the recipe has no system_prompt, so it would be the same as base")
         systems.remove("base+prompt")
-    out = out or (weights_dir or run_dir) / "eval"
+    out = out or default_out(kind, run_dir, weights_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} already holds an evaluation; use --force to replace it or --out for another folder")
     if batch_size < 1 or max_new_tokens < 1:
@@ -91,7 +98,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                       answers, seconds)
     if "finetuned" in systems:
         score_systems("finetuned", ["finetuned"], run_dir, recipe, backend, samples, donors, batch_size,
-                      max_new_tokens, answers, seconds, weights_dir)
+                      max_new_tokens, answers, seconds, weights_dir, kind)
 
     # --- save ---------------------------------------------------------------------------------------
     rows = prediction_rows(samples, donors, answers)
@@ -103,7 +110,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     write_jsonl(tmp / "predictions.jsonl", rows)
     if skipped:
         write_jsonl(tmp / "skipped.jsonl", skipped)
-    (tmp / "report.md").write_text(f"# Evaluation of {run_dir}\n\n{len(rows)} samples from "
+    (tmp / "report.md").write_text(f"# Evaluation of {weights_dir or run_dir}\n\n{len(rows)} samples from "
                                    f"{data_spec or recipe['dataset']} ({split}). Accuracy in %: relaxed as in ChartQA "
                                    f"(5 % numeric tolerance), also per subset/qtype; exact match ignores case "
                                    f"and a trailing period.\n\n{table}\n")
@@ -115,14 +122,44 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                + (f", skipped.jsonl ({len({s['index'] for s in skipped})} rows left out)" if skipped else ""))
 
 
-def locate_run(target: Path) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint folder or None) for a run folder or one of its checkpoints/checkpoint-N."""
+def locate_target(target: Path) -> tuple[str, Path | None, Path | None]:
+    """(kind, run folder or None, model to score or None = the run's own weights). Kinds: run (a run folder or
+    a merged folder, both hold run_config.json), checkpoint (RUN/checkpoints/checkpoint-N), gguf (a .gguf file
+    or a folder with one, mmproj-*.gguf beside it), model (a model folder, a hub id, or tiny)."""
+    folder = target if target.is_dir() else target.parent
+    run_config = next((f for f in (folder, folder.parent.parent) if (f / "run_config.json").exists()), None)
+    if target.suffix == ".gguf" and target.is_file() or target.is_dir() and any(
+            not p.name.startswith("mmproj-") for p in target.glob("*.gguf")):
+        return "gguf", run_config if run_config == folder else None, target
     if (target / "run_config.json").exists():
-        return target, None
-    if (target.parent.parent / "run_config.json").exists() and target.name.startswith("checkpoint-"):
-        return target.parent.parent, target
-    raise UserError(f"{target} is not a run folder (no run_config.json) nor one of its checkpoints/checkpoint-N; "
-                    "eval.py scores runs made by train.py")
+        return "run", target, None
+    if run_config and target.name.startswith("checkpoint-"):
+        return "checkpoint", run_config, target
+    if (target / "config.json").exists() or str(target) == "tiny" or (
+            not target.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(target)) and not target.parent.is_dir()):
+        return "model", None, target
+    raise UserError(f"{target}: not a run folder (run_config.json), a checkpoint, a merged or model folder "
+                    "(config.json), a .gguf pair, or a hub id")
+
+
+def target_recipe(run_dir: Path | None, data_spec: str | None) -> dict:
+    """The run's recipe; for a model or GGUF with no run, the recipe named like --data (latex_ocr), else chartqa
+    (pixel limits, system prompt and dataset)."""
+    if run_dir:
+        return json.loads((run_dir / "run_config.json").read_text())["recipe"]
+    import recipes
+
+    name = data_spec if data_spec in recipes.names() else "chartqa"
+    click.echo(f"no run folder: recipe {name}'s pixel limits and system prompt apply")
+    return recipes.load(name)[0]
+
+
+def default_out(kind: str, run_dir: Path | None, weights_dir: Path | None) -> Path:
+    if kind == "model" and not (weights_dir / "config.json").exists():  # a hub id or tiny: no folder of ours
+        return Path("runs") / f"eval-{str(weights_dir).replace('/', '--')}"
+    if kind == "gguf":
+        return (weights_dir if weights_dir.is_dir() else weights_dir.parent) / "eval"
+    return (weights_dir or run_dir) / "eval"
 
 
 def heldout_samples(recipe, run_dir: Path, limit: int):
@@ -184,7 +221,7 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors, batch_size, max_new_tokens,
-                  answers, seconds, weights_dir=None):
+                  answers, seconds, weights_dir=None, target_kind="run"):
     """Load one model (the base or the run's) and fill `answers` / `seconds` for each of its systems."""
     import torch
     from tqdm import tqdm
@@ -192,8 +229,14 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     from kit import backend as backends, chat, model as models
     from kit.generate import generate_answers, prepare_for_inference
 
+    if model_kind == "finetuned" and target_kind == "gguf":
+        score_gguf(weights_dir, recipe, samples, donors, max_new_tokens, answers, seconds)
+        return
     dtype = backends.torch_dtype(backends.precision())
-    if model_kind == "finetuned":
+    if model_kind == "finetuned" and target_kind == "model":
+        model, processor = models.load_base(models.resolve(str(weights_dir)), backend, False, dtype,
+                                            gradient_checkpointing=False)
+    elif model_kind == "finetuned":
         model, processor, _ = models.load_run(run_dir, backend, dtype, weights_dir=weights_dir)
     else:
         model, processor = models.load_base(models.resolve(recipe["model_name_or_path"]), backend,
@@ -215,6 +258,21 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
+    """The GGUF pair as the `finetuned` system, one question at a time in llama.cpp (greedy)."""
+    from tqdm import tqdm
+
+    from kit.llama import gguf_answers
+
+    shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
+        if donors is not None else None
+    for name, batch in [("finetuned", samples)] + ([("finetuned (shuffled)", shuffled)] if shuffled else []):
+        with tqdm(total=len(batch), desc=f"{name} (gguf)", mininterval=2) as bar:
+            answers[name], spent = gguf_answers(path, recipe, batch, recipe["system_prompt"], max_new_tokens,
+                                                bar.update)
+        seconds[name] = spent / len(batch)
 
 
 def question_of(sample: dict) -> str:

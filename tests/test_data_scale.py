@@ -166,3 +166,31 @@ def test_report_to_tensorboard_writes_event_files(tmp_path):
     metrics = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [e.step for e in losses] == [r["step"] for r in metrics]
     assert [round(e.value, 4) for e in losses] == [round(r["loss"], 4) for r in metrics]
+
+
+def test_eval_scores_a_model_folder_and_a_gguf_pair_like_the_run(full_run, tmp_path):
+    """The same 6 test charts: the run (transformers), its GGUF pair (llama.cpp) and the tiny base as a model."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import eval as evaluate
+    import merge
+    from kit.export import find_converter
+
+    def score(target, out, *extra):
+        result = CliRunner().invoke(evaluate.main, [str(target), "--data", "synthetic", "--limit", "6", "--compare",
+                                                    "finetuned", "--out", str(out), *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return [r["systems"]["finetuned"]["answer"] for r in read_jsonl(out / "predictions.jsonl")]
+
+    from_run = score(full_run, tmp_path / "run")
+    assert len(score("tiny", tmp_path / "tiny")) == 6  # a model folder / hub id is scored as `finetuned`
+    out = tmp_path / "export"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMA_CPP_DIR", str(find_converter().parent))
+        result = CliRunner().invoke(merge.main, [str(full_run), "--to", "gguf", "--quant", "f32", "--no-verify",
+                                                 "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shutil.copy(full_run / "run_config.json", out / "gguf")  # the run's pixel limits and prompt
+    assert score(out / "gguf", tmp_path / "gguf") == from_run
