@@ -130,7 +130,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
 
     # The training train.py runs, only without logging and checkpoints.
     args = training.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
-                               logging_steps=10**9, logging_first_step=False, save_strategy="no")
+                               logging_steps=10**9, logging_first_step=False, save_strategy="no",
+                               eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
     timer = StepTimer()
     dataset, collate = training.indexed_dataset(samples, counter)
     trainer = training.sft_trainer_class()(

@@ -5,6 +5,12 @@
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
     python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
     python eval.py --score runs/demo/eval/predictions.jsonl --metric lenient --out runs/demo/eval-lenient
+    python eval.py runs/chartqa/checkpoints/checkpoint-400 --limit 300 --compare finetuned   # as in training
+    python eval.py runs/chartqa-gguf --compare finetuned --limit 500          # the GGUF pair in llama.cpp
+    python eval.py Qwen/Qwen2-VL-2B-Instruct --data chartqa --compare finetuned   # any model, as `finetuned`
+
+By default a run is scored on its held-out rows (heldout.jsonl: what it evaluated during training), else on
+its dataset's test split; never silently on its training rows.
 
 Systems: `finetuned` is the run's model with the recipe's system prompt, as it was trained; `base` is the run's
 base model with only the chat template's default system message; `base+prompt` is the base model with the
@@ -29,6 +35,7 @@ charts), and skipped.jsonl with --on-bad-row skip.
 import gc
 import json
 import random
+import re
 from pathlib import Path
 
 import click
@@ -44,7 +51,8 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target", type=click.Path(path_type=Path), required=False)
 @click.option("--data", help="chartqa, synthetic, latex_ocr or jsonl:PATH. Default: the run's recipe dataset.")
-@click.option("--split", default="test", help="Dataset split (ignored for jsonl).")
+@click.option("--split", help="Dataset split (ignored for jsonl). Default: the run's held-out rows (heldout.jsonl, "
+                              "what it evaluated during training), else the test split; never its training rows.")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
 @click.option("--compare", default="base,base+prompt,finetuned", help="Comma-separated systems to score.")
 @click.option("--control", type=click.Choice(["none", "shuffled"]), default="none",
@@ -66,7 +74,8 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
                    "--score questions.answers.jsonl; repeat to compare systems.")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
          on_bad_row, metric, score_files):
-    """Score TARGET (a run folder made by train.py), or --score FILE."""
+    """Score TARGET: a run folder made by train.py, one of its checkpoints/checkpoint-N, a merged folder, a model
+    folder or hub id, or a GGUF pair (TARGET is then the `finetuned` system); or score --score FILE."""
     with user_errors():
         if score_files:
             if target is not None:
@@ -102,9 +111,8 @@ def check_out(out: Path, force: bool, inputs=()):
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
         force, on_bad_row, metric="chartqa"):
     # --- options -----------------------------------------------------------------------------------
-    if not (run_dir / "run_config.json").exists():
-        raise UserError(f"{run_dir} is not a run folder (no run_config.json); eval.py scores runs made by train.py")
-    recipe = json.loads((run_dir / "run_config.json").read_text())["recipe"]
+    kind, run_dir, weights_dir = locate_target(run_dir)
+    recipe = target_recipe(run_dir, data_spec)
     systems = [name.strip() for name in compare.split(",") if name.strip()]
     unknown = [name for name in systems if name not in SYSTEMS]
     if unknown or not systems:
@@ -112,8 +120,9 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     if "base+prompt" in systems and not recipe["system_prompt"]:
         click.echo("note: base+prompt left out: the recipe has no system_prompt, so it would be the same as base")
         systems.remove("base+prompt")
-    out = out or run_dir / "eval"
-    check_out(out, force, [run_dir / "run_config.json"])  # --out runs --force must not delete the run
+    out = out or default_out(kind, run_dir, weights_dir)
+    keep = [path / name for path in (run_dir, weights_dir) if path for name in ("run_config.json", "config.json")]
+    check_out(out, force, [path for path in keep if path.exists()])  # --out RUN --force must not delete the run
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
 
@@ -123,7 +132,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     click.echo(f"backend {backend} ({reason})")
 
     # --- load: samples, then one model at a time ----------------------------------------------------
-    samples, skipped = load_samples(recipe, data_spec, split, limit, on_bad_row)
+    samples, skipped, split = load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir)
     donors = derangement(len(samples)) if control == "shuffled" else None
     if donors is not None and len(samples) < 2:
         raise UserError("--control shuffled needs at least 2 samples")
@@ -135,12 +144,12 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                       answers, seconds)
     if "finetuned" in systems:
         score_systems("finetuned", ["finetuned"], run_dir, recipe, backend, samples, donors, batch_size,
-                      max_new_tokens, answers, seconds)
+                      max_new_tokens, answers, seconds, weights_dir, kind)
 
     # --- save ---------------------------------------------------------------------------------------
     rows = prediction_rows(samples, donors, answers, metric)
     images = {str(row["id"]): sample["images"][0] for row, sample in zip(rows, samples) if sample["images"]}
-    summary = report.save(out, rows, list(answers), metric, f"Evaluation of {run_dir}",
+    summary = report.save(out, rows, list(answers), metric, f"Evaluation of {weights_dir or run_dir}",
                           f"{len(rows)} samples from {data_spec or recipe['dataset']} ({split})", seconds, images,
                           {"skipped.jsonl": skipped} if skipped else None)
     click.echo(f"\n{report.tables(summary)}\n\nwrote {out}/predictions.jsonl, report.md, report.json, "
@@ -148,26 +157,92 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                + (f", skipped.jsonl ({len({s['index'] for s in skipped})} rows left out)" if skipped else ""))
 
 
-def load_samples(recipe, data_spec, split, limit, on_bad_row):
-    """(usable samples, skipped rows): every row checked (image opens, answer present) before any model loads."""
+def locate_target(target: Path) -> tuple[str, Path | None, Path | None]:
+    """(kind, run folder or None, model to score or None = the run's own weights). Kinds: run (a run folder or
+    a merged folder, both hold run_config.json), checkpoint (RUN/checkpoints/checkpoint-N), gguf (a .gguf file
+    or a folder with one, mmproj-*.gguf beside it), model (a model folder, a hub id, or tiny)."""
+    folder = target if target.is_dir() else target.parent
+    run_config = next((f for f in (folder, folder.parent.parent) if (f / "run_config.json").exists()), None)
+    if target.suffix == ".gguf" and target.is_file() or target.is_dir() and any(
+            not p.name.startswith("mmproj-") for p in target.glob("*.gguf")):
+        return "gguf", run_config if run_config == folder else None, target
+    if (target / "run_config.json").exists():
+        return "run", target, None
+    if run_config and target.name.startswith("checkpoint-"):
+        return "checkpoint", run_config, target
+    if (target / "config.json").exists() or str(target) == "tiny" or (
+            not target.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(target)) and not target.parent.is_dir()):
+        return "model", None, target
+    raise UserError(f"{target}: not a run folder (run_config.json), a checkpoint, a merged or model folder "
+                    "(config.json), a .gguf pair, or a hub id")
+
+
+def target_recipe(run_dir: Path | None, data_spec: str | None) -> dict:
+    """The run's recipe; for a model or GGUF with no run, the recipe named like --data (latex_ocr), else chartqa
+    (pixel limits, system prompt and dataset)."""
+    if run_dir:
+        return json.loads((run_dir / "run_config.json").read_text())["recipe"]
+    import recipes
+
+    name = data_spec if data_spec in recipes.names() else "chartqa"
+    click.echo(f"no run folder: recipe {name}'s pixel limits and system prompt apply")
+    return recipes.load(name)[0]
+
+
+def default_out(kind: str, run_dir: Path | None, weights_dir: Path | None) -> Path:
+    if kind == "model" and not (weights_dir / "config.json").exists():  # a hub id or tiny: no folder of ours
+        return Path("runs") / f"eval-{str(weights_dir).replace('/', '--')}"
+    if kind == "gguf":
+        return (weights_dir if weights_dir.is_dir() else weights_dir.parent) / "eval"
+    return (weights_dir or run_dir) / "eval"
+
+
+def heldout_samples(recipe, run_dir: Path, limit: int):
+    """The run's held-out rows (heldout.jsonl, in the order training scored them), from its own dataset."""
+    import data
+
+    rows = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    source = data.load(recipe, rows[0]["split"], progress=False)
+    picked = source.select([r["index"] for r in rows]) if hasattr(source, "select") else \
+        [source[r["index"]] for r in rows]
+    for row, sample in zip(rows, picked):
+        if sample.get("id") != row["id"]:
+            raise UserError(f"{run_dir}/heldout.jsonl: row {row['index']} of {recipe['dataset']} "
+                            f"({row['split']}) is now {sample.get('id')!r}, not {row['id']!r}: the data changed "
+                            "since training; pass --data/--split to score other rows")
+    return picked
+
+
+def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | None = None):
+    """(usable samples, skipped rows, split shown): every row checked (image opens, answer present) before any
+    model loads. Without --data/--split: the run's held-out rows, else its dataset's test split."""
     import data
     from data.lint import lint, skipped_rows, split_bad_rows
 
     spec = data_spec or recipe["dataset"]
-    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith("jsonl:"):
-        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr or jsonl:PATH")
+    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith(("jsonl:", "hf:")):
+        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr, jsonl:PATH or hf:HUB_ID_OR_FOLDER")
     eval_recipe = {**recipe, "dataset": spec, "limit": limit}
     if spec == "synthetic" and limit:
         eval_recipe["synthetic_num_test"] = limit  # test charts are drawn from their own index range
+    held = not data_spec and not split and run_dir is not None and (run_dir / "heldout.jsonl").exists()
+    if not held and not split and spec.startswith("jsonl:"):
+        raise UserError(f"{spec} has no test split and the run held no rows out (eval_fraction=0), so every row "
+                        "was trained on; pass --data jsonl:OTHER_FILE, or train with --set eval_fraction=0.05")
     try:
-        samples = data.load(eval_recipe, split)
+        if held:
+            samples, split = heldout_samples(recipe, run_dir, limit), "held-out rows of the run"
+        else:
+            split = split or "test"
+            samples = data.load(eval_recipe, split)
     except ConnectionError as error:
         raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH")
     findings = lint(samples, duplicates=False)  # only rows that cannot be scored
     usable = split_bad_rows(samples, findings, on_bad_row)
-    if not usable:
+    if not len(usable):
         raise UserError(f"--data {spec}: no row can be scored")
-    return usable, skipped_rows(samples, findings)
+    return usable, skipped_rows(samples, findings), split
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -181,7 +256,7 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors, batch_size, max_new_tokens,
-                  answers, seconds):
+                  answers, seconds, weights_dir=None, target_kind="run"):
     """Load one model (the base or the run's) and fill `answers` / `seconds` for each of its systems."""
     import torch
     from tqdm import tqdm
@@ -189,9 +264,15 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     from kit import backend as backends, chat, model as models
     from kit.generate import generate_answers, prepare_for_inference
 
+    if model_kind == "finetuned" and target_kind == "gguf":
+        score_gguf(weights_dir, recipe, samples, donors, max_new_tokens, answers, seconds)
+        return
     dtype = backends.torch_dtype(backends.precision())
-    if model_kind == "finetuned":
-        model, processor, _ = models.load_run(run_dir, backend, dtype)
+    if model_kind == "finetuned" and target_kind == "model":
+        model, processor = models.load_base(models.resolve(str(weights_dir)), backend, False, dtype,
+                                            gradient_checkpointing=False)
+    elif model_kind == "finetuned":
+        model, processor, _ = models.load_run(run_dir, backend, dtype, weights_dir=weights_dir)
     else:
         model, processor = models.load_base(models.resolve(recipe["model_name_or_path"]), backend,
                                             recipe["load_in_4bit"], dtype,
@@ -212,6 +293,21 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
+    """The GGUF pair as the `finetuned` system, one question at a time in llama.cpp (greedy)."""
+    from tqdm import tqdm
+
+    from kit.llama import gguf_answers
+
+    shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
+        if donors is not None else None
+    for name, batch in [("finetuned", samples)] + ([("finetuned (shuffled)", shuffled)] if shuffled else []):
+        with tqdm(total=len(batch), desc=f"{name} (gguf)", mininterval=2) as bar:
+            answers[name], spent = gguf_answers(path, recipe, batch, recipe["system_prompt"], max_new_tokens,
+                                                bar.update)
+        seconds[name] = spent / len(batch)
 
 
 def question_of(sample: dict) -> str:

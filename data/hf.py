@@ -153,7 +153,7 @@ def _hub_cached(name: str) -> bool:
     from datasets import config
 
     owner_and_name = name.split("/")
-    from datasets.utils.py_utils import camelcase_to_snakecase
+    from datasets.naming import camelcase_to_snakecase
 
     owner_and_name[-1] = camelcase_to_snakecase(owner_and_name[-1])
     root = os.path.join(os.path.expanduser(str(config.HF_DATASETS_CACHE)), "___".join(owner_and_name))

@@ -321,10 +321,11 @@ def load_for_training(path: str, recipe: dict, backend: str, dtype):
     return model, processor
 
 
-def load_run(run_dir: Path, backend: str, dtype, load_in_4bit: bool | None = None):
-    """(model, processor, run_config) of a finished run: base + adapter, or the fully fine-tuned model."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "run_config.json").read_text())
+def load_run(run_dir: Path, backend: str, dtype, load_in_4bit: bool | None = None, weights_dir: Path | None = None):
+    """(model, processor, run_config) of a finished run: base + adapter, or the fully fine-tuned model.
+    `weights_dir`: one of the run's checkpoints instead of its final weights."""
+    config = json.loads((Path(run_dir) / "run_config.json").read_text())
+    run_dir = Path(weights_dir or run_dir)
     recipe = config["recipe"]
     four_bit = recipe["load_in_4bit"] if load_in_4bit is None else load_in_4bit
     if (run_dir / "adapter_config.json").exists():

@@ -49,7 +49,7 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
     )
     values["report_to"] = [] if values["report_to"] == "none" else [values["report_to"]]
     if "tensorboard" in values["report_to"]:  # event files in <run>/logs, beside metrics.jsonl
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(output_dir).parent / "logs"))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "logs")
     values.update(changes)
     return SFTConfig(**values)
 
@@ -91,7 +91,14 @@ def sft_trainer_class():
 
                     FastVisionModel.for_training(model)
                 model.train(training)
-            return sum(relaxed_correct(a, s["answers"]) for a, s in zip(answers, self.eval_questions)) / len(answers)
+            flags = [relaxed_correct(a, s["answers"]) for a, s in zip(answers, self.eval_questions)]
+            # every answer, so a score can be checked (and compared with eval.py on the same checkpoint)
+            folder = Path(self.args.output_dir).parent / "heldout_answers"
+            folder.mkdir(exist_ok=True)
+            write_heldout(folder / f"step-{self.state.global_step}.jsonl",
+                          [{"id": s.get("id"), "answer": a, "references": s["answers"], "relaxed": f}
+                           for s, a, f in zip(self.eval_questions, answers, flags)])
+            return sum(flags) / len(flags)
 
     if torch.cuda.is_available():
         return HeldOutAccuracy
@@ -150,7 +157,8 @@ def hold_out(recipe: dict, train_samples, eval_split_samples=None):
     random.Random(recipe["seed"]).shuffle(order)  # the first eval_samples of this order are scored in training
     held = pool.select(order) if hasattr(pool, "select") else [pool[i] for i in order]
     rows = []
-    for position, (index, sample) in enumerate(zip(order, held)):
+    described = held.without_images() if hasattr(held, "without_images") else held  # no pixels read for this
+    for position, (index, sample) in enumerate(zip(order, described)):
         image = (sample.get("images") or [None])[0]
         rows.append({"split": split, "index": index, "id": sample.get("id"),
                      "question": " ".join(p.get("text", "") for m in sample.get("messages", []) if m["role"] == "user"
