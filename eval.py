@@ -61,7 +61,8 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--max-new-tokens", default=32, help="Longest answer, in tokens (chart answers are short).")
 @click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]),
               help="Override the run's recipe backend.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: <TARGET>/eval.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output folder. Default: <TARGET>/eval; with --score, <FILE>-eval beside the first file.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that cannot be scored (missing or unreadable image, no answer): stop (fail), or leave "

@@ -131,7 +131,10 @@ def read_batch(path: Path) -> list[dict]:
         shape = isinstance(row, dict) and (
             isinstance(row.get("image"), str) and "question" in row
             or isinstance(row.get("messages"), list) and isinstance(row.get("images"), list)
-            and all(isinstance(image, str) for image in row["images"]))
+            and all(isinstance(image, str) for image in row["images"])
+            and all(isinstance(m, dict) and isinstance(m.get("content"), (str, list)) for m in row["messages"])
+            and all(isinstance(part, dict) for m in row["messages"] if isinstance(m["content"], list)
+                    for part in m["content"]))
         if not shape:
             raise UserError(f"{where}: a row needs \"image\" (a path relative to the file) and \"question\", or "
                             "\"images\" (a list of such paths) and \"messages\" as in training's JSONL")
@@ -263,9 +266,8 @@ def chat_completion_messages(question: dict, system: str) -> list[dict]:
     """The prompt in llama-cpp-python's (OpenAI's) form: each {"type": "image"} becomes the next image as a data
     URI; a turn of text only is a plain string, as the chat template expects for system turns."""
     images = iter(question["images"])
-    messages = [m for m in question["messages"] if m["role"] != "system"] if system else question["messages"]
-    if system:
-        messages = [{"role": "system", "content": system}, *messages]
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [m for m in question["messages"] if not (system and m.get("role") == "system")]
     converted = []
     for message in messages:
         content = message["content"]

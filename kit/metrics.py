@@ -111,15 +111,16 @@ def grouped_accuracy(rows: list[dict], flag, group_key: str) -> dict[str, float]
     return {group: accuracy(flags) for group, flags in sorted(groups.items())}
 
 
-def bootstrap_interval(flags: list[bool], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+def bootstrap_interval(values: list, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        level: float = 0.95) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the accuracy of `flags`: `resamples` draws of len(flags) questions with
-    replacement, fixed `seed`. None for no samples. All right (or all wrong) gives a zero-width interval."""
-    if not flags:
+    """Percentile bootstrap interval of the mean of `values` (right/wrong flags: the accuracy; per-question
+    differences of two systems: the change): `resamples` draws of len(values) questions with replacement, fixed
+    `seed`. None for no samples. All right (or all wrong) gives a zero-width interval."""
+    if not values:
         return None
     import numpy as np
 
-    values = np.asarray(flags, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
     draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
     means = values[draws].mean(axis=1)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])

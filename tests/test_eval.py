@@ -142,6 +142,13 @@ def test_existing_eval_folder_needs_force(evaluated, full_run):
     assert (out / "predictions.jsonl").read_text() == before
 
 
+def test_out_holding_the_run_is_refused(full_run):
+    # --force replaces the output folder: one that holds the run itself would take the run with it
+    result = eval_cli([full_run, "--out", full_run.parent, "--force", "--compare", "finetuned"])
+    assert result.exit_code == 2 and "choose another --out" in result.output
+    assert (full_run / "run_config.json").exists()
+
+
 @pytest.fixture
 def questions_with_missing_image(full_run, tmp_path):
     """Three questions on two real charts; the second row names an image that is not there."""
