@@ -4,10 +4,11 @@
     python install.py --dry-run       # what pip would install, nothing changed
     python install.py --dry-run --report plan.json   # pip's JSON report of the same
 
-A plain `pip install -r requirements.txt` lets pip replace a preinstalled torch: unsloth asks for any
-`xformers>=0.0.27.post2`, pip takes the newest, and that one needs the newest torch (2.14, CUDA 13 wheels, ~3 GB,
-a recent driver). Here the installed torch and torchvision are written into a pip constraints file, so pip picks
-the xformers, bitsandbytes and triton built for them instead (e.g. xformers 0.0.33.post1 for torch 2.9).
+Every xformers build pins the torch it was built for, and unsloth asks for any `xformers>=0.0.27.post2`. Left to
+itself pip may take the newest xformers and replace a preinstalled torch with torch 2.14 for CUDA 13 (~3 GB, a
+recent driver): it did with this kit's former xformers pin, and does for unsloth's own xformers requirement
+installed next to torch 2.9.1. Here the installed torch and torchvision are written into a pip constraints file, so pip can only pick
+the xformers and triton built for them (xformers 0.0.33.post2 and triton 3.5.1 for torch 2.9.1).
 Standard library only: it runs before anything is installed.
 """
 

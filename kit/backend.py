@@ -74,8 +74,9 @@ def precision(requested: str = "auto", backend: str = "hf") -> str:
     if requested == "fp32" and backend == "unsloth":
         # UnslothSFTTrainer.__init__ (generated from unsloth/models/rl.py) turns bf16/fp16 autocast on whenever
         # both are off, so an fp32 run would silently train in mixed precision.
-        raise BackendError("precision=fp32 is not available on the unsloth backend (Unsloth's trainer always "
-                           "trains in bf16/fp16 autocast); use --backend hf for fp32, or --set precision=auto")
+        raise BackendError("precision=fp32 is not available on the unsloth backend (Unsloth's trainer turns "
+                           "bf16/fp16 autocast on when both are off); use --backend hf for fp32, or --set "
+                           "precision=auto")
 
     if not torch.cuda.is_available():
         if requested in ("bf16", "fp16"):

@@ -66,6 +66,7 @@ def check_binds(name: str, args: tuple, kwargs: dict) -> inspect.BoundArguments:
         raise TypeError(f"FastVisionModel.{name}: {sorted(swallowed)} are not parameters of the installed "
                         f"unsloth; they would fall into **{catch_all[0]}")
     CALLS.append((name, dict(kwargs)))
+    bound.apply_defaults()  # what Unsloth would use for a keyword the kit leaves out
     return bound
 
 
@@ -74,8 +75,7 @@ def from_pretrained_standin(*args, **kwargs):
     from kit.model import load_base
 
     bound = check_binds("from_pretrained", args, kwargs).arguments
-    model, processor = load_base(bound["model_name"], "hf", bound.get("load_in_4bit", True),
-                                 bound.get("dtype") or torch.float32)
+    model, processor = load_base(bound["model_name"], "hf", bound["load_in_4bit"], bound["dtype"] or torch.float32)
     return model, processor
 
 
@@ -118,21 +118,16 @@ def calls():
     return CALLS
 
 
-def pytest_sessionstart(session):
-    """Start the pip dry-runs test_pip_install.py reads (minutes of network wait) before the CPU-bound tests."""
-    import tempfile
-
+@pytest.fixture(scope="session", autouse=True)
+def pip_dry_runs(request, tmp_path_factory):
+    """The pip dry-runs test_pip_install.py reads, started before the first test: they wait minutes on the
+    network (little CPU) while the training tests run. Left unread (-k elsewhere), they are stopped at the end."""
     from tests.with_unsloth import pip_check
 
-    if any("test_pip_install" in arg or arg.rstrip("/").endswith("with_unsloth") for arg in session.config.args):
-        session.config._pip_dry_runs = pip_check.start_all(Path(tempfile.mkdtemp(prefix="pip-dry-run-")))
-
-
-@pytest.fixture(scope="session")
-def pip_dry_runs(request, tmp_path_factory):
-    started = getattr(request.config, "_pip_dry_runs", None)
-    if started is None:
-        from tests.with_unsloth import pip_check
-
-        started = pip_check.start_all(tmp_path_factory.mktemp("pip-dry-run"))
-    return started
+    wanted = any("test_pip_install" in item.nodeid for item in request.session.items)
+    started = pip_check.start_all(tmp_path_factory.mktemp("pip-dry-run")) if wanted else {}
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:
+            process.terminate()
+            process.wait()

@@ -48,13 +48,21 @@ def start(python: Path, args: list[str], report: Path) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT)
 
 
+# The line requirements.txt had before install.py (the control's only difference from today's file).
+FORMER_XFORMERS_PIN = 'xformers==0.0.35 ; sys_platform == "linux" and platform_machine == "x86_64"'
+
+
 def start_all(folder: Path) -> dict:
     """The three dry-runs test_pip_install.py reads: install.py next to torch 2.9, install.py on a bare venv, and
-    a plain `pip install -r requirements.txt` next to torch 2.9 (what the README said before install.py)."""
+    the control: the README's former `pip install -r requirements.txt`, with the former xformers pin, next to
+    torch 2.9."""
     kaggle, bare = kaggle_venv() / "bin" / "python", bare_venv() / "bin" / "python"
+    former = folder / "requirements-former.txt"
+    former.write_text((ROOT / "requirements.txt").read_text().replace(
+        "-r requirements-core.txt", f"-r {ROOT / 'requirements-core.txt'}") + FORMER_XFORMERS_PIN + "\n")
     return {
         "install.py, torch 2.9": (start(kaggle, ["install.py", "-q"], folder / "kaggle.json"), folder / "kaggle.json"),
         "install.py, bare": (start(bare, ["install.py", "-q"], folder / "bare.json"), folder / "bare.json"),
-        "pip -r, torch 2.9": (start(kaggle, ["-m", "pip", "install", "-q", "-r", "requirements.txt"],
-                                    folder / "plain.json"), folder / "plain.json"),
+        "former pip -r, torch 2.9": (start(kaggle, ["-m", "pip", "install", "-q", "-r", str(former)],
+                                           folder / "former.json"), folder / "former.json"),
     }

@@ -23,10 +23,14 @@ def test_install_keeps_a_preinstalled_torch(pip_dry_runs):
     assert planned["xformers"].startswith("0.0.33"), planned["xformers"]
 
 
-def test_plain_requirements_would_replace_it(pip_dry_runs):
-    """The control: without install.py's constraint pip replaces that torch (the failure install.py prevents)."""
-    planned = wait(pip_dry_runs, "pip -r, torch 2.9")
+def test_the_former_install_replaced_it(pip_dry_runs):
+    """The control: the README's former command (pip install -r requirements.txt, with its xformers==0.0.35 pin)
+    next to the same torch 2.9.1 replaces it. Without the pin, pip 23.2 happens to keep torch (requirements-core
+    names it directly, so the resolver settles it before xformers); install.py's constraint makes that a rule
+    rather than a resolver preference that differs between pip versions and a bare `pip install unsloth`."""
+    planned = wait(pip_dry_runs, "former pip -r, torch 2.9")
     assert planned.get("torch", "2.9.1") != "2.9.1", planned
+    assert planned["xformers"] == "0.0.35"
 
 
 def test_bare_machine_gets_the_pinned_torch(pip_dry_runs):
