@@ -212,9 +212,10 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 def _stopped_early(state, run_dir: Path) -> str:
     """What to say when training ended before max_steps: a checkpoint is named only if it exists."""
     saved = _last_checkpoint(run_dir / "checkpoints")
-    where = f"step {state.global_step} of {state.max_steps}"
     if saved and int(saved.name.split("-")[1]) == state.global_step:
-        return f"interrupted at {where}: checkpoint saved in {saved}; continue with: python train.py --resume {run_dir}"
+        return (f"interrupted at step {state.global_step}: checkpoint saved in {saved}; continue with: "
+                f"python train.py --resume {run_dir}")
+    where = f"step {state.global_step} of {state.max_steps}"
     kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
     return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
             f"python train.py --plan (or python -m data.lint)")
