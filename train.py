@@ -228,8 +228,13 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     trainer.add_callback(progress.stop_on_signal())
     trainer.add_callback(runfolder.commit_after_first_step())
     started = time.time()
-    with distributed.errors_from_every_rank():  # a bad row may sit in one rank's shard only
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finished = _finished_at(checkpoint, recipe["max_steps"])
+    if finished:  # stopped after its last checkpoint, before the final save: transformers would train a step more
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state.global_step = trainer.state.max_steps = finished
+    else:
+        with distributed.errors_from_every_rank():  # a bad row may sit in one rank's shard only
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < trainer.state.max_steps:
         raise UserError(_stopped_early(trainer.state, run_dir))
 
@@ -256,12 +261,22 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 def _stopped_early(state, run_dir: Path) -> str:
     """What to say when training ended before max_steps: a checkpoint is named only if it exists."""
     saved = _last_checkpoint(run_dir / "checkpoints")
-    where = f"step {state.global_step} of {state.max_steps}"
     if saved and int(saved.name.split("-")[1]) == state.global_step:
-        return f"interrupted at {where}: checkpoint saved in {saved}; continue with: {distributed.relaunch()} --resume {run_dir}"
+        return (f"interrupted at step {state.global_step}: checkpoint saved in {saved}; continue with: "
+                f"{distributed.relaunch()} --resume {run_dir}")
+    where = f"step {state.global_step} of {state.max_steps}"
     kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
     return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
             f"python train.py --plan (or python -m data.lint)")
+
+
+def _finished_at(checkpoint, max_steps: int) -> int:
+    """The checkpoint's step when it is already the run's last one (max_steps, or the planned end), else 0."""
+    if not checkpoint:
+        return 0
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    end = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return state["global_step"] if end and state["global_step"] >= end else 0
 
 
 def _last_checkpoint(folder: Path):
