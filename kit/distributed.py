@@ -146,13 +146,19 @@ def barrier():
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first (it fills the caches: synthetic charts, the tiny model, datasets), then the
-    others run it and read what rank 0 wrote. A cache written by two processes at once would be a race."""
-    if not is_main():
+    first rank of every other node (its cache may be a local disk), then all the others, who read what was
+    written. A cache written by two processes at once would be a race."""
+    first, node_first = is_main(), local_rank() == 0 and not is_main()
+    if not first:
+        barrier()
+    if not (first or node_first):
         barrier()
     try:
         yield
     finally:
-        if is_main():
+        if first:
+            barrier()
+        if first or node_first:
             barrier()
 
 
