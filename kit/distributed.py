@@ -95,8 +95,6 @@ def prepare():
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() == 1:
-            raise UserError("the launcher is gone; start the run again")
     if strategy() in ("fsdp", "deepspeed"):
         import torch
 
@@ -110,8 +108,8 @@ def prepare():
             and "WORLD_SIZE" not in os.environ):
         # `accelerate launch --cpu --num_processes N` starts ONE process (its multi-CPU mode runs through mpirun)
         raise UserError("accelerate launch --cpu started a single process, not the --num_processes asked for; "
-                        "on the CPU use: accelerate launch --config_file configs/ddp.yaml --num_processes 2 "
-                        "train.py ... (or torchrun --nproc_per_node 2 train.py ...)")
+                        "on the CPU use: accelerate launch --config_file configs/ddp.yaml --num_processes N "
+                        "train.py ... (or torchrun --nproc_per_node N train.py ...)")
 
 
 def init(recipe: dict):
