@@ -95,8 +95,6 @@ def prepare():
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() == 1:
-            raise UserError("the launcher is gone; start the run again")
     if strategy() in ("fsdp", "deepspeed"):
         import torch
 
@@ -110,8 +108,8 @@ def prepare():
             and "WORLD_SIZE" not in os.environ):
         # `accelerate launch --cpu --num_processes N` starts ONE process (its multi-CPU mode runs through mpirun)
         raise UserError("accelerate launch --cpu started a single process, not the --num_processes asked for; "
-                        "on the CPU use: accelerate launch --config_file configs/ddp.yaml --num_processes 2 "
-                        "train.py ... (or torchrun --nproc_per_node 2 train.py ...)")
+                        "on the CPU use: accelerate launch --config_file configs/ddp.yaml --num_processes N "
+                        "train.py ... (or torchrun --nproc_per_node N train.py ...)")
 
 
 def init(recipe: dict):
@@ -146,13 +144,19 @@ def barrier():
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first (it fills the caches: synthetic charts, the tiny model, datasets), then the
-    others run it and read what rank 0 wrote. A cache written by two processes at once would be a race."""
-    if not is_main():
+    first rank of every other node (its cache may be a local disk), then all the others, who read what was
+    written. A cache written by two processes at once would be a race."""
+    first, node_first = is_main(), local_rank() == 0 and not is_main()
+    if not first:
+        barrier()
+    if not (first or node_first):
         barrier()
     try:
         yield
     finally:
-        if is_main():
+        if first:
+            barrier()
+        if first or node_first:
             barrier()
 
 
