@@ -129,8 +129,9 @@ def test_resume_from_a_checkpoint_continues_the_same_run(lora_run, tmp_path):
 
 
 def test_eval_generates_with_the_run(lora_run, tmp_path, calls):
-    """eval.py on the run with --backend unsloth: load_run, Unsloth's for_inference, set_pixels, batched
-    generation, for the base and the fine-tuned model."""
+    """eval.py on the run with --backend unsloth: load_run (base through the from_pretrained stand-in, the adapter
+    by load_adapter), Unsloth's for_inference, set_pixels, batched generation (transformers' generate: Unsloth's
+    fast generate is installed by the real from_pretrained only), for the base and the fine-tuned model."""
     import eval as evaluate
 
     folder, _ = lora_run
@@ -144,7 +145,7 @@ def test_eval_generates_with_the_run(lora_run, tmp_path, calls):
 
 
 def test_infer_answers_a_question(lora_run, tmp_path):
-    """infer.py on the run with --backend unsloth, as its docstring shows."""
+    """infer.py on the run with --backend unsloth, as its docstring shows (same stand-in as for eval.py)."""
     import infer
 
     from data.synthetic import generate
