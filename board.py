@@ -59,11 +59,11 @@ def build():
         gr.Markdown("# qwen2vl-kit board\nEach button runs the kit's scripts as you would; the command is shown.")
         with gr.Tabs():
             # --- Train ---------------------------------------------------------------------------------
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train"):
                 with gr.Row():
                     start = gr.Dropdown(["base", *recipes.names()], value="demo", label="Start from recipe")
                     upload = gr.File(label="...or load a config file (.json / .yaml)", file_types=[".json", ".yaml",
-                                     ".yml"], type="filepath", height=90)
+                                     ".yml"], type="filepath", height=90, elem_id="config-upload")
                     run_name = gr.Textbox("demo", label="Run folder name (under runs/)", elem_id="run-name")
                     config_path = gr.Textbox(str(ROOT / "demo.yaml"), label="Config file to save")
                 fields, sections, section = {}, {}, "Model"
@@ -91,7 +91,7 @@ def build():
                     runs_view = gr.Dataframe(runs_table(), headers=["run", "state", "step", "loss", "updated"],
                                              label="Runs under " + str(ROOT), interactive=False, elem_id="runs")
                 plan_out = gr.Textbox(label="Plan (train.py --plan)", lines=12, visible=False, elem_id="plan")
-                timer = gr.Timer(2)
+                timer, seen = gr.Timer(2), gr.State()  # a tick redraws the progress; seen: what it last drew
 
             field_list = list(fields.values())
 
@@ -184,7 +184,7 @@ def build():
                     return gr.skip(), gr.skip(), gr.skip(), seen
                 if not name:
                     return "", None, table, now
-                return runs.tail(log_file), runs.loss_plot(ROOT / name), table, now
+                return runs.tail(log_file, 14), runs.loss_plot(ROOT / name), table, now  # what the box shows
 
             form = [start, run_name, config_path, *field_list]
             start.input(set_start, start, [*field_list, run_name, config_path])
@@ -195,11 +195,11 @@ def build():
             start_button.click(start_run, form, [*field_list, status, watched])
             stop_button.click(stop_run, watched, status)
             resume_button.click(resume_run, watched, status)
-            seen = gr.State()
             timer.tick(watch, [watched, seen], [log, loss, runs_view, seen])
+            board.load(refresh_choices, watched, watched)  # a reopened page shows the newest run again
 
             # --- Evaluate ------------------------------------------------------------------------------
-            with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
+            with gr.Tab("Evaluate") as evaluate_tab:
                 with gr.Row():
                     eval_run = gr.Dropdown(runs.run_names(ROOT), label="Run", elem_id="eval-run")
                     systems = gr.CheckboxGroup(list(SYSTEMS), value=["base", "finetuned"], label="Systems")
@@ -232,7 +232,7 @@ def build():
             evaluate_tab.select(refresh_choices, eval_run, eval_run)
 
             # --- Export --------------------------------------------------------------------------------
-            with gr.Tab("Export", id="export") as export_tab:
+            with gr.Tab("Export") as export_tab:
                 with gr.Row():
                     export_run = gr.Dropdown(runs.run_names(ROOT), label="Run", elem_id="export-run")
                     targets = gr.CheckboxGroup(["merged", "gguf"], value=["merged", "gguf"], label="Write")
@@ -252,8 +252,10 @@ def build():
                     yield f"$ {runs.shown(cmd)}\n{output}", "", ""
                 lines = output.splitlines()
                 proofs = [line for line in lines if line.startswith(("parity", "  '", "llama.cpp ", "note:"))]
-                commands = lines[lines.index("run it in llama.cpp:") + 1:] if "run it in llama.cpp:" in lines else []
-                verdict = "**done**" if code == 0 else f"**merge.py failed (exit {code})**: see its output above"
+                after = lines[lines.index("run it in llama.cpp:") + 1:] if "run it in llama.cpp:" in lines else []
+                commands = [line for line in after if line.startswith("  ")]
+                verdict = ("**Exported; the checks merge.py ran:**" if code == 0 else
+                           f"**merge.py failed (exit {code})**: see its output above")
                 proven = "\n".join(f"- `{line.strip()}`" for line in proofs)
                 yield f"$ {runs.shown(cmd)}\n{output}", f"{verdict}\n\n{proven}", "\n".join(c.strip() for c in commands)
 
@@ -262,7 +264,7 @@ def build():
             export_tab.select(refresh_choices, export_run, export_run)
 
             # --- Chat ----------------------------------------------------------------------------------
-            with gr.Tab("Chat", id="chat") as chat_tab:
+            with gr.Tab("Chat") as chat_tab:
                 with gr.Row():
                     with gr.Column():
                         chat_target = gr.Dropdown(runs.chat_targets(ROOT), elem_id="chat-target",
@@ -281,8 +283,8 @@ def build():
                     return
                 cmd = runs.command("infer.py", target, "--image", picture, "--question", text, "--stream")
                 for output, code in runs.stream(cmd, chars=True):
-                    ended = "" if code is None else " (finished)" if code == 0 else f" (failed, exit {code})"
-                    yield output.strip(), f"`{runs.shown(cmd)}`{ended}"
+                    ended = "answering..." if code is None else "(finished)" if code == 0 else f"(failed, exit {code})"
+                    yield output.strip(), f"```\n{runs.shown(cmd)}\n```\n{ended}"
 
             ask.click(chat, [chat_target, image, question], [answer, chat_command])
             chat_tab.select(lambda current: gr.Dropdown(choices=runs.chat_targets(ROOT), value=current),
