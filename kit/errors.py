@@ -21,8 +21,7 @@ def user_errors(*extra_types):
     try:
         yield
     except (UserError, RecipeError, BackendError, SampleTooLong, BadRow, FileNotFoundError, *extra_types) as error:
-        from kit.distributed import reports_errors
+        from kit.distributed import report_error
 
-        if reports_errors():  # under torchrun every rank meets the same bad input; one line, not one per rank
-            click.echo(f"error: {error}", err=True)
+        report_error(f"error: {error}")  # under torchrun: one line, not one per rank
         sys.exit(2)
