@@ -247,5 +247,15 @@ def errors_from_every_rank():
 _every_rank_reports = False
 
 
-def reports_errors() -> bool:
-    return is_main() or _every_rank_reports
+def report_error(line: str):
+    """Rank 0 says it. Another rank first gives rank 0 time to: it meets the same bad input, and the launcher
+    stops every rank as soon as one exits. Still alive after that, the error was this rank's alone: say it."""
+    if not (is_main() or _every_rank_reports):
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop ends this rank, silently
+        time.sleep(10)
+    import click
+
+    click.echo(line, err=True)

@@ -23,8 +23,7 @@ def user_errors(*extra_types):
         yield
     except (UserError, RecipeError, BackendError, BadSample, SampleTooLong, BadRow, FileNotFoundError,
             HubUnavailable, *extra_types) as error:
-        from kit.distributed import reports_errors
+        from kit.distributed import report_error
 
-        if reports_errors():  # under torchrun every rank meets the same bad input; one line, not one per rank
-            click.echo(f"error: {error}", err=True)
+        report_error(f"error: {error}")  # under torchrun: one line, not one per rank
         sys.exit(2)

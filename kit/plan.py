@@ -261,13 +261,15 @@ def per_gpu_memory(shape: dict, recipe: dict, memory: dict, gpus: int, precision
     weights, state = memory["base weights"], memory["LoRA/trained weights + grads + optimizer"]
     rest = memory["activations (largest sample)"] + memory["logits"] + memory["CUDA overhead"]
     bucket = trainable * 4  # DDP's fp32 gradient buckets, a second copy of the gradients for all-reduce
-    # ZeRO-3/FSDP gather one decoder layer's weights (two with prefetch) on top of their shard
-    layer = 2 * (shape["attn_linear"] + shape["mlp_linear"]) / shape["layers"] * (
-        4.127 / 8 if recipe["load_in_4bit"] else half)
+    # ZeRO-3/FSDP gather one decoder layer's weights (two with prefetch) on top of their shard. They run with
+    # a 16-bit base: train.py refuses to shard 4-bit weights.
+    sharded = (shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"] + shape["embed"]) * half
+    layer = 2 * (shape["attn_linear"] + shape["mlp_linear"]) / shape["layers"] * half
     totals = {
         "DDP": weights + state + bucket + rest,
         "ZeRO-2": weights + trainable * 4 + trainable * (4 + optimizer) / gpus + rest,
-        "ZeRO-3 / FSDP": (weights + state) / gpus + layer + rest,
+        "ZeRO-3 / FSDP" + (" (load_in_4bit=false)" if recipe["load_in_4bit"] else ""):
+            ((sharded if recipe["load_in_4bit"] else weights) + state) / gpus + layer + rest,
     }
     return {name: value * 1.1 for name, value in totals.items()}  # fragmentation, as estimate_memory
 
