@@ -34,4 +34,42 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
         samples = load_jsonl(name.split(":", 1)[1], limit)
     else:
         raise ValueError(f"unknown dataset {name!r}")
+    if isinstance(samples, list):
+        samples = Samples(samples, fingerprint(samples, name, split))
     return samples
+
+
+class Samples(list):
+    """A list of samples that names its content, so what preflight learns about it can be cached."""
+
+    def __init__(self, samples, fingerprint: str):
+        super().__init__(samples)
+        self.fingerprint = fingerprint
+
+    def select(self, indices) -> "Samples":
+        """The rows at `indices`, named by this content and those rows (as lazy samples' select)."""
+        import hashlib
+
+        indices = [int(i) for i in indices]
+        key = hashlib.sha1(f"{self.fingerprint}|{indices}".encode()).hexdigest()[:16]
+        return Samples([self[i] for i in indices], key)
+
+
+def fingerprint(samples: list, name: str, split: str) -> str:
+    """The rows' text and every image file's path, size and modification time: edit a row or replace a chart
+    and the fingerprint changes."""
+    import hashlib
+    import json
+    import os
+
+    digest = hashlib.sha1(f"{name}|{split}".encode())
+    for sample in samples:
+        digest.update(json.dumps([sample.get("id"), sample.get("messages"), sample.get("answers"),
+                                  sample.get("problem")], sort_keys=True, default=str).encode())
+        for image in sample.get("images") or []:
+            try:
+                stat = os.stat(image)
+                digest.update(f"{image}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            except (OSError, TypeError, ValueError):
+                digest.update(f"{image}|missing".encode())  # lint reports it; a new file changes this
+    return digest.hexdigest()[:16]
