@@ -37,8 +37,9 @@ from kit.errors import UserError, user_errors
               help="Override the recipe's backend (auto picks unsloth when CUDA and unsloth are present).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the run in this folder from its last complete checkpoint.")
-@click.option("--force", is_flag=True, help="Replace an existing run folder (kept aside until the new run has taken its "
-              "first step, and put back if it fails before); start even if the plan says it won't fit.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing run folder (kept aside until the new run has taken its first step, "
+                   "and put back if it fails before); start even if the plan says it won't fit.")
 @click.option("--plan", "plan_only", is_flag=True, help="Check the data and estimate tokens and memory; no training.")
 @click.option("--plan-samples", type=int, default=0, help="With --plan: look at only this many rows (0 = all).")
 @click.option("--gpu", help="Plan for this card instead of the one present: its memory (12GB, 16GB, 11.5GB) or its "

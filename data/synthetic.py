@@ -100,7 +100,8 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
                                   ("question type", question_types, tuple(QUESTION_TEMPLATES))):
         unknown = [item for item in chosen if item not in allowed]
         if unknown or not chosen:
-            raise ValueError(f"synthetic {kind}s must be among {', '.join(allowed)}, not {', '.join(unknown) or 'none'}")
+            raise ValueError(f"synthetic {kind}s must be among {', '.join(allowed)}, "
+                             f"not {', '.join(unknown) or 'none'}")
     if layout not in ("aligned", "chartqa"):
         raise ValueError(f"synthetic layout must be 'aligned' or 'chartqa', not {layout!r}")
     if layout == "aligned" and (size % TOKEN_PIXELS or size < 2 * TOKEN_PIXELS):

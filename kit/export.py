@@ -593,7 +593,8 @@ def llama_cli_command(model: Path, mmproj: Path, limits: dict, image: str, quest
     default is their built-in template would drop that turn."""
     system = ["-sys", system_prompt] if system_prompt else []
     return ["llama-mtmd-cli", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
-            "--image-min-tokens", str(limits["image_min_tokens"]), "--image-max-tokens", str(limits["image_max_tokens"]),
+            "--image-min-tokens", str(limits["image_min_tokens"]),
+            "--image-max-tokens", str(limits["image_max_tokens"]),
             "--image", str(image), "-p", question, *system, "--temp", "0"]
 
 

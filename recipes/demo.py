@@ -3,8 +3,8 @@
     python train.py --recipe demo            # ~1 min of training on two cores; ~2 min the first time (draws charts)
     make demo                                 # train -> eval -> merge -> GGUF -> infer
 
-Settings measured to learn (docs/demo.md says why each is what it is): only full fine-tuning of the tiny model learns to use the
-image; LoRA on a random base learns the answer format and ignores the chart.
+Settings measured to learn (docs/demo.md says why each is what it is): only full fine-tuning of the tiny
+model learns to use the image; LoRA on a random base learns the answer format and ignores the chart.
 """
 
 from recipes.base import BASE

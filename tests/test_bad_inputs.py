@@ -217,7 +217,8 @@ def test_force_replaces_a_run_only_once_the_new_one_has_started(tmp_path):
 def test_short_and_resumed_runs_report_the_true_final_loss_and_time(tmp_path):
     run_dir = tmp_path / "run"
     result = run("train.py", "--recipe", "demo", "--output", run_dir, *QUICK_DEMO,
-                 "--set", "max_steps=3", "--set", "logging_steps=10", "--set", "warmup_steps=5", "--set", "save_steps=3")
+                 "--set", "max_steps=3", "--set", "logging_steps=10", "--set", "warmup_steps=5",
+                 "--set", "save_steps=3")
     assert result.returncode == 0, result.all
     assert "note: logging_steps=10 is more than max_steps=3" in result.stdout
     assert "note: warmup_steps=5 is not below max_steps=3" in result.stdout
