@@ -119,6 +119,13 @@ def build():
                          for k in BASE] + [name, Path(path).stem, str(ROOT / Path(path).with_suffix(".yaml").name)]
                         + [f"loaded {Path(path).name} (starts from {name})"])
 
+            def load_run(name):
+                """A run picked by hand: its run_config.json replayed into the form (to change and start anew)."""
+                if not name or not (ROOT / name / "run_config.json").exists():
+                    return [gr.update()] * (len(BASE) + 4)
+                *fields_, start_name, _, _, note = load_file(str(ROOT / name / "run_config.json"))
+                return [*fields_, start_name, f"{name}-2", str(ROOT / f"{name}-2.yaml"), note]
+
             def plan(start_name, name, config, *values):
                 overrides, updates, note = checked(start_name, *values)
                 if overrides is None:
@@ -194,6 +201,7 @@ def build():
             save_button.click(save, form, [*field_list, status])
             start_button.click(start_run, form, [*field_list, status, watched])
             stop_button.click(stop_run, watched, status)
+            watched.input(load_run, watched, [*field_list, start, run_name, config_path, status])
             resume_button.click(resume_run, watched, status)
             timer.tick(watch, [watched, seen], [log, loss, runs_view, seen])
             board.load(refresh_choices, watched, watched)  # a reopened page shows the newest run again

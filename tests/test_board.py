@@ -205,6 +205,9 @@ def test_the_demo_through_every_tab(board, browser, tmp_path):
     page.wait(lambda: f"-loss-{len(steps)}.png" in page.css("#loss-plot img").get_attribute("src"),
               "the loss plot redrawn to the last step", 30)
     page.shot("train", "train-buttons")
+    page.choose("watched", "board-demo")  # picked by hand: its run_config.json replays into the form
+    page.wait(lambda: page.text("field-max_steps") == "40", "the run's settings in the form", 30)
+    assert page.text("run-name") == "board-demo-2" and page.text("field-synthetic_num_train") == "240"
 
     # --- Evaluate ---------------------------------------------------------------------------------------------
     page.tab("Evaluate")
