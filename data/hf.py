@@ -14,7 +14,6 @@ an optional subset column; `instruction=TEXT` instead of a question column asks 
 import hashlib
 import os
 import re
-import socket
 from pathlib import Path
 
 CHARTQA_COLUMNS = {"image": "image", "question": "query", "answer": "label", "subset": "human_or_machine"}
@@ -126,25 +125,13 @@ class LazySamples:
         return LazySamples(self.dataset, self.to_sample, self._base_fingerprint, self.rows, images=False)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so an offline machine fails in seconds rather than after the hub client's retries."""
-    from urllib.parse import urlparse
-
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return True  # a proxy decides; let the hub client try
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _offline_hint(name: str, shown: str) -> str:
-    return (f"{shown}: {name} is not in the local Hugging Face cache and the hub cannot be reached. On a machine "
+    from data.hub import host
+
+    return (f"{shown}: {name} is not in the local Hugging Face cache and {host()} cannot be reached. On a machine "
             f"with network run: python -c \"from datasets import load_dataset; "
             f"load_dataset('{name}').save_to_disk('DIR')\", copy DIR here and use --set dataset=hf:DIR "
-            f"(a folder of its parquet files works too)")
+            f"(a folder of its parquet files works too), or train on a local file with --set dataset=jsonl:PATH")
 
 
 def _hub_cached(name: str) -> bool:
@@ -164,7 +151,9 @@ def _load_hub(name: str, split: str, shown: str):
     import datasets
     from datasets import config
 
-    offline = config.HF_HUB_OFFLINE or not hub_reachable()
+    from data.hub import reachable
+
+    offline = config.HF_HUB_OFFLINE or not reachable()  # a quick check: no minutes of retries offline
     if not offline:
         return datasets.load_dataset(name, split=split)
     if not _hub_cached(name):

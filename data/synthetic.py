@@ -24,6 +24,8 @@ QUESTION_TEMPLATES = {
     "value": "What is the value of {label}?",
 }
 CHART_TYPES = ("bar", "line")
+# Each split draws from its own index range of the same seed, so no chart or question is in two splits.
+SPLIT_OFFSETS = {"train": 0, "test": 10_000_000, "val": 20_000_000}
 TOKEN_PIXELS = 28  # one merged vision token covers 28x28 pixels in Qwen2-VL
 
 
@@ -89,13 +91,13 @@ def render(spec: dict, path: Path):
 def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("bar", "line"),
              question_types=("count", "max", "min", "value"), layout: str = "aligned", size: int = 140,
              cache: Path | None = None, progress: bool = True) -> list[dict]:
-    """`num` samples of `split`; train and test draw from disjoint index ranges of the same seed."""
+    """`num` samples of `split`; each split draws from its own index range of the same seed."""
     from tqdm import tqdm
 
     from kit.model import cache_dir
 
-    if split not in ("train", "test"):
-        raise ValueError(f"synthetic split must be 'train' or 'test', not {split!r}")
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"synthetic split must be one of {', '.join(SPLIT_OFFSETS)}, not {split!r}")
     for kind, chosen, allowed in (("chart type", chart_types, CHART_TYPES),
                                   ("question type", question_types, tuple(QUESTION_TEMPLATES))):
         unknown = [item for item in chosen if item not in allowed]
@@ -106,7 +108,7 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
         raise ValueError(f"synthetic layout must be 'aligned' or 'chartqa', not {layout!r}")
     if layout == "aligned" and (size % TOKEN_PIXELS or size < 2 * TOKEN_PIXELS):
         raise ValueError(f"aligned charts need a size that is a multiple of {TOKEN_PIXELS} (>= 56), not {size}")
-    offset = 0 if split == "train" else 10_000_000
+    offset = SPLIT_OFFSETS[split]
     key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size], sort_keys=True)
     folder = Path(cache or cache_dir() / "synthetic") / hashlib.sha1(key.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,9 +44,11 @@ def _write(path: Path | None, value):
 
 
 def _lint_version() -> str:
+    """The checks' code (lint's and this file's): a change to either makes the cached rows stale."""
     import data.lint
 
-    return hashlib.sha1(Path(data.lint.__file__).read_bytes()).hexdigest()[:12]
+    code = Path(data.lint.__file__).read_bytes() + Path(__file__).read_bytes()
+    return hashlib.sha1(code).hexdigest()[:12]
 
 
 def _size(image):
@@ -67,7 +69,8 @@ def check_chunk(samples, start: int) -> list:
         problems = sample_problems(sample)
         out.append([problems, where(sample, start + offset) if problems else None,
                     [_size(image) for image in sample.get("images") or []],
-                    hashlib.sha1(_row_key(sample).encode()).hexdigest()[:20]])
+                    # rows the loader could not read are all alike, not copies (as in lint())
+                    None if sample.get("problem") else hashlib.sha1(_row_key(sample).encode()).hexdigest()[:20]])
     return out
 
 
@@ -125,7 +128,7 @@ def findings(samples, rows, duplicates: bool = True) -> list[tuple[int, str, str
     for index, (problems, place, _, digest) in enumerate(rows):
         for problem in problems:
             found.append((index, place, problem))
-        if not duplicates:
+        if not duplicates or digest is None:
             continue
         if digest in seen:
             first = seen[digest]
