@@ -79,7 +79,8 @@ def peak_plan_rss(folder, cache) -> float:
     """Peak RSS (GB) of `train.py --plan` and its children, from a fresh preflight cache."""
     env = bench_data.fresh_caches(cache)
     command = [sys.executable, str(ROOT / "train.py"), "--recipe", "chartqa", "--plan", "--set",
-               f"dataset=hf:{folder}", "--set", "model_name_or_path=tiny", "--set", "eval_split="]
+               f"dataset=hf:{folder}", "--set", "model_name_or_path=tiny", "--set", "eval_split=",
+               "--set", "eval_steps=0"]
     return bench_data.measure(command, env)["peak_gb"]
 
 
