@@ -16,7 +16,12 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
     name = recipe["dataset"]
     limit = min(filter(None, (limit, recipe["limit"])), default=None)
     if name == "synthetic":
+        from data.hf import DatasetNotFound
         from data.synthetic import generate
+
+        if split not in ("train", "test"):  # e.g. a recipe's eval_split=val kept after --set dataset=synthetic
+            raise DatasetNotFound(f"dataset=synthetic has the splits train and test, not {split!r}; "
+                                  "set eval_split=test (or eval_split= for none)")
 
         num = recipe["synthetic_num_train"] if split == "train" else recipe["synthetic_num_test"]
         samples = generate(split, min(num, limit or num), seed=recipe["synthetic_seed"],

@@ -16,6 +16,8 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
     import torch
     from trl import SFTConfig
 
+    # eval_steps without held-out rows (eval_split= and no eval_fraction) evaluates nothing
+    evaluating = bool(recipe["eval_steps"] and (recipe["eval_split"] or recipe["eval_fraction"]))
     values = dict(
         output_dir=output_dir,
         per_device_train_batch_size=recipe["per_device_train_batch_size"],
@@ -39,9 +41,9 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=recipe["report_to"],
         # held-out evaluation: loss and relaxed accuracy on the same fixed questions (see HeldOutAccuracy)
-        eval_strategy="steps" if recipe["eval_steps"] else "no", eval_steps=recipe["eval_steps"] or None,
+        eval_strategy="steps" if evaluating else "no", eval_steps=recipe["eval_steps"] if evaluating else None,
         per_device_eval_batch_size=recipe["per_device_train_batch_size"], prediction_loss_only=True,
-        load_best_model_at_end=recipe["load_best_model_at_end"] and bool(recipe["eval_steps"]),
+        load_best_model_at_end=recipe["load_best_model_at_end"] and evaluating,
         metric_for_best_model="relaxed_accuracy", greater_is_better=True,
         # Without it accelerate never picks gloo on a CPU-only machine: under torchrun every process then
         # trains its own copy ("process group is initialized, but parallel_mode != DISTRIBUTED").

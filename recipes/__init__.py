@@ -86,9 +86,6 @@ def check(recipe: dict, name: str = "recipe"):
         raise RecipeError(f"{name}: set eval_split or eval_fraction, not both")
     if recipe["eval_fraction"] >= 1:
         raise RecipeError(f"{name}: eval_fraction is a share of the training rows, below 1 (e.g. 0.05)")
-    if recipe["eval_steps"] and not (recipe["eval_split"] or recipe["eval_fraction"]):
-        raise RecipeError(f"{name}: eval_steps={recipe['eval_steps']} needs held-out rows: set eval_split=SPLIT "
-                          "or eval_fraction=0.05")
     if recipe["load_best_model_at_end"] and recipe["eval_steps"] and recipe["save_steps"] % recipe["eval_steps"]:
         raise RecipeError(f"{name}: load_best_model_at_end needs save_steps ({recipe['save_steps']}) to be a "
                           f"multiple of eval_steps ({recipe['eval_steps']})")

