@@ -17,11 +17,11 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
     limit = min(filter(None, (limit, recipe["limit"])), default=None)
     if name == "synthetic":
         from data.hf import DatasetNotFound
-        from data.synthetic import generate
+        from data.synthetic import SPLIT_OFFSETS, generate
 
-        if split not in ("train", "test"):  # e.g. a recipe's eval_split=val kept after --set dataset=synthetic
-            raise DatasetNotFound(f"dataset=synthetic has the splits train and test, not {split!r}; "
-                                  "set eval_split=test (or eval_split= for none)")
+        if split not in SPLIT_OFFSETS:  # e.g. a recipe's eval_split=dev kept after --set dataset=synthetic
+            raise DatasetNotFound(f"dataset=synthetic has the splits {', '.join(SPLIT_OFFSETS)}, not {split!r}; "
+                                  "set eval_split=val (or eval_split= for none)")
 
         num = recipe["synthetic_num_train"] if split == "train" else recipe["synthetic_num_test"]
         samples = generate(split, min(num, limit or num), seed=recipe["synthetic_seed"],

@@ -79,9 +79,6 @@ def check(recipe: dict, name: str = "recipe"):
     for key in NON_NEGATIVE:
         if recipe[key] < 0:
             raise RecipeError(f"{name}: {key} must be 0 or more, not {recipe[key]}")
-    if recipe["dataset"] == "synthetic" and recipe["eval_split"] not in ("", "val", "test"):
-        raise RecipeError(f"{name}: eval_split={recipe['eval_split']!r}: synthetic charts have the splits val and "
-                          "test (train is what is trained on)")
     if recipe["eval_split"] and recipe["eval_fraction"]:
         raise RecipeError(f"{name}: set eval_split or eval_fraction, not both")
     if recipe["eval_fraction"] >= 1:
