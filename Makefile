@@ -1,7 +1,7 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
 # make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
 # make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
-# make test-unsloth : the kit with Unsloth imported and its patches in place (CPU mode), in .venv-unsloth
+# make test-unsloth : the kit with Unsloth imported and its patches in place (CPU mode), in its own venv
 # Both create .venv on first use. On a GPU machine use `python install.py` instead.
 
 PYTHON ?= python3
@@ -50,10 +50,14 @@ test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 
 # The GPU install (install.py: requirements.txt around the installed torch) on this machine's torch, in its own
 # venv: Unsloth patches transformers/trl/peft for the whole process, so it never shares the CPU lane's venv.
-UNSLOTH_VENV := .venv-unsloth
+# It lives in the cache, named after what it is built from, so a fresh clone on the same machine reuses it: a cold
+# build downloads the Unsloth stack (triton, xformers, ...) and takes minutes.
+UNSLOTH_KEY := $(shell cat install.py requirements.txt requirements-core.txt requirements-dev.txt | sha1sum | cut -c1-12)
+UNSLOTH_VENV ?= $(CACHE)/venv-unsloth-$(UNSLOTH_KEY)
 UNSLOTH_PY := $(UNSLOTH_VENV)/bin/python
 
-$(UNSLOTH_VENV)/.installed: install.py requirements.txt requirements-core.txt requirements-dev.txt
+$(UNSLOTH_VENV)/.installed:
+	mkdir -p $(CACHE)
 	test -x $(UNSLOTH_PY) || $(PYTHON) -m venv $(UNSLOTH_VENV)
 	$(UNSLOTH_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(UNSLOTH_PY) install.py -q
@@ -84,4 +88,4 @@ browser:
 	  echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver as root): tests/test_board.py skips"
 
 clean:
-	rm -rf $(VENV) $(UNSLOTH_VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache
