@@ -276,8 +276,8 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
         model, processor, _ = models.load_run(run_dir, backend, dtype, weights_dir=weights_dir)
     else:
         model, processor = models.load_base(models.resolve(recipe["model_name_or_path"]), backend,
-                                            recipe["load_in_4bit"], dtype,
-                                            gradient_checkpointing=False)
+                                            recipe["load_in_4bit"], dtype, gradient_checkpointing=False,
+                                            dynamic_4bit=recipe.get("unsloth_dynamic_4bit", False))  # as trained
     prepare_for_inference(model, backend)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
