@@ -192,7 +192,7 @@ def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | No
     if spec == "synthetic" and limit:
         eval_recipe["synthetic_num_test"] = limit  # test charts are drawn from their own index range
     held = not data_spec and not split and run_dir is not None and (run_dir / "heldout.jsonl").exists()
-    if not held and not split and spec.startswith("jsonl:"):
+    if not held and not split and not data_spec and spec.startswith("jsonl:"):
         raise UserError(f"{spec} has no test split and the run held no rows out (eval_fraction=0), so every row "
                         "was trained on; pass --data jsonl:OTHER_FILE, or train with --set eval_fraction=0.05")
     try:
