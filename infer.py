@@ -13,16 +13,12 @@ reference ("answer", "answers" or the answer turn) stays, so `python eval.py --s
 Greedy unless --temperature is above 0.
 """
 
-import base64
-import io
 import json
 import re
 from pathlib import Path
 
 import click
-from PIL import Image
 
-from kit import export
 from kit.cli import help_with_examples
 from kit.errors import UserError, user_errors
 
@@ -225,106 +221,16 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
 
 def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, temperature, min_p, stream,
                 show_progress) -> list[str]:
-    """One question at a time through llama-cpp-python's Qwen2-VL chat handler (libmtmd reads the image)."""
-    model_file, mmproj = find_gguf(path, mmproj)
-    try:
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Qwen25VLChatHandler
-    except ImportError:
-        raise UserError("a GGUF TARGET needs llama-cpp-python: make llama-cpp, or pip install llama-cpp-python")
-    export.quiet_mtmd()
-    # The 2.5 handler drives libmtmd, which reads the projector type (qwen2vl_merger) from the mmproj file.
-    handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
-    # Jinja drops a template's final newline, so the handler's prompt would end "<|im_start|>assistant" where
-    # Qwen2-VL's template ends "<|im_start|>assistant\n"; an empty expression after it keeps the newline.
-    handler.CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + "{{ '' }}"
-    llm = Llama(model_path=str(model_file), chat_handler=handler, n_ctx=8192, n_gpu_layers=-1, verbose=False)
-    if recipe:
-        use_run_image_size(handler, llm, mmproj, recipe)
-    # temperature 0 is llama.cpp's greedy sampler; top-k/top-p off so sampling matches transformers'.
-    options = dict(max_tokens=max_new_tokens, temperature=temperature, min_p=min_p, top_k=0, top_p=1.0,
-                   repeat_penalty=1.0, stream=stream)
-    answers = []
-    for q in questions:
-        reply = llm.create_chat_completion(messages=chat_completion_messages(q, system), **options)
-        if stream:
-            pieces = []
-            for chunk in reply:
-                piece = chunk["choices"][0]["delta"].get("content") or ""
-                click.echo(piece, nl=False)
-                pieces.append(piece)
-            click.echo()
-            answers.append("".join(pieces).strip())
-        else:
-            answers.append((reply["choices"][0]["message"]["content"] or "").strip())
-        if show_progress:
-            show_progress.update(1)
+    """One question at a time through llama.cpp (kit/llama.py: the same driving eval.py scores GGUF pairs with)."""
+    from kit import llama
+
+    llm = llama.open_pair(*llama.find_pair(path, mmproj), recipe)
+    on_piece = (lambda piece: click.echo(piece, nl=False)) if stream else None
+    answers, _ = llama.answers(llm, questions, system, max_new_tokens, temperature, min_p, on_piece,
+                               show_progress.update if show_progress else None)
+    if stream:
+        click.echo()
     return answers
-
-
-def chat_completion_messages(question: dict, system: str) -> list[dict]:
-    """The prompt in llama-cpp-python's (OpenAI's) form: each {"type": "image"} becomes the next image as a data
-    URI; a turn of text only is a plain string, as the chat template expects for system turns."""
-    images = iter(question["images"])
-    messages = ([{"role": "system", "content": system}] if system else []) + \
-        [m for m in question["messages"] if not (system and m.get("role") == "system")]
-    converted = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list) and any(part.get("type") == "image" for part in content):
-            content = [{"type": "image_url", "image_url": {"url": data_uri(next(images))}}
-                       if part.get("type") == "image" else {"type": "text", "text": part.get("text", "")}
-                       for part in content]
-        elif isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content)
-        converted.append({"role": message["role"], "content": content})
-    return converted
-
-
-def use_run_image_size(handler, llm, mmproj: Path, recipe: dict):
-    """Charts resized as in training (the recipe's min/max_pixels) rather than to llama.cpp's own Qwen2-VL limits
-    (up to 4,096 image tokens). The handler only builds its libmtmd context when it has none, so this one is used."""
-    from llama_cpp import mtmd_cpp
-
-    params = mtmd_cpp.mtmd_context_params_default()
-    params.n_threads, params.print_timings = llm.n_threads, False
-    limits = export.image_token_limits(recipe)
-    params.image_min_tokens, params.image_max_tokens = limits["image_min_tokens"], limits["image_max_tokens"]
-    context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
-    if not context:
-        raise UserError(f"llama.cpp could not load {mmproj} as the vision projector of this model")
-    handler.mtmd_ctx = context
-    llm._stack.callback(mtmd_cpp.mtmd_free, context)
-
-
-def find_gguf(path: Path, mmproj: Path | None) -> tuple[Path, Path]:
-    """(model .gguf, projector .gguf): the one model file in a folder, and the mmproj-* file beside it."""
-    if path.is_file():
-        if path.name.startswith("mmproj-"):
-            raise UserError(f"{path} is the vision projector; give the model .gguf (or its folder) as TARGET")
-        model_file = path
-    else:
-        models = sorted(p for p in path.glob("*.gguf") if not p.name.startswith("mmproj-"))
-        if len(models) > 1:
-            raise UserError(f"{path} holds several models ({', '.join(p.name for p in models)}); name one as TARGET")
-        model_file = models[0]
-    if mmproj is None:
-        found = sorted(model_file.parent.glob("mmproj-*.gguf"))
-        if len(found) != 1:
-            raise UserError(f"{'no' if not found else 'more than one'} mmproj-*.gguf file beside {model_file}; "
-                            "give the vision projector with --mmproj")
-        mmproj = found[0]
-    elif not mmproj.is_file():
-        raise UserError(f"--mmproj {mmproj}: no such file")
-    return model_file, mmproj
-
-
-def data_uri(image_path: str) -> str:
-    """The image as a PNG data: URI, the form llama-cpp-python's chat handlers read without a URL fetch."""
-    with Image.open(image_path) as opened:
-        buffer = io.BytesIO()
-        opened.convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above

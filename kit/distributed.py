@@ -185,7 +185,6 @@ def total(value: float) -> float:
 
 
 def _device():
-    import torch
     import torch.distributed as dist
 
     # nccl only moves CUDA tensors; gloo only CPU ones

@@ -3,8 +3,6 @@
 import contextlib
 import sys
 
-import click
-
 
 class UserError(Exception):
     """Anything the user can fix: the message says what happened, where, and what to do."""
