@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from kit.cli import help_with_examples
+from kit.cli import help_with_examples, jsonl_rows
 from kit.errors import UserError, user_errors
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -113,18 +113,9 @@ def read_batch(path: Path) -> list[dict]:
     from data.jsonl import to_sample
     from kit.chat import prompt_messages
 
-    if not path.is_file():
-        raise UserError(f"--batch {path}: no such file")
     questions = []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        where = f"{path}:{line}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        shape = isinstance(row, dict) and (
+    for line, where, row in jsonl_rows(path, "--batch"):
+        shape = (
             isinstance(row.get("image"), str) and "question" in row
             or isinstance(row.get("messages"), list) and isinstance(row.get("images"), list)
             and all(isinstance(image, str) for image in row["images"])

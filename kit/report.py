@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+from kit.cli import jsonl_rows
 from kit.errors import UserError
 from kit.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, EXACT, METRICS, accuracy, bootstrap_interval,
                          exact_correct, mcnemar_exact, paired_counts, relaxed_correct)
@@ -311,19 +312,8 @@ def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[s
     by_key: dict[str, dict] = {}
     names: list[str] = []
     for path in paths:
-        if not path.is_file():
-            raise UserError(f"--score {path}: no such file")
         seen: dict[tuple, int] = {}
-        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{line}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: a row must be a JSON object")
+        for line, where, row in jsonl_rows(path, "--score"):
             if isinstance(row.get("systems"), dict) and "references" in row:  # eval.py's predictions.jsonl
                 answers = {name: verdict.get("answer", "") for name, verdict in row["systems"].items()}
                 references = [str(r) for r in row["references"]]
