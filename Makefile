@@ -65,9 +65,11 @@ $(UNSLOTH_VENV)/.installed:
 	touch $@
 
 # UNSLOTH_ALLOW_CPU=1: Unsloth's CPU mode; the kit's switch lets --backend unsloth run here (tests/with_unsloth).
+# Unsloth torch.compiles some of its patches; their kernels go to the lane's own inductor cache, not the /tmp one
+# every torch process on the machine shares (one CI run failed in a kernel taken from there; not seen since).
 test-unsloth: $(UNSLOTH_VENV)/.installed
 	UNSLOTH_ALLOW_CPU=1 QWEN2VL_KIT_TEST_UNSLOTH_ON_CPU=1 QWEN2VL_KIT_CACHE=$(CACHE) \
-	  $(UNSLOTH_PY) -m pytest -q tests/with_unsloth
+	  TORCHINDUCTOR_CACHE_DIR=$(UNSLOTH_VENV)/inductor-cache $(UNSLOTH_PY) -m pytest -q tests/with_unsloth
 
 demo: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	$(PY) train.py --recipe demo --output $(DEMO) --force
