@@ -65,11 +65,11 @@ $(UNSLOTH_VENV)/.installed:
 	touch $@
 
 # UNSLOTH_ALLOW_CPU=1: Unsloth's CPU mode; the kit's switch lets --backend unsloth run here (tests/with_unsloth).
-# Unsloth torch.compiles some of its patches; their kernels go to the lane's own inductor cache, not the /tmp one
-# every torch process on the machine shares (one CI run failed in a kernel taken from there; not seen since).
+# Unsloth torch.compiles its patched create_causal_mask; on the CPU, inductor's own alloc_from_pool in that kernel
+# trips torch's custom-op aliasing check, which torch makes a warning but an error wherever the CI variable is set.
 test-unsloth: $(UNSLOTH_VENV)/.installed
 	UNSLOTH_ALLOW_CPU=1 QWEN2VL_KIT_TEST_UNSLOTH_ON_CPU=1 QWEN2VL_KIT_CACHE=$(CACHE) \
-	  TORCHINDUCTOR_CACHE_DIR=$(UNSLOTH_VENV)/inductor-cache $(UNSLOTH_PY) -m pytest -q tests/with_unsloth
+	  TORCHINDUCTOR_ERROR_ON_CUSTOM_OP_ALIASING=0 $(UNSLOTH_PY) -m pytest -q tests/with_unsloth
 
 demo: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	$(PY) train.py --recipe demo --output $(DEMO) --force
