@@ -111,6 +111,10 @@ def check_out(out: Path, force: bool, inputs=()):
 
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
         force, on_bad_row, metric="chartqa"):
+    from kit.noise import silence_known_noise
+
+    silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
+
     # --- options -----------------------------------------------------------------------------------
     kind, run_dir, weights_dir = locate_target(run_dir)
     recipe = target_recipe(run_dir, data_spec)

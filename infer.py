@@ -54,6 +54,10 @@ def main(target, image, question, batch_file, system, max_new_tokens, temperatur
 
 def run(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
         backend_name, mmproj, force):
+    from kit.noise import silence_known_noise
+
+    silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
+
     # --- options: the questions, what TARGET is, the system prompt ----------------------------------
     if batch_file:
         if stream:

@@ -57,6 +57,10 @@ def main(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force
 
 def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force):
     started = time.time()
+    from kit.noise import silence_known_noise
+
+    silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
+
     # --- options: what to write, where, and with which tools -------------------------------------------------
     if not (run_dir / "run_config.json").is_file():
         raise UserError(f"{run_dir} is not a run folder (no run_config.json): give the folder train.py wrote")
