@@ -25,12 +25,11 @@ def image_tokens(image, processor) -> int:
 
 def size_tokens(width: int, height: int, processor) -> int:
     """Merged vision tokens of a width x height image after Qwen's resize."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from kit.images import target_size
 
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
-    height, width = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
-                                 max_pixels=ip.size["longest_edge"])
+    width, height = target_size(width, height, processor)
     return (height // factor) * (width // factor)
 
 
