@@ -96,10 +96,10 @@ class LoraNames:
         """peft's target_modules regex for Unsloth's finetune_* switches (the merger is not adapted: it is small
         and Unsloth leaves it alone too)."""
         parts = []
-        for wanted, blocks, names in ((language, self.language_blocks,
-                                       (self.language_attention if attention else ()) + (self.language_mlp if mlp else ())),
-                                      (vision, self.vision_blocks,
-                                       (self.vision_attention if attention else ()) + (self.vision_mlp if mlp else ()))):
+        for wanted, blocks, attention_names, mlp_names in (
+                (language, self.language_blocks, self.language_attention, self.language_mlp),
+                (vision, self.vision_blocks, self.vision_attention, self.vision_mlp)):
+            names = (attention_names if attention else ()) + (mlp_names if mlp else ())
             if wanted and names:
                 parts.append(rf"{blocks}\.(?:\w+\.)+({'|'.join(names)})")
         if not parts:
