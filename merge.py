@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from kit import gguf, llama, merging
+from kit import families, gguf, llama, merging
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 
@@ -121,7 +121,9 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
             gguf_dir = staging["gguf"]
             report = write_gguf(converter, quantizer, merged_dir, gguf_dir, folders["gguf"], name, quants,
                                 recipe["model_name_or_path"])
-            report.update(llama.image_token_limits(recipe), system_prompt=system_prompt)
+            family = families.of_processor(merged_processor)
+            report.update(llama.image_token_limits(recipe, family.grid(merged_processor)), family=family.name,
+                          system_prompt=system_prompt)
             if verify:
                 from importlib.metadata import version
 
@@ -213,7 +215,7 @@ def prove(gguf_dir: Path, report: dict, references: dict, processor, stop_ids: s
     results = {}
     for quant, filename in report["models"].items():
         pair = llama.LlamaCppPair(gguf_dir / filename, gguf_dir / report["mmproj"], report["image_min_tokens"],
-                                   report["image_max_tokens"])
+                                   report["image_max_tokens"], families.by_name(report["family"]))
         try:
             results[quant] = {}
             for kind, (sample, hf) in references.items():

@@ -22,7 +22,7 @@ CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE"
 
 
 def converter_cache() -> Path:
-    from kit.model import cache_dir
+    from kit.paths import cache_dir
 
     return cache_dir() / "llama.cpp-src" / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
 

@@ -59,7 +59,7 @@ def find_quantizer(llama_cpp_dir=None) -> str | None:
 
 def uses_qwen2_regex(model_dir: Path) -> bool:
     """Whether tokenizer.json pre-tokenizes with Qwen2's split regex (what llama.cpp's "qwen2" pre-tokenizer does)."""
-    from kit.model import QWEN2_PRETOKENIZE_REGEX
+    from kit.families._tiny import QWEN2_PRETOKENIZE_REGEX
 
     path = model_dir / "tokenizer.json"
     if not path.is_file():

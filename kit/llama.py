@@ -1,7 +1,10 @@
-"""A GGUF pair (text model + mmproj) in llama-cpp-python: infer.py's and eval.py's answers (llama-cpp-python's
-Qwen2-VL chat handler, libmtmd reads the image, every generation setting spelled out: greedy unless a temperature
-is given) and merge.py's proof (LlamaCppPair: libmtmd driven token by token, logits at every position). Charts are
-cut into the recipe's token grid (min/max_pixels) in both.
+"""A GGUF pair (text model + mmproj) in llama-cpp-python: infer.py's and eval.py's answers (the model family's
+llama-cpp-python chat handler, libmtmd reads the image, every generation setting spelled out: greedy unless a
+temperature is given) and merge.py's proof (LlamaCppPair: libmtmd driven token by token, logits at every position).
+Charts are cut into the recipe's token grid (min/max_pixels) in both.
+
+The family of a pair is what merge.py recorded beside it (gguf_report.json, run_config.json), else the one whose
+llama.cpp text arch the GGUF names.
 """
 
 import base64
@@ -12,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from kit import families
 from kit.errors import UserError
 
 
@@ -38,11 +42,34 @@ def find_pair(path: Path, mmproj: Path | None = None) -> tuple[Path, Path]:
     return model_file, mmproj
 
 
-def image_token_limits(recipe: dict) -> dict:
-    """The recipe's pixel limits as llama.cpp's --image-min-tokens/--image-max-tokens (one token per 28x28 pixels),
-    so that llama.cpp cuts an image into the same grid the model was trained on."""
-    return {"image_min_tokens": max(recipe["min_pixels"] // (28 * 28), 1),
-            "image_max_tokens": recipe["max_pixels"] // (28 * 28)}
+def image_token_limits(recipe: dict, grid: int) -> dict:
+    """The recipe's pixel limits as llama.cpp's --image-min-tokens/--image-max-tokens (one token per grid x grid
+    pixels, the model's patch x merge), so that llama.cpp cuts an image into the same grid the model was trained on."""
+    return {"image_min_tokens": max(recipe["min_pixels"] // (grid * grid), 1),
+            "image_max_tokens": recipe["max_pixels"] // (grid * grid)}
+
+
+def saved_beside(model_file: Path) -> dict:
+    """What merge.py wrote beside a GGUF pair: gguf_report.json (family, image token limits) over run_config.json
+    (family); {} for a pair made elsewhere."""
+    import json
+
+    found = {}
+    for name in ("run_config.json", "gguf_report.json"):
+        path = Path(model_file).parent / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            found.update({key: saved[key] for key in ("family", "image_min_tokens", "image_max_tokens")
+                          if saved.get(key)})
+    return found
+
+
+def pair_family(model_file: Path, arch: str | None) -> families.Family:
+    """The pair's family: as recorded beside it, else by the GGUF's text arch (`arch`; None: not read yet)."""
+    saved = saved_beside(model_file).get("family")
+    if saved:
+        return families.by_name(saved)
+    return families.of_llama_arch(arch or "unknown", str(model_file))
 
 
 
@@ -70,7 +97,8 @@ def quiet_mtmd():
 class LlamaCppPair:
     """A GGUF text model + mmproj in llama-cpp-python, driven through libmtmd the way llama-mtmd-cli drives it."""
 
-    def __init__(self, model_path: Path, mmproj_path: Path, image_min_tokens: int, image_max_tokens: int):
+    def __init__(self, model_path: Path, mmproj_path: Path, image_min_tokens: int, image_max_tokens: int,
+                 family: families.Family | None = None):
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
@@ -79,6 +107,7 @@ class LlamaCppPair:
                                      verbose=False,
                                      # an f16 cache would round every key and value: keep f32 to compare weights
                                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        self.family = family or pair_family(model_path, self.llama.metadata.get("general.architecture"))
         quiet_mtmd()
         params = mtmd_cpp.mtmd_context_params_default()
         params.n_threads, params.print_timings, params.warmup = self.llama.n_threads, False, False
@@ -92,17 +121,17 @@ class LlamaCppPair:
 
     def run(self, text: str, image: str | None, max_new_tokens: int = 16) -> dict:
         """Prompt ids (-1 for each image embedding), logits at every text position of the prompt (NaN at image
-        positions), and `max_new_tokens` greedy tokens, for chat `text` that holds Qwen2-VL's
-        <|vision_start|><|image_pad|><|vision_end|> where the image goes."""
+        positions), and `max_new_tokens` greedy tokens, for chat `text` that holds the family's image slot
+        (<|vision_start|><|image_pad|><|vision_end|>) where the image goes."""
         import ctypes
 
         import numpy as np
 
         mtmd_cpp = self.mtmd_cpp
         self.llama_cpp.llama_memory_clear(self.llama_cpp.llama_get_memory(self.llama.ctx), True)
-        # libmtmd writes <|vision_start|> and <|vision_end|> around the image itself
+        # libmtmd writes the vision start and end tokens around the image itself
         marker = mtmd_cpp.mtmd_default_marker().decode()
-        encoded = text.replace("<|vision_start|><|image_pad|><|vision_end|>", marker).encode()
+        encoded = text.replace(self.family.markup.image_slot, marker).encode()
         bitmaps = [mtmd_cpp.mtmd_helper_bitmap_init_from_file(self.mtmd, image.encode(), False)] if image else []
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         prompt_ids, logits, position = [], [], 0
@@ -174,25 +203,23 @@ def data_uri(image) -> str:
 
 
 def open_pair(model_file: Path, mmproj: Path, recipe: dict | None):
-    """A llama_cpp.Llama with Qwen2-VL's chat handler; images cut as in training when the recipe is known."""
+    """A llama_cpp.Llama with the family's chat handler; images cut as in training when the recipe is known (the
+    image token limits merge.py computed from it are in gguf_report.json)."""
     try:
         from llama_cpp import Llama, mtmd_cpp
-        from llama_cpp.llama_chat_format import Qwen25VLChatHandler
     except ImportError:
         raise UserError("a GGUF TARGET needs llama-cpp-python: make llama-cpp, or pip install llama-cpp-python")
     quiet_mtmd()
-    # The 2.5 handler drives libmtmd, which reads the projector type (qwen2vl_merger) from the mmproj file.
-    handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
-    # Jinja drops a template's final newline, so the handler's prompt would end "<|im_start|>assistant" where
-    # Qwen2-VL's template ends "<|im_start|>assistant\n"; an empty expression after it keeps the newline.
-    handler.CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + "{{ '' }}"
-    llm = Llama(model_path=str(model_file), chat_handler=handler, n_ctx=8192, n_gpu_layers=-1, verbose=False)
-    if recipe:
-        # The recipe's min/max_pixels rather than llama.cpp's own Qwen2-VL limits (up to 4,096 image tokens). The
-        # handler only builds its libmtmd context when it has none, so this one is used.
+    llm = Llama(model_path=str(model_file), n_ctx=8192, n_gpu_layers=-1, verbose=False)
+    # the handler is chosen once the GGUF's arch is known; create_chat_completion reads it from the Llama
+    handler = llm.chat_handler = pair_family(model_file, llm.metadata.get("general.architecture")).llama_handler(
+        str(mmproj))
+    limits = saved_beside(model_file)
+    if recipe and "image_max_tokens" in limits:
+        # The recipe's min/max_pixels rather than llama.cpp's own limits (up to 4,096 image tokens). The handler
+        # only builds its libmtmd context when it has none, so this one is used.
         params = mtmd_cpp.mtmd_context_params_default()
         params.n_threads, params.print_timings = llm.n_threads, False
-        limits = image_token_limits(recipe)
         params.image_min_tokens, params.image_max_tokens = limits["image_min_tokens"], limits["image_max_tokens"]
         context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
         if not context:

@@ -7,7 +7,6 @@ against the merged model's the same way.
 """
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from kit import families, paths
 from kit.errors import UserError
 
 def plan_merge(model_path: str, dtype_name: str):
@@ -104,7 +104,7 @@ def own_samples(recipe: dict, count: int) -> list[dict]:
 
     import data
     from data.lint import sample_problems
-    from kit.model import cache_dir
+    from kit.paths import cache_dir, write_with
 
     chosen = []
     for sample in data.load({**recipe, "limit": 8 * count}, recipe["dataset_split"], progress=False):
@@ -118,7 +118,7 @@ def own_samples(recipe: dict, count: int) -> list[dict]:
             path = cache_dir() / "parity-charts" / f"{hashlib.sha1(str(sample['id']).encode()).hexdigest()[:12]}.png"
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                image.convert("RGB").save(path)
+                write_with(path, image.convert("RGB").save)
             sample = {**sample, "images": [str(path)]}
         chosen.append(sample)
         if len(chosen) == count:
@@ -132,7 +132,7 @@ def synthetic_parity_samples(recipe: dict, count: int) -> list[dict]:
 
     return generate("test", count, seed=recipe["synthetic_seed"], chart_types=recipe["synthetic_chart_types"],
                     question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
-                    size=recipe["synthetic_size"], progress=False)
+                    size=recipe["synthetic_size"], grid=recipe.get("synthetic_grid", 0), progress=False)
 
 
 def without_image(sample: dict) -> dict:
@@ -145,7 +145,7 @@ def chat_text(processor, sample: dict, system_prompt: str) -> str:
     from kit import chat
 
     messages = chat.with_system(chat.prompt_messages(sample["messages"]), system_prompt)
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return families.of_processor(processor).chat_text(processor, messages, add_generation_prompt=True)
 
 
 def probe(model, processor, sample: dict, system_prompt: str, max_new_tokens: int = 16) -> dict:
@@ -242,4 +242,4 @@ def staged(folders: dict[str, Path]):
 
 
 def write_json(path: Path, value: dict):
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    paths.write_json(path, value, indent=2)

@@ -29,7 +29,8 @@ How a family is found:
 - from a built name: `tiny:qwen2.5-vl` and `random:qwen2.5-vl-7b` (`of_name`); plain `tiny` is `tiny:qwen2-vl`;
 - from a run folder: run_config.json's "family" (`of_run(run_config)`), which train.py writes as `family.name`;
   runs from before the seam have none and were all Qwen2-VL;
-- from a processor: `of_processor(processor)` (the collator, lint and plan get one without a model).
+- from a processor: `of_processor(processor)` (the collator, lint and plan get one without a model);
+- from a GGUF pair: what merge.py wrote beside it (gguf_report.json "family"), else `of_llama_arch(arch)`.
 A model_type or name no family serves is a UnknownFamily (a UserError) that names the families there are.
 """
 
@@ -252,6 +253,16 @@ def of_name(name: str) -> tuple[Family, str | None] | None:
 def of_run(run_config: dict) -> Family:
     """The family a run trained (run_config.json's "family"; runs from before it was written are Qwen2-VL)."""
     return by_name(run_config.get("family") or "qwen2-vl")
+
+
+def of_llama_arch(arch: str, where: str = "the GGUF") -> Family:
+    """The first family whose llama.cpp text arch is `arch`, for a GGUF pair with nothing recorded beside it
+    (families that share an arch, Qwen2-VL and Qwen2.5-VL, are prompted alike)."""
+    for family in all_families():
+        if family.llama.text_arch == arch:
+            return family
+    raise UnknownFamily(f"{where} has the llama.cpp arch {arch!r}; the kit's families have: "
+                        + ", ".join(f"{f.name} ({f.llama.text_arch})" for f in all_families()))
 
 
 def of_processor(processor) -> Family:
