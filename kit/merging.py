@@ -242,4 +242,7 @@ def staged(folders: dict[str, Path]):
 
 
 def write_json(path: Path, value: dict):
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    """Renamed into place whole: a reader (the board) never sees half a report."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
