@@ -207,7 +207,7 @@ def run(options: Options):
                                                     recipe["train_on_responses_only"], recipe["system_prompt"]))
 
     # --- run ---------------------------------------------------------------------------------------
-    from kit import checkpoints, sft
+    from kit import callbacks, checkpoints, sft
 
     checkpoint = checkpoints.resume_point(run_dir / "checkpoints") if resume_dir else None
     if resume_dir:
@@ -217,9 +217,9 @@ def run(options: Options):
     trainer = sft.build_trainer(recipe, precision, backend, run_dir / "checkpoints", model, processor, collator,
                                 train_samples, eval_questions)
     trainer.add_callback(checkpoints.CompleteCheckpoints(keep=recipe["save_total_limit"]))
-    trainer.add_callback(progress.progress_line(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
-    trainer.add_callback(progress.stop_on_signal())
-    trainer.add_callback(runfolder.commit_after_first_step())
+    trainer.add_callback(callbacks.ProgressLine(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
+    trainer.add_callback(callbacks.StopOnSignal())
+    trainer.add_callback(callbacks.CommitAfterFirstStep())
     started = time.time()
     steps_done = checkpoints.finished_at(checkpoint, recipe["max_steps"])
     if steps_done:  # stopped after its last checkpoint, before the final save: that checkpoint is the result
