@@ -55,7 +55,8 @@ def test_kill_at_every_phase_of_a_save_then_resume_matches_an_uninterrupted_run(
     assert process.returncode == -signal.SIGKILL, process.stdout + process.stderr
     killed_at = time.time()
     assert not (killed / "model.safetensors").exists()  # it really died before its end
-    markers = sorted(p.parent.name for p in (killed / "checkpoints").glob("checkpoint-*/complete.json"))
+    markers = [p.parent.name for p in sorted((killed / "checkpoints").glob("checkpoint-*/complete.json"),
+                                             key=lambda p: int(p.parent.name.split("-")[1]))]
     expected = RESUMES_FROM[phase]
     last = f"checkpoint-{expected or 20}"
     assert markers[-1] == last, markers  # the newest complete checkpoint survived the kill
