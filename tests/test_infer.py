@@ -126,6 +126,9 @@ def test_missing_or_unreadable_image_is_named(full_run, tmp_path):
 
 
 def test_missing_target_is_named(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "x.png")  # a real chart file: the target is what is missing
     result = infer_cli([tmp_path / "no-run", "--image", tmp_path / "x.png", "--question", "?"])
     assert result.exit_code == 2 and str(tmp_path / "no-run") in result.output.strip().splitlines()[-1]
 
