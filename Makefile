@@ -1,6 +1,7 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
 # make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
 # make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
+# make test-fast: the suite without the tests marked slow (pytest.ini), for the edit-test loop
 # make test-unsloth : the kit with Unsloth imported and its patches in place (CPU mode), in its own venv
 # Both create .venv on first use. On a GPU machine use `python install.py` instead.
 
@@ -13,7 +14,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 # The demo's run folder.
 DEMO := runs/demo
 
-.PHONY: demo test test-unsloth venv llama-cpp clean board browser
+.PHONY: demo test test-fast test-unsloth venv llama-cpp clean board browser
 
 venv: $(VENV)/.installed
 
@@ -44,9 +45,15 @@ CONVERTER := $(CACHE)/llama.cpp-src/llama-cpp-python-$(LLAMA_CPP_PYTHON)/convert
 $(CONVERTER): $(VENV)/.installed
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.converter import find_converter; print(find_converter())"
 
+# --durations: the slowest tests and their seconds, so the suite's cost is seen at every run.
 test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	-@$(MAKE) --no-print-directory browser
-	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q tests
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q --durations=15 tests
+
+# The edit-test loop: everything but the tests marked slow (subprocesses, several training runs, GGUF files,
+# torchrun, the browser); a few minutes once the cache holds the tiny model.
+test-fast: $(VENV)/.installed $(VENV)/.llama-cpp
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # The GPU install (install.py: requirements.txt around the installed torch) on this machine's torch, in its own
 # venv: Unsloth patches transformers/trl/peft for the whole process, so it never shares the CPU lane's venv.

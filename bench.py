@@ -83,7 +83,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     import torch
 
     from data.synthetic import generate
-    from kit import chat, families, model as models, plan, progress, trainer as training
+    from kit import chat, families, model as models, plan, progress, sft, trainer as training
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
@@ -130,12 +130,12 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
             self.mark()
 
     # The training train.py runs, only without logging and checkpoints.
-    args = training.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
+    args = sft.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
                                logging_steps=10**9, logging_first_step=False, save_strategy="no",
                                eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
     timer = StepTimer()
     dataset, collate = training.indexed_dataset(samples, counter)
-    trainer = training.sft_trainer_class()(
+    trainer = sft.trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collate,
         processing_class=processor, callbacks=[timer])
     trainer.train()

@@ -12,7 +12,8 @@ gguf/    <run>-<quant>.gguf (arch qwen2vl) for each --quant and mmproj-<run>-f16
          written by llama.cpp's own convert_hf_to_gguf.py, with gguf_report.json: every file run in llama.cpp on a
          chart question and on the same question without the chart, its greedy tokens against the merged model's.
 --out DIR puts them at DIR/merged and DIR/gguf. An existing output is replaced only with --force, and outputs
-appear under their names only once complete.
+appear under their names only once complete. RUN_DIR/export.json then says what was written where, the parity
+figures, every llama.cpp proof and the llama.cpp commands (the board reads it; nothing needs the printed lines).
 """
 
 import json
@@ -135,8 +136,18 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
     # --- save: the folders are in place now; say what is where and how to run it ------------------------------
     for target, folder in folders.items():
         click.echo(f"{target}: {folder}")
-    if "gguf" in targets:
-        print_commands(folders["gguf"], report, samples[0], system_prompt)
+    commands = llama_commands(folders["gguf"], report, samples[0], system_prompt) if "gguf" in targets else {}
+    if commands:
+        click.echo("run it in llama.cpp:")
+        for command in commands.values():
+            click.echo("  " + shlex.join(command))
+    merging.write_json(run_dir / "export.json", {
+        "run_dir": str(run_dir), "finetune": "lora" if adapter else "full", "dtype": dtype_name, "device": device,
+        "outputs": {target: str(folder) for target, folder in folders.items()},
+        "parity": {"prompts": samples_from, **parity},
+        "gguf": {key: report[key] for key in ("models", "mmproj", "quantization", "pre_tokenizer_forced_qwen2",
+                                              "verification") if key in report} if "gguf" in targets else None,
+        "llama_cpp_commands": commands, "seconds": round(time.time() - started, 1)})
     click.echo(f"done in {time.time() - started:.0f} s")
 
 
@@ -243,16 +254,17 @@ def describe(result: dict) -> str:
             f"(llama.cpp {result['llama_cpp_tokens'][at]}, merged model {result['hf_tokens'][at]})")
 
 
-def print_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str):
+def llama_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str) -> dict[str, list[str]]:
+    """llama-mtmd-cli asked the first parity question, and llama-server, on the first --quant's file."""
     model = gguf_dir / next(iter(report["models"].values()))
     mmproj = gguf_dir / report["mmproj"]
     question = sample["messages"][0]["content"][-1]["text"]
-    click.echo("run it in llama.cpp:")
-    click.echo("  " + shlex.join(gguf.llama_cli_command(model, mmproj, report, sample["images"][0], question,
-                                                          system_prompt)))
-    click.echo("  " + shlex.join(["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
-                                  "--image-min-tokens", str(report["image_min_tokens"]),
-                                  "--image-max-tokens", str(report["image_max_tokens"])]))
+    return {"llama-mtmd-cli": gguf.llama_cli_command(model, mmproj, report, sample["images"][0], question,
+                                                     system_prompt),
+            "llama-server": ["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
+                             "--image-min-tokens", str(report["image_min_tokens"]),
+                             "--image-max-tokens", str(report["image_max_tokens"])]}
+
 
 main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -48,14 +49,29 @@ from kit.paths import write_json
               "name (T4, L4, A10G, A100, H100, ...); N x it for N GPUs (4x24GB, or 4x for 4 of the card present).")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that lint finds broken or too long: stop, or leave it out (listed in skipped.jsonl).")
-def main(recipe, config, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row):
+def main(**options):
     """Fine-tune Qwen2-VL with a recipe or a config file."""
     with runfolder.restore_on_failure(), user_errors():
-        run(recipe, overrides, output, backend, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row, config)
+        run(Options(**options))
 
 
-def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_only, plan_samples, gpu, on_bad_row,
-        config=None):
+@dataclass(frozen=True)
+class Options:
+    """The command line, named as its options are (what run() takes)."""
+    recipe: str | None = None
+    config: Path | None = None
+    overrides: tuple[str, ...] = ()
+    output: Path | None = None
+    backend: str | None = None
+    resume_dir: Path | None = None
+    force: bool = False
+    plan_only: bool = False
+    plan_samples: int = 0
+    gpu: str | None = None
+    on_bad_row: str = "fail"
+
+
+def run(options: Options):
     import recipes
     from kit import backend as backends
     from kit.noise import silence_known_noise
@@ -65,6 +81,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     distributed.prepare()
 
     # --- options -> resolved recipe ---------------------------------------------------------------
+    recipe_name, overrides, config, resume_dir = options.recipe, options.overrides, options.config, options.resume_dir
+    plan_only, force, gpu = options.plan_only, options.force, options.gpu
     if resume_dir:
         saved = json.loads(_require(resume_dir / "run_config.json", "--resume needs a run folder").read_text())
         recipe_name, overrides = saved["recipe_name"], list(saved["overrides"]) + list(overrides)
@@ -77,8 +95,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     elif not recipe_name:
         raise UserError(f"give --recipe NAME (one of: {', '.join(recipes.names())}), --config FILE "
                         "or --resume RUN_DIR")
-    if backend_name:
-        overrides = [*overrides, f"backend={backend_name}"]
+    if options.backend:
+        overrides = [*overrides, f"backend={options.backend}"]
     if config is not None:
         recipe, changes, recipe_name = recipes.load_config(config, overrides, config_label)
     else:
@@ -87,10 +105,14 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         from kit.plan import gpu_count, named_gpu
 
         card = gpu_count(gpu)[1]
-        card and named_gpu(card)  # a mistyped --gpu is refused before any data loads
+        if card:
+            named_gpu(card)  # a mistyped --gpu is refused before any data loads
     if not resume_dir:
-        run_dir = output or Path("runs") / (config_stem if config and config_stem != "run_config" else recipe_name)
-        if run_dir.exists() and any(run_dir.iterdir()) and not plan_only and distributed.is_main():
+        default_name = config_stem if config and config_stem != "run_config" else recipe_name
+        run_dir = options.output or Path("runs") / default_name
+        # a folder holding only a plan (train.py --plan) is no run yet
+        holds_run = run_dir.exists() and any(p.name != "plan.json" for p in run_dir.iterdir())
+        if holds_run and not plan_only and distributed.is_main():
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                                 "--output for another folder, or --force to replace it")
@@ -122,7 +144,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
         family, processor = families.of_model(base_path), AutoProcessor.from_pretrained(base_path)
         recipe = plan.with_model_grid(recipe, family, processor)  # aligned synthetic charts need the model's grid
-        train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0,
+        train_samples = data.load(recipe, recipe["dataset_split"], limit=options.plan_samples if plan_only else 0,
                                   progress=distributed.is_main())
         eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
     train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
@@ -136,12 +158,19 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     memory = plan.estimate_memory(shape, recipe, max(i + t for i, t in counts or [(0, 0)]),
                                   max((i for i, _ in counts), default=0), planned)
     if plan_only:
+        from kit import plan_file
+
         click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
         plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape,
                         planned)
-        if gpus > 1:
-            plan.print_multi_gpu(len(train_samples), recipe, plan.per_gpu_memory(shape, recipe, memory, gpus, planned),
-                                 gpus, gpu_name, gpu_bytes)
+        per_gpu = plan.per_gpu_memory(shape, recipe, memory, gpus, planned) if gpus > 1 else None
+        if per_gpu:
+            plan.print_multi_gpu(len(train_samples), recipe, per_gpu, gpus, gpu_name, gpu_bytes)
+        if distributed.is_main():
+            plan_file.write(run_dir / "plan.json", plan_file.record(
+                train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, planned, gpus,
+                per_gpu))
+            click.echo(f"plan: {run_dir / 'plan.json'}")
         return
     if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
         raise UserError(f"the plan estimates {plan.gb(memory['total'])} peak on {gpu_name} "
@@ -152,9 +181,9 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     if force and not resume_dir and distributed.is_main():  # checks passed: the old run waits aside until the
         runfolder.set_aside(run_dir)                          # new one has started
     distributed.barrier()
-    train_samples = split_bad_rows(train_samples, findings, on_bad_row,
+    train_samples = split_bad_rows(train_samples, findings, options.on_bad_row,
                                    run_dir / "skipped.jsonl" if distributed.is_main() else None)
-    eval_questions = training.eval_questions(recipe, eval_samples, on_bad_row,
+    eval_questions = training.eval_questions(recipe, eval_samples, options.on_bad_row,
                                              run_dir if distributed.is_main() else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():  # one writer under torchrun
@@ -184,66 +213,29 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                                                     recipe["train_on_responses_only"], recipe["system_prompt"]))
 
     # --- run ---------------------------------------------------------------------------------------
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_utils import rotate_checkpoints
+    from kit import callbacks, checkpoints, sft
 
-    class KitTrainer(training.sft_trainer_class()):
-        def _save_checkpoint(self, model, trial):
-            # Write the checkpoint beside its final name, then rename: a crash never leaves half a checkpoint.
-            final_root = self.args.output_dir
-            staging = Path(final_root) / f".staging-{self.state.global_step}"
-            self.args.output_dir = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.output_dir = final_root
-            distributed.barrier()  # every rank has written its part (RNG state, optimizer shards) into staging
-            if not distributed.is_main():
-                return
-            for checkpoint in staging.glob("checkpoint-*"):
-                shutil.rmtree(Path(final_root) / checkpoint.name, ignore_errors=True)
-                checkpoint.rename(Path(final_root) / checkpoint.name)
-                best = self.state.best_model_checkpoint  # named in staging when this one is the best so far
-                if best and ".staging-" in best:
-                    self.state.best_model_checkpoint = str(Path(final_root) / Path(best).name)
-                    self.state.save_to_json(str(Path(final_root) / checkpoint.name / "trainer_state.json"))
-            shutil.rmtree(staging)  # what is left is the model card trl writes beside checkpoints
-            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            model = model or self.model
-            if recipe["finetune"] == "lora":
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            # transformers 5.17 reads a full checkpoint with its saved key names, which miss every weight of
-            # Qwen2-VL's renamed modules (the run would silently restart from the base); from_pretrained maps them.
-            reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
-            model.load_state_dict(reloaded.state_dict())
-
-    args = training.sft_config(recipe, precision, backend, str(run_dir / "checkpoints"))
-    train_dataset, eval_dataset, collate = training.indexed_datasets(train_samples, eval_questions, collator)
-    trainer = KitTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate,
-                            processing_class=processor, eval_dataset=eval_dataset)
-    trainer.eval_questions, trainer.eval_system_prompt, trainer.eval_backend = \
-        eval_questions, recipe["system_prompt"], backend
-    trainer.remove_callback(PrinterCallback)
-    checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume_dir else None
+    checkpoint = checkpoints.resume_point(run_dir / "checkpoints") if resume_dir else None
     if resume_dir:
         click.echo(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting over")
-    progress_callback = progress.progress_line(run_dir / "metrics.jsonl", collator,
-                             keep_until=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
-    trainer.add_callback(progress_callback)
-    trainer.add_callback(progress.stop_on_signal())
-    trainer.add_callback(runfolder.commit_after_first_step())
+    resumed_at = checkpoints.step_of(checkpoint) if checkpoint else 0
+    # The trainer for the recipe's method (SFT) is built here; checkpoints and progress are the same for any.
+    trainer = sft.build_trainer(recipe, precision, backend, run_dir / "checkpoints", model, processor, collator,
+                                train_samples, eval_questions)
+    trainer.add_callback(checkpoints.CompleteCheckpoints(keep=recipe["save_total_limit"]))
+    trainer.add_callback(callbacks.ProgressLine(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
+    trainer.add_callback(callbacks.StopOnSignal())
+    trainer.add_callback(callbacks.CommitAfterFirstStep())
     started = time.time()
-    finished = _finished_at(checkpoint, recipe["max_steps"])
-    if finished:  # stopped after its last checkpoint, before the final save: transformers would train a step more
-        trainer._load_from_checkpoint(str(checkpoint))
-        trainer.state.global_step = trainer.state.max_steps = finished
+    steps_done = checkpoints.finished_at(checkpoint, recipe["max_steps"])
+    if steps_done:  # stopped after its last checkpoint, before the final save: that checkpoint is the result
+        checkpoints.load_final_weights(trainer.model, checkpoint, recipe["finetune"])
     else:
         with distributed.errors_from_every_rank():  # a bad row may sit in one rank's shard only
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if trainer.state.global_step < trainer.state.max_steps:
-        raise UserError(_stopped_early(trainer.state, run_dir))
+            checkpoints.train_from(trainer, checkpoint, recipe["finetune"])
+        if trainer.state.global_step < trainer.state.max_steps:
+            raise UserError(_stopped_early(trainer.state, run_dir))
+        steps_done = trainer.state.global_step
 
     # --- save --------------------------------------------------------------------------------------
     final = run_dir / ".final.tmp"
@@ -256,39 +248,26 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         item.replace(run_dir / item.name)
     final.rmdir()
     progress.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    resumed_at = int(checkpoint.name.split("-")[1]) if checkpoint else 0
     final_loss, earlier = progress.summary(run_dir / "metrics.jsonl", resumed_at)
     this_session = time.time() - started
-    click.echo(f"done: {trainer.state.global_step} steps in {_duration(earlier + this_session)}"
+    click.echo(f"done: {steps_done} steps in {_duration(earlier + this_session)}"
                + (f" ({_duration(this_session)} of it since resuming at step {resumed_at})" if resumed_at else "")
                + f" | final loss {final_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
                f"outputs in {run_dir}")
 
 
 def _stopped_early(state, run_dir: Path) -> str:
-    """What to say when training ended before max_steps: a checkpoint is named only if it exists."""
-    saved = _last_checkpoint(run_dir / "checkpoints")
-    if saved and int(saved.name.split("-")[1]) == state.global_step:
+    """What to say when training ended before max_steps: a checkpoint is named only if it is complete."""
+    from kit import checkpoints
+
+    saved = checkpoints.last_complete(run_dir / "checkpoints")
+    if saved and checkpoints.step_of(saved) == state.global_step:
         return (f"interrupted at step {state.global_step}: checkpoint saved in {saved}; continue with: "
                 f"{distributed.relaunch()} --resume {run_dir}")
     where = f"step {state.global_step} of {state.max_steps}"
     kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
     return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
             f"python train.py --plan (or python -m data.lint)")
-
-
-def _finished_at(checkpoint, max_steps: int) -> int:
-    """The checkpoint's step when it is already the run's last one (max_steps, or the planned end), else 0."""
-    if not checkpoint:
-        return 0
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    end = max_steps if max_steps > 0 else state.get("max_steps", 0)
-    return state["global_step"] if end and state["global_step"] >= end else 0
-
-
-def _last_checkpoint(folder: Path):
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def _require(path: Path, why: str) -> Path:

@@ -87,8 +87,12 @@ def stop_training(run_dir: Path) -> bool:
     return pid is not None
 
 
+CHECKPOINT_MARKER = "complete.json"  # kit/checkpoints.MARKER (that module imports transformers: not here)
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
-    done = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    """The complete checkpoints (marked by kit/checkpoints.py), oldest first."""
+    done = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -181,3 +185,59 @@ def loss_plot(run_dir: Path) -> str | None:
         png.parent.mkdir(exist_ok=True)
         plot_loss(run_dir / "metrics.jsonl", png)
     return str(png)
+
+
+def read_json(path: Path) -> dict | None:
+    """A file a script wrote (plan.json, export.json), or None when it is not there."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plan_text(plan: dict) -> str:
+    """plan.json (train.py --plan) as the board shows it."""
+    gib = 1024**3
+    lines = [f"{plan['rows']} rows, {plan['steps_per_epoch']} steps per epoch"]
+    for kind, values in plan["tokens"].items():
+        lines.append(f"{kind + ' tokens':>13}: min {values['min']} | median {values['median']} | p95 {values['p95']} "
+                     f"| max {values['max']}")
+    lines.append(f"over max_length ({plan['max_length']}): {plan['over_max_length']} sample(s); other problems: "
+                 f"{plan['other_problems']}")
+    lines += [f"  {finding['place']}: {finding['problem']}" for finding in plan["findings"][:10]]
+    lines.append(f"suggested max_pixels: {plan['suggested_max_pixels']} (now {plan['max_pixels']}), for p95 under "
+                 f"{plan['image_token_budget']} image tokens")
+    lines.append(f"peak GPU memory estimate ({plan['model']}, {'4-bit' if plan['load_in_4bit'] else '16-bit'}, "
+                 f"batch {plan['per_device_train_batch_size']}, {plan['precision']}):")
+    lines += [f"  {part:<42} {value / gib:.1f} GB" for part, value in plan["memory_bytes"].items()]
+    gpu = plan["gpu"]
+    if plan["fits"] is None:
+        lines.append("no GPU here: name one with --gpu to check the fit")
+    else:
+        lines.append(f"{'fits' if plan['fits'] else 'does not fit'}: {plan['memory_bytes']['total'] / gib:.1f} GB "
+                     f"of {gpu['bytes'] / gib:.1f} GB on {gpu['name']}")
+    for strategy, value in plan["per_gpu_bytes"].items():
+        lines.append(f"  on {plan['gpus']} GPUs, {strategy}: {value / gib:.1f} GB per GPU")
+    return "\n".join(lines)
+
+
+def export_view(export: dict) -> tuple[str, str]:
+    """export.json (merge.py) as the board shows it: (what was proven, as markdown; the llama.cpp commands)."""
+    parity = export["parity"]
+    unmerged = "LoRA adapter on the base" if export["finetune"] == "lora" else "run's model"
+    lines = [f"- parity, {unmerged} vs the reloaded merged model on {parity['num_samples']} fixed charts "
+             f"({parity['prompts']}): max |logit difference| {parity['max_abs_logit_diff']:.2e}; identical greedy "
+             f"answers {parity['identical_answers']}/{parity['num_samples']}"]
+    gguf = export.get("gguf") or {}
+    for quant, kinds in (gguf.get("verification") or {}).items():
+        for kind, result in kinds.items():
+            tokens = len(result["hf_tokens"])
+            agree = f"{tokens}/{tokens} the merged model's" if result["agree"] else \
+                f"part from the merged model's at {result['first_divergence']} of {tokens}"
+            prompt = (f"same {result['prompt_tokens']} prompt tokens, max |logit diff| "
+                      f"{result['max_abs_logit_diff']:.1e}" if result["prompt_identical"] else "PROMPT TOKENS DIFFER")
+            lines.append(f"- llama.cpp {gguf['models'][quant]}, {kind} prompt: {prompt}; answer "
+                         f"{result['llama_cpp_answer']!r}; greedy tokens {agree}")
+    for quant, quantized in (gguf.get("quantization") or {}).items():
+        if quantized.get("note"):
+            lines.append(f"- note: {quantized['note']}")
+    outputs = ", ".join(f"{target} in `{folder}`" for target, folder in export["outputs"].items())
+    commands = "\n".join(shlex.join(command) for command in export["llama_cpp_commands"].values())
+    return f"**Exported** ({outputs}); the checks merge.py ran:\n\n" + "\n".join(lines), commands

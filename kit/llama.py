@@ -1,15 +1,16 @@
-"""A GGUF pair (text model + mmproj) in llama-cpp-python: infer.py's and eval.py's answers (the model family's
-llama-cpp-python chat handler, libmtmd reads the image, every generation setting spelled out: greedy unless a
-temperature is given) and merge.py's proof (LlamaCppPair: libmtmd driven token by token, logits at every position).
-Charts are cut into the recipe's token grid (min/max_pixels) in both.
+"""A GGUF pair (text model + mmproj) in llama-cpp-python, driven through libllama + libmtmd the way llama-mtmd-cli
+drives them: the one llama.cpp driver for merge.py's proof (logits at every prompt position, greedy tokens) and for
+infer.py's and eval.py's answers (the chat template stored in the GGUF, rendered with the family's template flags;
+llama.cpp's own samplers: greedy unless a temperature is given). Images are cut into the recipe's token grid
+(min/max_pixels) in both.
 
 The family of a pair is what merge.py recorded beside it (gguf_report.json, run_config.json), else the one whose
 llama.cpp text arch the GGUF names.
 """
 
-import base64
+import codecs
+import ctypes
 import functools
-import io
 import os
 import sys
 import time
@@ -95,36 +96,82 @@ def quiet_mtmd():
 
 
 class LlamaCppPair:
-    """A GGUF text model + mmproj in llama-cpp-python, driven through libmtmd the way llama-mtmd-cli drives it."""
+    """A GGUF text model + mmproj in llama-cpp-python, driven through libmtmd the way llama-mtmd-cli drives it.
 
-    def __init__(self, model_path: Path, mmproj_path: Path, image_min_tokens: int, image_max_tokens: int,
+    exact=True (the proof) keeps the KV cache in f32, so that the logits compare weights and not cache rounding;
+    answering keeps llama.cpp's default f16 cache."""
+
+    def __init__(self, model_path: Path, mmproj_path: Path, image_min_tokens: int | None = None,
+                 image_max_tokens: int | None = None, n_ctx: int = 4096, exact: bool = True,
                  family: families.Family | None = None):
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
         self.llama_cpp, self.mtmd_cpp = llama_cpp, mtmd_cpp
-        self.llama = llama_cpp.Llama(str(model_path), n_ctx=4096, n_gpu_layers=-1, n_threads=os.cpu_count(),
-                                     verbose=False,
-                                     # an f16 cache would round every key and value: keep f32 to compare weights
-                                     type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if exact else {}
+        self.llama = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_gpu_layers=-1, n_threads=os.cpu_count(),
+                                     verbose=False, **cache)
         self.family = family or pair_family(model_path, self.llama.metadata.get("general.architecture"))
         quiet_mtmd()
         params = mtmd_cpp.mtmd_context_params_default()
         params.n_threads, params.print_timings, params.warmup = self.llama.n_threads, False, False
-        params.image_min_tokens, params.image_max_tokens = image_min_tokens, image_max_tokens
+        if image_min_tokens is not None:  # else llama.cpp's own limits for the model (up to 4,096 for Qwen2-VL)
+            params.image_min_tokens, params.image_max_tokens = image_min_tokens, image_max_tokens
         self.mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llama.model, params)
         if not self.mtmd:
             self.llama.close()
             raise UserError(f"llama.cpp could not load {mmproj_path} as the vision projector of {model_path}")
         self.n_vocab = self.llama.n_vocab()
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
         self.batch = llama_cpp.llama_batch_init(self.llama.n_batch, 0, 1)
 
     def run(self, text: str, image: str | None, max_new_tokens: int = 16) -> dict:
         """Prompt ids (-1 for each image embedding), logits at every text position of the prompt (NaN at image
         positions), and `max_new_tokens` greedy tokens, for chat `text` that holds the family's image slot
-        (<|vision_start|><|image_pad|><|vision_end|>) where the image goes."""
-        import ctypes
+        (markup.image_slot) where the image goes."""
+        import numpy as np
 
+        prompt_ids, logits, position = self._prompt(text, [image] if image else [], every_logit=True)
+        answer = [int(np.argmax(logits[-1]))]
+        while len(answer) < max_new_tokens:
+            answer.append(int(np.argmax(self._decode(answer[-1:], position, every_logit=True)[0])))
+            position += 1
+        return {"prompt_ids": prompt_ids, "logits": np.stack(logits), "answer_ids": answer}
+
+    def answer(self, text: str, images: list, max_new_tokens: int, temperature: float = 0.0, min_p: float = 0.0,
+               seed: int = 0, on_piece=None) -> str:
+        """The reply to chat `text` (the model's template, the family's image slot per image, ending in the assistant's turn),
+        sampled by llama.cpp until an end-of-generation token: greedy at temperature 0, else min-p then
+        temperature. `on_piece(text)` gets each piece of it as it comes."""
+        llama_cpp = self.llama_cpp
+        _, _, position = self._prompt(text, images, every_logit=False)
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if temperature > 0:
+            for sampler in (llama_cpp.llama_sampler_init_min_p(min_p, 1),
+                            llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(seed)):
+                llama_cpp.llama_sampler_chain_add(chain, sampler)
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        decoder, pieces = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+        try:
+            for _ in range(max_new_tokens):
+                token = llama_cpp.llama_sampler_sample(chain, self.llama.ctx, -1)  # the last decoded position
+                if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                    break
+                piece = decoder.decode(self.llama.detokenize([token]))
+                pieces.append(piece)
+                if on_piece is not None and piece:
+                    on_piece(piece)
+                self._decode([token], position, every_logit=False)
+                position += 1
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+        return "".join(pieces).strip()
+
+    def _prompt(self, text: str, images: list, every_logit: bool):
+        """The chat text and its images through libmtmd into a fresh context: (prompt ids, -1 per image embedding;
+        logits per position, NaN rows at images, or only the last text chunk's when not every_logit; the next
+        position)."""
         import numpy as np
 
         mtmd_cpp = self.mtmd_cpp
@@ -132,7 +179,7 @@ class LlamaCppPair:
         # libmtmd writes the vision start and end tokens around the image itself
         marker = mtmd_cpp.mtmd_default_marker().decode()
         encoded = text.replace(self.family.markup.image_slot, marker).encode()
-        bitmaps = [mtmd_cpp.mtmd_helper_bitmap_init_from_file(self.mtmd, image.encode(), False)] if image else []
+        bitmaps = [self._bitmap(image) for image in images]
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         prompt_ids, logits, position = [], [], 0
         try:
@@ -140,14 +187,14 @@ class LlamaCppPair:
                                               parse_special=True)
             bitmap_array = (mtmd_cpp.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
             if mtmd_cpp.mtmd_tokenize(self.mtmd, chunks, ctypes.byref(prompt), bitmap_array, len(bitmaps)) != 0:
-                raise UserError(f"llama.cpp could not tokenize the prompt with image {image}")
+                raise UserError(f"llama.cpp could not tokenize the prompt with its {len(images)} image(s)")
             for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
                 if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     count = ctypes.c_size_t()
                     tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                     ids = [tokens[j] for j in range(count.value)]
-                    logits += self._decode(ids, position)
+                    logits += self._decode(ids, position, every_logit)
                     prompt_ids += ids
                     position += len(ids)
                 else:
@@ -155,23 +202,37 @@ class LlamaCppPair:
                     if mtmd_cpp.mtmd_helper_eval_chunk_single(self.mtmd, self.llama.ctx, chunk, position, 0,
                                                               self.llama.n_batch, False,
                                                               ctypes.byref(new_position)) != 0:
-                        raise UserError(f"llama.cpp failed to encode image {image}")
+                        raise UserError("llama.cpp failed to encode an image of the prompt")
                     prompt_ids += [-1] * n_tokens
-                    logits += [np.full(self.n_vocab, np.nan, dtype=np.float32)] * n_tokens
+                    if every_logit:
+                        logits += [np.full(self.n_vocab, np.nan, dtype=np.float32)] * n_tokens
                     # M-RoPE: an image spans fewer positions than tokens, and text goes on after its last one
                     position = new_position.value
         finally:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
             for bitmap in bitmaps:
                 mtmd_cpp.mtmd_bitmap_free(bitmap)
-        answer = [int(np.argmax(logits[-1]))]
-        while len(answer) < max_new_tokens:
-            answer.append(int(np.argmax(self._decode(answer[-1:], position)[0])))
-            position += 1
-        return {"prompt_ids": prompt_ids, "logits": np.stack(logits), "answer_ids": answer}
+        return prompt_ids, logits, position
 
-    def _decode(self, ids: list[int], position: int) -> list:
-        """Text tokens at consecutive positions, in n_batch pieces; the logits of every one of them."""
+    def _bitmap(self, image):
+        """A file read by libmtmd itself (as llama-mtmd-cli reads it); a decoded image handed over as RGB."""
+        mtmd_cpp = self.mtmd_cpp
+        if isinstance(image, (str, Path)):
+            bitmap = mtmd_cpp.mtmd_helper_bitmap_init_from_file(self.mtmd, str(image).encode(), False)
+        else:
+            from kit.chat import load_image
+
+            rgb = load_image(image).convert("RGB")
+            data = rgb.tobytes()
+            pixels = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, pixels)
+        if not bitmap:
+            raise UserError(f"llama.cpp could not read the image {image if isinstance(image, (str, Path)) else ''}")
+        return bitmap
+
+    def _decode(self, ids: list[int], position: int, every_logit: bool) -> list:
+        """Text tokens at consecutive positions, in n_batch pieces; the logits of every one of them, or none (the
+        last token's stay in the context for a sampler)."""
         import numpy as np
 
         llama_cpp, batch, rows = self.llama_cpp, self.batch, []
@@ -180,11 +241,12 @@ class LlamaCppPair:
             batch.n_tokens = len(piece)
             for j, token in enumerate(piece):
                 batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.seq_id[j][0], batch.logits[j] = \
-                    token, position + start + j, 1, 0, True
+                    token, position + start + j, 1, 0, every_logit or start + j == len(ids) - 1
             if llama_cpp.llama_decode(self.llama.ctx, batch) != 0:
                 raise UserError("llama.cpp failed to decode the prompt")
-            rows += [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llama.ctx, j),
-                                           shape=(self.n_vocab,)).copy() for j in range(len(piece))]
+            if every_logit:
+                rows += [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llama.ctx, j),
+                                               shape=(self.n_vocab,)).copy() for j in range(len(piece))]
         return rows
 
     def close(self):
@@ -193,82 +255,49 @@ class LlamaCppPair:
         self.llama.close()
 
 
-def data_uri(image) -> str:
-    """A path, PIL image or {"bytes", "path"} dict as a PNG data: URI (read by the chat handler without a fetch)."""
-    from kit.chat import load_image
-
-    buffer = io.BytesIO()
-    load_image(image).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def open_pair(model_file: Path, mmproj: Path, recipe: dict | None):
-    """A llama_cpp.Llama with the family's chat handler; images cut as in training when the recipe is known (the
-    image token limits merge.py computed from it are in gguf_report.json)."""
+def open_pair(model_file: Path, mmproj: Path, recipe: dict | None) -> LlamaCppPair:
+    """The pair for answering; images cut as in training when the recipe is known (the image token limits merge.py
+    computed from it and the model's grid are in gguf_report.json)."""
     try:
-        from llama_cpp import Llama, mtmd_cpp
+        import llama_cpp  # noqa: F401
     except ImportError:
         raise UserError("a GGUF TARGET needs llama-cpp-python: make llama-cpp, or pip install llama-cpp-python")
-    quiet_mtmd()
-    llm = Llama(model_path=str(model_file), n_ctx=8192, n_gpu_layers=-1, verbose=False)
-    # the handler is chosen once the GGUF's arch is known; create_chat_completion reads it from the Llama
-    handler = llm.chat_handler = pair_family(model_file, llm.metadata.get("general.architecture")).llama_handler(
-        str(mmproj))
-    limits = saved_beside(model_file)
-    if recipe and "image_max_tokens" in limits:
-        # The recipe's min/max_pixels rather than llama.cpp's own limits (up to 4,096 image tokens). The handler
-        # only builds its libmtmd context when it has none, so this one is used.
-        params = mtmd_cpp.mtmd_context_params_default()
-        params.n_threads, params.print_timings = llm.n_threads, False
-        params.image_min_tokens, params.image_max_tokens = limits["image_min_tokens"], limits["image_max_tokens"]
-        context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
-        if not context:
-            raise UserError(f"llama.cpp could not load {mmproj} as the vision projector of {model_file}")
-        handler.mtmd_ctx = context
-        llm._stack.callback(mtmd_cpp.mtmd_free, context)
-    return llm
+    saved = saved_beside(model_file)
+    limits = {key: saved[key] for key in ("image_min_tokens", "image_max_tokens")} \
+        if recipe and "image_max_tokens" in saved else {}
+    return LlamaCppPair(model_file, mmproj, **limits, n_ctx=8192, exact=False)
 
 
-def chat_messages(sample: dict, system: str) -> list[dict]:
-    """The prompt of a sample ({"images", "messages"}; a final assistant answer is left out) in llama-cpp-python's
-    (OpenAI's) form: each {"type": "image"} becomes the next image as a data URI; a turn of text only is a plain
-    string, as the chat template expects for system turns."""
-    from kit.chat import prompt_messages
+@functools.cache
+def _template(source: str):
+    """A chat template compiled as transformers compiles one (sandboxed, trim_blocks, lstrip_blocks)."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    images = iter(sample["images"])
-    messages = ([{"role": "system", "content": system}] if system else []) + \
-        [m for m in prompt_messages(sample["messages"]) if not (system and m.get("role") == "system")]
-    converted = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list) and any(part.get("type") == "image" for part in content):
-            content = [{"type": "image_url", "image_url": {"url": data_uri(next(images))}}
-                       if part.get("type") == "image" else {"type": "text", "text": part.get("text", "")}
-                       for part in content]
-        elif isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content)
-        converted.append({"role": message["role"], "content": content})
-    return converted
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]).from_string(
+        source)
 
 
-def answers(llm, samples, system: str, max_new_tokens: int, temperature: float = 0.0, min_p: float = 0.0,
-            on_piece=None, progress=None) -> tuple[list[str], float]:
+def chat_text(pair: LlamaCppPair, sample: dict, system: str) -> str:
+    """The prompt of a sample ({"images", "messages"}; a final assistant answer is left out) in the chat template
+    stored in the GGUF, as transformers renders the same template for the merged model."""
+    from kit.chat import prompt_messages, with_system
+
+    source = pair.llama.metadata.get("tokenizer.chat_template")
+    if not source:
+        raise UserError("the GGUF file has no chat template (tokenizer.chat_template): write it again with merge.py")
+    return _template(source).render(messages=with_system(prompt_messages(sample["messages"]), system),
+                                    add_generation_prompt=True, **pair.family.chat_template_kwargs)
+
+
+def answers(pair: LlamaCppPair, samples, system: str, max_new_tokens: int, temperature: float = 0.0,
+            min_p: float = 0.0, on_piece=None, progress=None) -> tuple[list[str], float]:
     """(one answer per sample, seconds spent). `on_piece(text)` streams each piece as it comes."""
-    # temperature 0 is llama.cpp's greedy sampler; top-k/top-p off so sampling matches transformers'.
-    options = dict(max_tokens=max_new_tokens, temperature=temperature, min_p=min_p, top_k=0, top_p=1.0,
-                   repeat_penalty=1.0, stream=on_piece is not None)
     found, seconds = [], 0.0
     for sample in samples:
         started = time.time()
-        reply = llm.create_chat_completion(messages=chat_messages(sample, system), **options)
-        if on_piece is not None:
-            pieces = []
-            for chunk in reply:
-                pieces.append(chunk["choices"][0]["delta"].get("content") or "")
-                on_piece(pieces[-1])
-            found.append("".join(pieces).strip())
-        else:
-            found.append((reply["choices"][0]["message"]["content"] or "").strip())
+        found.append(pair.answer(chat_text(pair, sample, system), list(sample["images"]), max_new_tokens,
+                                 temperature, min_p, on_piece=on_piece))
         seconds += time.time() - started
         if progress:
             progress(1)
@@ -277,8 +306,8 @@ def answers(llm, samples, system: str, max_new_tokens: int, temperature: float =
 
 def gguf_answers(path: Path, recipe: dict, samples, system_prompt: str, max_new_tokens: int, progress=None):
     """(one greedy answer per sample, seconds spent) from the GGUF pair at `path`, for scoring in eval.py."""
-    llm = open_pair(*find_pair(path), recipe)
+    pair = open_pair(*find_pair(path), recipe)
     try:
-        return answers(llm, samples, system_prompt, max_new_tokens, progress=progress)
+        return answers(pair, samples, system_prompt, max_new_tokens, progress=progress)
     finally:
-        llm.close()
+        pair.close()

@@ -1,8 +1,7 @@
-"""What a training run shows while it runs: one fixed-field line per logging step (also in metrics.jsonl),
-a loss curve at the end, and a checkpoint-then-stop on Ctrl-C or SIGTERM.
+"""What a training run shows: the token counter behind tokens/s, the evaluation rows of metrics.jsonl, a run's
+summary from metrics.jsonl and the loss curve. kit/callbacks.py holds the trainer callbacks that use them.
 
-transformers is imported inside the functions: train.py imports this module before the backend is chosen,
-and unsloth must patch transformers before anyone else imports it.
+No transformers here: the board draws loss curves with this module.
 """
 
 import json
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import click
 
-from kit.distributed import any_rank, is_main, total
 
 
 class CountingCollator:
@@ -33,49 +31,6 @@ class CountingCollator:
         with self._tokens.get_lock():
             self._tokens.value += int(batch["attention_mask"].sum())
         return batch
-
-
-def progress_line(path: Path, counter: CountingCollator, keep_until: int):
-    """A callback printing one fixed-field line per logging step, the same fields in metrics.jsonl."""
-    from transformers import TrainerCallback
-
-    class ProgressLine(TrainerCallback):
-        def __init__(self):
-            # On resume, rows logged after the checkpoint are logged again; keep the curve single-valued.
-            rows = path.read_text().splitlines() if keep_until and path.exists() else []
-            if is_main():  # one writer under torchrun
-                path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= keep_until))
-            self.last_time, self.last_step, self.last_tokens, self.last_loss = time.time(), 0, 0, float("nan")
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last_time, self.last_step = time.time(), state.global_step
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_log = True  # the last step is always logged: the final loss is the loss at the end
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "eval_loss" in logs:
-                log_eval(path, state, logs)
-            if not logs or "loss" not in logs:
-                return
-            now, steps = time.time(), max(state.global_step - self.last_step, 1)
-            seconds = max(now - self.last_time, 1e-9)
-            tokens = total(counter.tokens)  # every rank logs the same steps: all of them count their tokens
-            row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
-                   "ms_per_step": 1000 * seconds / steps,
-                   "tokens_per_s": (tokens - self.last_tokens) / seconds,
-                   "peak_mem_gb": peak_memory_gb(), "time": now}
-            click.echo(f"step {row['step']:05d}/{state.max_steps:05d} | loss {row['loss']:.4f} | "
-                       f"lr {row['lr']:.1e} | {row['ms_per_step']:,.0f} ms | {row['tokens_per_s']:,.0f} tok/s | "
-                       f"mem {row['peak_mem_gb']:.1f} GB")
-            if is_main():
-                with path.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-            self.last_time, self.last_step, self.last_tokens = now, state.global_step, tokens
-            self.last_loss = row["loss"]
-
-    return ProgressLine()
 
 
 def summary(path: Path, resumed_at: int = 0) -> tuple[float, float]:
@@ -102,30 +57,6 @@ def log_eval(path: Path, state, logs: dict):
                f"{row['eval_seconds'] or 0:.0f} s")
     with path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
-
-
-def stop_on_signal():
-    """Ctrl-C or SIGTERM (a preempted Kaggle/cloud job) saves a checkpoint at the end of the step, then stops."""
-    import signal
-
-    from transformers import TrainerCallback
-
-    class StopOnSignal(TrainerCallback):
-        def __init__(self):
-            self.asked = False
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self.ask)
-
-        def ask(self, signum, frame):
-            click.echo(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
-            self.asked = True
-
-        def on_step_end(self, args, state, control, **kwargs):
-            # A signal may reach one rank only; all of them must save and stop at the same step.
-            if any_rank(self.asked):
-                control.should_save = control.should_training_stop = True
-
-    return StopOnSignal()
 
 
 def plot_loss(metrics_path: Path, png_path: Path):

@@ -23,7 +23,7 @@ def set_aside(run_dir: Path):
 
 
 def commit():
-    """The new run has started: the old one goes."""
+    """The new run has started: the old one goes (nothing to do when no run was set aside)."""
     for run_dir, aside in list(_aside.items()):
         shutil.rmtree(aside, ignore_errors=True)
         del _aside[run_dir]
@@ -51,15 +51,3 @@ def restore_on_failure():
             restore()
         raise
     commit()  # finished (a run that took no step at all is still a finished run)
-
-
-def commit_after_first_step():
-    """A trainer callback that commits once the first optimizer step is done."""
-    from transformers import TrainerCallback
-
-    class CommitAfterFirstStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if _aside:
-                commit()
-
-    return CommitAfterFirstStep()

@@ -138,6 +138,7 @@ def test_lint_checks_max_length_with_the_recipe(tmp_path):
     assert f"{path}:1: " not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, words", [
     (["train.py", "--recipe", "chartqa", "--plan"], ["HuggingFaceM4/ChartQA", "127.0.0.1 cannot be reached",
                                                        "--set dataset=jsonl:PATH"]),
@@ -148,9 +149,8 @@ def test_lint_checks_max_length_with_the_recipe(tmp_path):
 def test_offline_hub_fails_fast_in_one_line(tmp_path, offline_env, command, words):
     data = jsonl(tmp_path, [GOOD])
     result = run_process(offline_env, *[a.format(data=data) for a in command], timeout=300)
+    # the kit's quick hub check answered (its line names the host), not huggingface_hub after its retries
     assert_clean_error(result, *words)
-    # huggingface_hub's retries took 30-150 s before; a connection test to a closed port takes milliseconds
-    assert result.seconds < 90, result.seconds
 
 
 def test_collator_never_lets_stop_iteration_escape():
@@ -178,11 +178,13 @@ def test_an_early_stop_never_claims_a_checkpoint_that_does_not_exist(tmp_path):
     message = train._stopped_early(state, tmp_path)
     assert "no checkpoint was saved" in message and "--resume" not in message
     (tmp_path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    assert "checkpoint saved" not in train._stopped_early(state, tmp_path)  # no complete marker: not a checkpoint
+    (tmp_path / "checkpoints" / "checkpoint-3" / "complete.json").write_text('{"global_step": 3, "max_steps": 10}')
     assert "checkpoint saved in" in train._stopped_early(state, tmp_path)
     assert "checkpoint saved" not in train._stopped_early(SimpleNamespace(global_step=5, max_steps=10), tmp_path)
 
 
+@pytest.mark.slow
 def test_force_replaces_a_run_only_once_the_new_one_has_started(tmp_path):
     run_dir = tmp_path / "run"
     first = run("train.py", "--recipe", "demo", "--output", run_dir, *QUICK_DEMO, "--set", "max_steps=2")
@@ -214,6 +216,7 @@ def test_force_replaces_a_run_only_once_the_new_one_has_started(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
 
 
+@pytest.mark.slow
 def test_short_and_resumed_runs_report_the_true_final_loss_and_time(tmp_path):
     run_dir = tmp_path / "run"
     result = run("train.py", "--recipe", "demo", "--output", run_dir, *QUICK_DEMO,
@@ -328,6 +331,7 @@ def test_image_over_pils_limit_is_called_that(tmp_path):
     assert str(big) in result.stdout and "unreadable" not in result.stdout
 
 
+@pytest.mark.slow
 def test_bitsandbytes_kernels_warning_is_silenced_and_nothing_else(offline_env):
     import logging
 
@@ -377,6 +381,7 @@ def test_no_pointer_to_a_file_that_is_not_in_the_repository():
             assert name not in text or (ROOT / name).exists(), f"{path} points to {name}"
 
 
+@pytest.mark.slow
 def test_printed_llama_cli_command_formats_the_chat_as_the_proof(full_run, tmp_path, monkeypatch):
     """merge.py's llama-mtmd-cli line: --jinja makes llama.cpp format the chat with the template in the GGUF, which
     renders exactly the text the proof fed llama.cpp (default system turn included); the metadata names the run."""
@@ -421,6 +426,7 @@ def test_printed_llama_cli_command_formats_the_chat_as_the_proof(full_run, tmp_p
     assert "You are a helpful assistant." in rendered  # the default system turn the model was trained with
 
 
+@pytest.mark.slow
 def test_merge_checks_parity_on_the_runs_own_data(tmp_path):
     rows = [{**GOOD, "id": f"mine-{i}", "question": f"How many bars? ({i})"} for i in range(6)]
     data = jsonl(tmp_path, rows)

@@ -60,6 +60,7 @@ def test_recipe_and_config_together_are_refused(tmp_path):
     assert result.exit_code == 2 and "not both" in result.output
 
 
+@pytest.mark.slow
 def test_a_config_from_base_trains_resumes_and_replays(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text(yaml.safe_dump({**DEMO_FROM_BASE, "max_steps": 20, "save_steps": 10, "logging_steps": 5,

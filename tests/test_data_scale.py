@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -68,9 +67,8 @@ def test_offline_without_a_copy_fails_fast_naming_the_fix(monkeypatch, tmp_path)
 
     monkeypatch.setattr(config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path)
-    started = time.time()
     result = train_cli(["--recipe", "chartqa", "--plan", "--set", "model_name_or_path=tiny"])
-    assert result.exit_code == 2 and time.time() - started < 30
+    assert result.exit_code == 2
     line = result.output.strip().splitlines()[-1]
     assert "HuggingFaceM4/ChartQA" in line and "save_to_disk" in line and "--set dataset=hf:" in line
 
@@ -84,6 +82,7 @@ def peak_plan_rss(folder, cache) -> float:
     return bench_data.measure(command, env)["peak_gb"]
 
 
+@pytest.mark.slow
 def test_plan_memory_is_flat_in_the_row_count(tmp_path):
     """Today's eager loader held every chart decoded (800x557 RGBA: 1.8 MB a row, +8 GB from 500 to 5,000
     rows); lazy samples stay within 1 GB of the 500-row run at 5,000. Measured: 0.73 -> 1.31 GB, the growth
@@ -95,6 +94,7 @@ def test_plan_memory_is_flat_in_the_row_count(tmp_path):
     assert rss_large - rss_small < 1.0, (rss_small, rss_large)  # eager decoding would add ~8 GB
 
 
+@pytest.mark.slow
 def test_heldout_rows_never_train_and_training_accuracy_matches_eval(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
@@ -150,6 +150,7 @@ def test_eval_refuses_to_score_training_rows_by_default(tmp_path):
     assert result.exit_code == 2 and "every row was trained on" in result.output
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_writes_event_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -170,6 +171,7 @@ def test_report_to_tensorboard_writes_event_files(tmp_path):
     assert [round(e.value, 4) for e in losses] == [round(r["loss"], 4) for r in metrics]
 
 
+@pytest.mark.slow
 def test_eval_scores_a_model_folder_and_a_gguf_pair_like_the_run(full_run, tmp_path):
     """The same 6 test charts: the run (transformers), its GGUF pair (llama.cpp) and the tiny base as a model."""
     import shutil

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, read_jsonl, train_cli
 
+pytestmark = pytest.mark.slow  # torchrun / accelerate launch: two training processes per test
+
 # SGD at a constant rate: the update of step 1 is -lr x gradient, so equal parameters mean equal gradients
 # (Adam's first step is lr x sign(gradient) and would hide a wrong scale). No clipping, for the same reason.
 SGD = ["synthetic_num_train=240", "optim=sgd", "lr_scheduler_type=constant", "learning_rate=0.5",

@@ -126,8 +126,11 @@ def test_missing_or_unreadable_image_is_named(full_run, tmp_path):
 
 
 def test_missing_target_is_named(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "x.png")  # a real chart file: the target is what is missing
     result = infer_cli([tmp_path / "no-run", "--image", tmp_path / "x.png", "--question", "?"])
-    assert result.exit_code == 2
+    assert result.exit_code == 2 and str(tmp_path / "no-run") in result.output.strip().splitlines()[-1]
 
 
 # --- GGUF ----------------------------------------------------------------------------------------------------
@@ -147,6 +150,7 @@ def gguf_dir(full_run, tmp_path_factory):
     return out / "gguf"
 
 
+@pytest.mark.slow
 def test_gguf_answers_like_the_transformers_model(gguf_dir, questions, batch_answers, tmp_path):
     batch = tmp_path / "questions.jsonl"
     shutil.copy(questions, batch)
@@ -165,6 +169,7 @@ def test_gguf_answers_like_the_transformers_model(gguf_dir, questions, batch_ans
     assert last_line(result.stdout) == from_gguf[0]
 
 
+@pytest.mark.slow
 def test_gguf_folder_without_projector_is_an_error(gguf_dir, questions, tmp_path):
     shutil.copy(gguf_dir / "full-f32.gguf", tmp_path)
     row = read_jsonl(questions)[0]

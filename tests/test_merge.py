@@ -36,6 +36,7 @@ def greedy(model, processor, sample, system_prompt):
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+@pytest.mark.slow
 def test_merged_lora_reloads_and_answers_like_the_adapter(lora_run):
     import torch
     from peft import PeftModel
@@ -75,6 +76,7 @@ def gguf_value(reader, key):
     return reader.fields[key].contents()
 
 
+@pytest.mark.slow
 def test_gguf_of_the_tiny_model_has_qwen2vl_metadata_and_runs_in_llama_cpp(full_run, tmp_path, llama_cpp_dir):
     from gguf import GGUFReader
     from safetensors import safe_open

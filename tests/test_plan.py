@@ -1,3 +1,5 @@
+import json
+
 from data.synthetic import generate
 from kit.chat import VisionCollator, set_pixels
 from kit.plan import estimate_memory, model_shape, token_counts
@@ -45,7 +47,12 @@ def test_plan_cli_prints_histograms_and_a_verdict(tmp_path):
     for words in ("image tokens: min", "text tokens: min", "over max_length", "suggested max_pixels",
                   "steps per epoch: 1", "base weights", "does not fit", "per_device_train_batch_size"):
         assert words in result.output, words
-    assert not (tmp_path / "run").exists()  # a plan trains nothing and writes nothing
+    # a plan trains nothing and writes only plan.json, with what it printed
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["plan.json"]
+    written = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert written["rows"] == 20 and written["steps_per_epoch"] == 1 and written["fits"] is False
+    assert written["gpu"]["bytes"] == 16 * 1024**3 and written["memory_bytes"]["total"] > written["gpu"]["bytes"]
+    assert written["tokens"]["image"]["max"] >= written["tokens"]["image"]["min"] > 0
 
 
 def test_unknown_gpu_size_is_one_clear_line(tmp_path):

@@ -50,12 +50,12 @@ def test_unsloth_patches_are_active():
     from transformers import Qwen2VLImageProcessor
 
     from kit.backend import unsloth_compile_dir
-    from kit.trainer import sft_trainer_class
+    from kit.sft import trainer_class
 
     pixels = Qwen2VLImageProcessor.__dict__["min_pixels"]
     assert isinstance(pixels, property) and pixels.fset is None
     assert trl.SFTTrainer.__name__ == "UnslothSFTTrainer"
-    assert trl.SFTTrainer in sft_trainer_class().__mro__
+    assert trl.SFTTrainer in trainer_class().__mro__
     generated = unsloth_compile_dir() / "UnslothSFTTrainer.py"
     assert generated.exists(), f"no {generated}"
     assert not (Path.cwd() / "unsloth_compiled_cache").exists()  # not in the folder the user runs from
@@ -92,8 +92,8 @@ def test_plan(tmp_path):
 
 
 def test_train_writes_checkpoints_and_an_adapter(lora_run):
-    """train.py's own trainer (KitTrainer: staged checkpoints) around Unsloth's generated SFTTrainer, with
-    Unsloth's for_training; the base comes from the from_pretrained stand-in."""
+    """train.py's trainer (kit/sft.py; checkpoints marked complete by kit/checkpoints.py) around Unsloth's
+    generated SFTTrainer, with Unsloth's for_training; the base comes from the from_pretrained stand-in."""
     folder, output = lora_run
     assert "backend unsloth" in output
     from kit.model import resolve
@@ -108,7 +108,7 @@ def test_train_writes_checkpoints_and_an_adapter(lora_run):
 
 def test_resume_from_a_checkpoint_continues_the_same_run(lora_run, tmp_path):
     """A run stopped after checkpoint-2 (its later checkpoint and weights removed, as a crash leaves it) resumes
-    through train.py --resume: _load_from_checkpoint under Unsloth's trainer, same batches, same losses."""
+    through train.py --resume under Unsloth's trainer, same batches, same losses."""
     import train
 
     reference, _ = lora_run
