@@ -226,7 +226,7 @@ def prove(gguf_dir: Path, report: dict, references: dict, processor, stop_ids: s
     results = {}
     for quant, filename in report["models"].items():
         pair = llama.LlamaCppPair(gguf_dir / filename, gguf_dir / report["mmproj"], report["image_min_tokens"],
-                                   report["image_max_tokens"], families.by_name(report["family"]))
+                                   report["image_max_tokens"], family=families.by_name(report["family"]))
         try:
             results[quant] = {}
             for kind, (sample, hf) in references.items():
