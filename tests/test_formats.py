@@ -249,3 +249,64 @@ def test_broken_json_array_names_its_line(tmp_path, charts):
     result = lint_cli(f"jsonl:{path}")
     assert result.exit_code == 2
     assert f"error: {path}:{second + 2}: not valid JSON" in result.output, result.output
+
+
+def conversation_rows(charts):
+    """LLaMA-Factory sharegpt rows of two turns and two charts each: one <image> in each user turn."""
+    rows = []
+    for (first, question, answer), (second, _, other) in zip(charts, charts[1:] + charts[:1]):
+        rows.append({"messages": [
+            {"role": "user", "content": f"<image>{question}"}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And this one? <image>"}, {"role": "assistant", "content": other}],
+            "images": [first, second]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import AutoProcessor
+
+    from kit.chat import set_pixels
+    from kit.model import tiny_model_dir
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir())
+    set_pixels(processor, 3136, 19600)
+    return processor
+
+
+def test_every_turn_and_image_of_a_conversation_reaches_the_batch(tmp_path, charts, processor):
+    import data
+    from kit import plan
+    from kit.chat import IGNORE, VisionCollator
+
+    path = write_json(tmp_path / "chats.json", conversation_rows(charts))
+    samples = data.load({"dataset": f"jsonl:{path}", "dataset_split": "train", "limit": 0})
+    assert lint(samples) == []
+    assert [s["answers"] for s in samples] == [[other] for _, _, other in charts[1:] + charts[:1]]  # the last turn
+    batch = VisionCollator(processor, max_length=512)(samples)
+    tokenizer = processor.tokenizer
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    findings, counts = plan.preflight(samples, processor, {"system_prompt": "", "max_length": 512})
+    assert findings == []
+    for row, (sample, (image_tokens, text_tokens)) in enumerate(zip(samples, counts)):
+        ids = batch["input_ids"][row][batch["attention_mask"][row] == 1]
+        assert int((ids == pad).sum()) == image_tokens == 2 * (140 // 28) ** 2  # both charts, 25 tokens each
+        assert len(ids) == image_tokens + text_tokens  # the plan counts what the collator makes
+        kept = batch["labels"][row][batch["labels"][row] != IGNORE]
+        answers = [m["content"][0]["text"] for m in sample["messages"] if m["role"] == "assistant"]
+        assert tokenizer.decode(kept) == "".join(a + "<|im_end|>" for a in answers)  # every assistant turn
+    assert int(batch["image_grid_thw"].shape[0]) == 2 * len(samples)  # images in row order, none dropped
+
+
+def test_conversations_train_lint_and_evaluate_on_their_last_turn(tmp_path, charts):
+    rows = conversation_rows(charts)
+    train_file = write_json(tmp_path / "chats.json", rows)
+    test_file = write_jsonl(tmp_path / "test.jsonl", rows[:2])
+    assert lint_cli(f"jsonl:{train_file}").exit_code == 0
+    result = train_on(f"jsonl:{train_file}", tmp_path / "run", "--set", "max_length=512")
+    assert result.exit_code == 0, result.output
+    scored = eval_cli(tmp_path / "run", f"jsonl:{test_file}", tmp_path / "eval")
+    assert scored.exit_code == 0, scored.output
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["references"] for p in predictions] == [[charts[1][2]], [charts[2][2]]]
+    assert [p["question"] for p in predictions] == ["And this one?", "And this one?"]
