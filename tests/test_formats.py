@@ -310,3 +310,37 @@ def test_conversations_train_lint_and_evaluate_on_their_last_turn(tmp_path, char
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [p["references"] for p in predictions] == [[charts[1][2]], [charts[2][2]]]
     assert [p["question"] for p in predictions] == ["And this one?", "And this one?"]
+
+
+def test_hf_messages_and_images_columns_are_read_lazily_and_train(tmp_path, charts):
+    import datasets
+    from PIL import Image
+
+    import data
+    from data.hf import LazySamples
+
+    def rows(picked):
+        return {"messages": [trl_chat(*chart)["messages"] for chart in picked],
+                "images": [[Image.open(tmp_path / chart[0]).convert("RGB")] for chart in picked]}
+
+    folder = tmp_path / "trl"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(charts)),
+                          "test": datasets.Dataset.from_dict(rows(charts[:2]))}).save_to_disk(str(folder))
+    samples = data.load({"dataset": f"hf:{folder}", "dataset_split": "train", "limit": 0,
+                         "dataset_columns": []}, progress=False)
+    assert isinstance(samples, LazySamples) and len(samples) == 4
+    first = samples[0]
+    assert isinstance(first["images"][0], dict) and first["images"][0]["bytes"]  # still encoded: decoded per batch
+    assert first["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": charts[0][1]}]
+    assert first["answers"] == [charts[0][2]]
+    assert samples.without_images()[0]["images"] == [None]  # the text pass knows there is one image
+    assert lint(samples) == []
+    assert lint_cli(f"hf:{folder}").exit_code == 0
+    result = train_on(f"hf:{folder}", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    scored = CliRunner().invoke(__import__("eval").main, [str(tmp_path / "run"), "--data", f"hf:{folder}", "--split",
+                                                          "test", "--compare", "finetuned", "--out",
+                                                          str(tmp_path / "eval")], catch_exceptions=False)
+    assert scored.exit_code == 0, scored.output
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["references"] for p in predictions] == [[charts[0][2]], [charts[1][2]]]
