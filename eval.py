@@ -269,7 +269,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     import torch
     from tqdm import tqdm
 
-    from kit import backend as backends, chat, model as models
+    from kit import backend as backends, chat, model as models, video
     from kit.generate import generate_answers, prepare_for_inference
 
     if model_kind == "finetuned" and target_kind == "gguf":
@@ -287,6 +287,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
                                             dynamic_4bit=recipe.get("unsloth_dynamic_4bit", False))  # as trained
     prepare_for_inference(model, backend)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    video.set_sampling(processor, recipe.get("fps"), recipe.get("max_frames"))  # a run from before videos: defaults
     shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
         if donors is not None else None
     for system in systems:

@@ -112,7 +112,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, model as models, plan, progress, trainer as training
+    from kit import chat, model as models, plan, progress, trainer as training, video
 
     with distributed.main_first():  # rank 0 fills the caches, then the others read them
         train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0,
@@ -125,6 +125,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 
     processor = AutoProcessor.from_pretrained(base_path)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
     gpus, gpu = plan.gpu_count(gpu)
     gpu_name, gpu_bytes = plan.gpu_memory(gpu)
@@ -164,6 +165,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     dtype = backends.torch_dtype(precision)
     model, processor = models.load_for_training(base_path, recipe, backend, dtype)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     click.echo(f"model {recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "

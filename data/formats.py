@@ -24,6 +24,7 @@ from pathlib import Path
 from kit.errors import UserError
 
 PLACEHOLDER = re.compile(r"<(image|video)>")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call"}
 OPENAI_TAGS = {**SHAREGPT_TAGS, "role_tag": "role", "content_tag": "content", "user_tag": "user",
@@ -57,6 +58,8 @@ def media(value, base: Path, frames_allowed: bool = False) -> list:
     if value is None:
         return []
     items = [value] if isinstance(value, (str, dict)) else list(value)
+    if frames_allowed and items and all(isinstance(i, str) and Path(i).suffix.lower() in FRAME_SUFFIXES for i in items):
+        items = [items]  # "videos": ["f1.png", "f2.png"]: one video given as its frames
     out = []
     for item in items:
         if frames_allowed and isinstance(item, list):
@@ -216,10 +219,15 @@ def qa_sample(row: dict, where: str, base: Path) -> dict:
             isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in row["answers"])):
         raise BadRow(f"{where}: \"answers\" must be a list of texts, not {json.dumps(row['answers'])}")
     images = media(row.get("images", row.get("image")), base)
+    videos = media(row.get("videos", row.get("video")), base, frames_allowed=True)
     # A row without an answer still becomes a sample: data/lint.py reports it with its line.
     answers = row.get("answers") or ([row["answer"]] if "answer" in row else [""])
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": str(row["question"])}]
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [
+        {"type": "text", "text": str(row["question"])}]
     messages = [{"role": "user", "content": content},
                 {"role": "assistant", "content": [{"type": "text", "text": str(answers[0])}]}]
-    return {"id": str(row.get("id", where.rsplit("/", 1)[-1])), "images": images, "messages": messages,
-            "answers": [str(a) for a in answers], "source": where}
+    sample = {"id": str(row.get("id", where.rsplit("/", 1)[-1])), "images": images, "messages": messages,
+              "answers": [str(a) for a in answers], "source": where}
+    if videos:
+        sample["videos"] = videos
+    return sample

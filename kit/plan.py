@@ -11,6 +11,7 @@ import click
 
 from kit.chat import with_system
 from kit.errors import UserError
+from kit.video import video_tokens
 
 GIB = 1024**3
 CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9 GB on recent drivers
@@ -41,8 +42,9 @@ def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int,
         images = sum(image_tokens(image, processor) for image in sample["images"])
         text = processor.apply_chat_template(with_system(sample["messages"], system_prompt), tokenize=False)
         # Each <|image_pad|> placeholder becomes that image's tokens; count it as image, not text.
-        text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"])
-        counts.append((images, text_tokens))
+        text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"]) - len(sample.get("videos") or [])
+        counts.append((images + sum(video_tokens(video, processor) for video in sample.get("videos") or []),
+                       text_tokens))
     return counts
 
 
@@ -58,6 +60,13 @@ def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) 
     p95_area = areas[min(len(areas) - 1, int(quantile * len(areas)))]
     # image tokens ~ area / 28^2; cap the area so that the p95 image lands at the budget
     return max(28 * 28 * 4, min(p95_area, budget * 28 * 28))
+
+
+def videos_tokens(samples, index: int, processor) -> int:
+    """Vision tokens of a row's videos (a list of rows only: the lazy Hugging Face sources hold no videos)."""
+    if not isinstance(samples, list) or not samples[index].get("videos"):
+        return 0
+    return sum(video_tokens(video, processor) for video in samples[index]["videos"])
 
 
 def stats(values: list[int]) -> dict:
@@ -196,7 +205,8 @@ def preflight(samples, processor, recipe):
     broken = {index for index, _, _ in findings}
     good = [i for i in range(len(samples)) if i not in broken]
     texts = scan.text_tokens(samples, good, processor, recipe["system_prompt"])
-    counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]), text) for i, text in zip(good, texts)]
+    counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]) + videos_tokens(samples, i, processor), text)
+              for i, text in zip(good, texts)]
     for index, (image, text) in zip(good, counts):
         if image + text > recipe["max_length"]:
             findings.append((index, samples[index].get("source") or f"row {index} ({samples[index].get('id')})",

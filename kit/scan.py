@@ -164,7 +164,8 @@ def text_tokens(samples, indices: list[int], processor, system_prompt: str, prog
                 texts = [processor.apply_chat_template(with_system(s["messages"], system_prompt), tokenize=False)
                          for s in batch]
                 ids = tokenizer(texts)["input_ids"]
-                counts += [len(i) - len(s["images"]) for i, s in zip(ids, batch)]
+                # each image's and video's one placeholder token counts as vision, not text
+                counts += [len(i) - len(s["images"]) - len(s.get("videos") or []) for i, s in zip(ids, batch)]
                 bar.update(len(batch))
                 batch = []
     _write(path, counts)

@@ -35,6 +35,10 @@ BASE = {
     "system_prompt": "",  # empty = the chat template's default system message
     "min_pixels": 3136,  # 56x56: Qwen2-VL's own floor
     "max_pixels": 313600,  # 640x490 -> at most 400 image tokens a chart; ChartQA text stays readable
+    # videos (a row's "videos": a file or a list of frame files): frames sampled a second, and at most this many
+    # a video (its frames are sized by min_pixels/max_pixels like images; two frames make one token grid)
+    "fps": 2.0,  # Qwen's own sampling rate (qwen-vl-utils)
+    "max_frames": 16,  # 8 token grids: a 640x490 video stays within 3,200 tokens
     "synthetic_seed": 0,
     "synthetic_num_train": 2000,
     "synthetic_num_test": 200,
