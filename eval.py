@@ -288,7 +288,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     prepare_for_inference(model, backend)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     video.set_sampling(processor, recipe.get("fps"), recipe.get("max_frames"))  # a run from before videos: defaults
-    shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
+    shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None
     for system in systems:
         system_prompt = "" if system == "base" else recipe["system_prompt"]
@@ -310,13 +310,18 @@ def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
 
     from kit.llama import gguf_answers
 
-    shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
+    shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None
     for name, batch in [("finetuned", samples)] + ([("finetuned (shuffled)", shuffled)] if shuffled else []):
         with tqdm(total=len(batch), desc=f"{name} (gguf)", mininterval=2) as bar:
             answers[name], spent = gguf_answers(path, recipe, batch, recipe["system_prompt"], max_new_tokens,
                                                 bar.update)
         seconds[name] = spent / len(batch)
+
+
+def shown_other(sample: dict, donor: dict) -> dict:
+    """The question with another row's images and videos (the shuffled control)."""
+    return {**sample, "images": donor["images"], "videos": donor.get("videos") or []}
 
 
 def question_of(sample: dict) -> str:
