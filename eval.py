@@ -50,8 +50,8 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target", type=click.Path(path_type=Path), required=False)
-@click.option("--data", help="chartqa, synthetic, latex_ocr, jsonl:PATH, hf:NAME or llamafactory:DIR#NAME. Default: the "
-                             "run's recipe dataset.")
+@click.option("--data", help="chartqa, synthetic, latex_ocr, jsonl:PATH, hf:NAME or llamafactory:DIR#NAME. "
+                             "Default: the run's recipe dataset.")
 @click.option("--split", help="Dataset split (ignored for jsonl). Default: the run's held-out rows (heldout.jsonl, "
                               "what it evaluated during training), else the test split; never its training rows.")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")

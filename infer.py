@@ -8,9 +8,10 @@
 
 TARGET is a run folder made by train.py (base + adapter, or the whole model), a model folder or hub id
 (`tiny` too), or a .gguf file or a folder holding one. --batch reads rows {"image": path relative to the
-file, "question": ...} or training's rows in any shape it reads (ours, LLaMA-Factory, LLaVA, TRL; the answer
-turn is left out of the prompt) and writes each row as it was plus "prediction" to <FILE>.answers.jsonl beside it; a row's
-reference ("answer", "answers" or the answer turn) stays, so `python eval.py --score FILE.answers.jsonl` scores it.
+file, "question": ...} or training's rows in any shape it reads (ours, LLaMA-Factory, LLaVA, TRL; the
+answer turn is left out of the prompt) and writes each row as it was plus "prediction" to <FILE>.answers.jsonl
+beside it; a row's reference ("answer", "answers" or the answer turn) stays, so `python eval.py --score
+FILE.answers.jsonl` scores it.
 Greedy unless --temperature is above 0.
 """
 

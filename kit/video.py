@@ -72,9 +72,8 @@ def probe(video, processor) -> tuple[int, int, int]:
     """(frames kept, width, height) of a video as the collator will decode it."""
     fps, max_frames = sampling(processor)
     if isinstance(video, list):  # frame files: every frame is a sample of its own, up to max_frames
-        from kit.chat import image_size
-
-        width, height = image_size(video[0])
+        with Image.open(video[0]) as first:  # the header only
+            width, height = first.size
         return len(pick(len(video), fps, fps, max_frames)), width, height
     total, rate, width, height = _stream_facts(str(video))
     return len(pick(total, rate, fps, max_frames)), width, height
@@ -95,10 +94,10 @@ def frames(video, processor) -> np.ndarray:
     """The sampled frames of one video as a (frames, height, width, 3) uint8 array."""
     fps, max_frames = sampling(processor)
     if isinstance(video, list):
-        kept = [video[i] for i in pick(len(video), fps, fps, max_frames)]
-        from kit.chat import load_image
-
-        pictures = [load_image(frame) for frame in kept]
+        pictures = []
+        for index in pick(len(video), fps, fps, max_frames):
+            with Image.open(video[index]) as frame:
+                pictures.append(frame.convert("RGB"))
         size = pictures[0].size  # a video's frames share one size; a stray frame is fitted to the first
         return np.stack([np.asarray(p if p.size == size else p.resize(size, Image.Resampling.BICUBIC))
                          for p in pictures])

@@ -344,3 +344,26 @@ def test_hf_messages_and_images_columns_are_read_lazily_and_train(tmp_path, char
     assert scored.exit_code == 0, scored.output
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [p["references"] for p in predictions] == [[charts[0][2]], [charts[1][2]]]
+
+
+def test_folders_of_no_rows_are_one_line(tmp_path, charts):
+    import datasets
+
+    empty = tmp_path / "empty-hf"
+    datasets.Dataset.from_dict({"messages": [], "images": []}).save_to_disk(str(empty))
+    folder = llamafactory_folder(tmp_path, charts, {"file_name": "parts", "formatting": "sharegpt"}, [])
+    (folder / "parts").mkdir()
+    (folder / "parts" / "a.jsonl").write_text("")
+    (folder / "parts" / "b.json").write_text("[]")
+    for spec, words in ((f"hf:{empty}", "has no rows in its 'train' split"),
+                        (f"llamafactory:{folder}#mllm_demo", "names 'parts', which holds no rows")):
+        result = train_on(spec, tmp_path / "run")
+        errors = [x for x in result.output.splitlines() if x.startswith("error: ")]
+        assert result.exit_code == 2 and len(errors) == 1 and words in errors[0], result.output
+
+
+def test_a_row_of_no_known_shape_is_a_finding_with_its_line(tmp_path, charts):
+    path = write_jsonl(tmp_path / "data.jsonl", [ours(*charts[0]), {"picture": "img/0.png", "text": "hi"}])
+    result = lint_cli(f"jsonl:{path}")
+    assert result.exit_code == 1
+    assert f'{path}:2: no row shape known by its keys ("picture", "text")' in result.output, result.output
