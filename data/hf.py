@@ -203,10 +203,23 @@ def _load_hub(name: str, split: str, shown: str):
         config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
+def _refuse_empty_save(folder: Path, shown: str):
+    """save_to_disk of no rows writes no data file, which load_from_disk then fails on deep inside `datasets`."""
+    import json
+
+    state = folder / "state.json"
+    if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+        from data.jsonl import EmptyData
+
+        raise EmptyData(f"{shown}: {folder} holds a data set of no rows; save one with rows, or point at another "
+                        "folder")
+
+
 def _load_folder(folder: Path, split: str, shown: str):
     import datasets
 
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+        _refuse_empty_save(folder / split if (folder / "dataset_dict.json").exists() else folder, shown)
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:

@@ -355,7 +355,7 @@ def test_folders_of_no_rows_are_one_line(tmp_path, charts):
     (folder / "parts").mkdir()
     (folder / "parts" / "a.jsonl").write_text("")
     (folder / "parts" / "b.json").write_text("[]")
-    for spec, words in ((f"hf:{empty}", "has no rows in its 'train' split"),
+    for spec, words in ((f"hf:{empty}", "holds a data set of no rows"),
                         (f"llamafactory:{folder}#mllm_demo", "names 'parts', which holds no rows")):
         result = train_on(spec, tmp_path / "run")
         errors = [x for x in result.output.splitlines() if x.startswith("error: ")]
