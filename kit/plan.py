@@ -62,11 +62,12 @@ def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) 
     return max(28 * 28 * 4, min(p95_area, budget * 28 * 28))
 
 
-def videos_tokens(samples, index: int, processor) -> int:
-    """Vision tokens of a row's videos (a list of rows only: the lazy Hugging Face sources hold no videos)."""
+def videos_tokens(samples, index: int, processor, recipe: dict) -> int:
+    """Vision tokens of a row's videos at the recipe's fps / max_frames (a list of rows only: the lazy Hugging
+    Face sources hold no videos)."""
     if not isinstance(samples, list) or not samples[index].get("videos"):
         return 0
-    return sum(video_tokens(video, processor) for video in samples[index]["videos"])
+    return sum(video_tokens(video, processor, recipe) for video in samples[index]["videos"])
 
 
 def stats(values: list[int]) -> dict:
@@ -205,8 +206,8 @@ def preflight(samples, processor, recipe):
     broken = {index for index, _, _ in findings}
     good = [i for i in range(len(samples)) if i not in broken]
     texts = scan.text_tokens(samples, good, processor, recipe["system_prompt"])
-    counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]) + videos_tokens(samples, i, processor), text)
-              for i, text in zip(good, texts)]
+    counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]) + videos_tokens(samples, i, processor, recipe),
+               text) for i, text in zip(good, texts)]
     for index, (image, text) in zip(good, counts):
         if image + text > recipe["max_length"]:
             findings.append((index, samples[index].get("source") or f"row {index} ({samples[index].get('id')})",

@@ -34,7 +34,10 @@ def set_sampling(processor, fps: float | None, max_frames: int | None):
     video_processor.cap_pixels_per_frame = False  # each frame is capped by max_pixels; max_frames bounds the rest
 
 
-def sampling(processor) -> tuple[float, int]:
+def sampling(processor, recipe: dict | None = None) -> tuple[float, int]:
+    """(fps, max_frames): the recipe's when given (the plan), else what set_sampling wrote (the collator)."""
+    if recipe is not None:
+        return float(recipe.get("fps") or DEFAULT_FPS), int(recipe.get("max_frames") or DEFAULT_MAX_FRAMES)
     video_processor = processor.video_processor
     fps = getattr(video_processor, "fps", None) or DEFAULT_FPS
     max_frames = getattr(video_processor, "max_frames", None) or DEFAULT_MAX_FRAMES
@@ -68,9 +71,9 @@ def _stream_facts(path: str) -> tuple[int, float, int, int]:
     return total, rate, width, height
 
 
-def probe(video, processor) -> tuple[int, int, int]:
+def probe(video, processor, recipe: dict | None = None) -> tuple[int, int, int]:
     """(frames kept, width, height) of a video as the collator will decode it."""
-    fps, max_frames = sampling(processor)
+    fps, max_frames = sampling(processor, recipe)
     if isinstance(video, list):  # frame files: every frame is a sample of its own, up to max_frames
         with Image.open(video[0]) as first:  # the header only
             width, height = first.size
@@ -79,11 +82,12 @@ def probe(video, processor) -> tuple[int, int, int]:
     return len(pick(total, rate, fps, max_frames)), width, height
 
 
-def video_tokens(video, processor) -> int:
-    """Merged tokens of one video after sampling and the per-frame resize."""
+def video_tokens(video, processor, recipe: dict | None = None) -> int:
+    """Merged tokens of one video after sampling (the recipe's fps / max_frames, else the processor's) and the
+    per-frame resize."""
     from kit.images import target_size
 
-    frames, width, height = probe(video, processor)
+    frames, width, height = probe(video, processor, recipe)
     vp = processor.video_processor
     factor = vp.patch_size * vp.merge_size
     width, height = target_size(width, height, processor)

@@ -56,7 +56,8 @@ def test_plan_counts_the_video_tokens_the_collator_makes(tmp_path, clips, proces
     path.write_text(json.dumps(video_rows(clips), indent=2))
     samples = data.load({"dataset": f"jsonl:{path}", "dataset_split": "train", "limit": 0})
     assert lint(samples) == [] and [len(s["videos"]) for s in samples] == [1, 1, 1]
-    findings, counts = plan.preflight(samples, processor, {"system_prompt": "", "max_length": 1024})
+    findings, counts = plan.preflight(samples, processor, {"system_prompt": "", "max_length": 1024, "fps": fps,
+                                                            "max_frames": max_frames})
     assert findings == []
     batch = VisionCollator(processor, max_length=1024)(samples)
     pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
