@@ -118,6 +118,14 @@ def test_each_format_lints_trains_and_evaluates(tmp_path, charts, tool):
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [p["references"] for p in predictions] == [[answer] for _, _, answer in charts[:2]]
     assert [p["question"] for p in predictions] == [question for _, question, _ in charts[:2]]
+    import infer  # infer.py --batch reads the same shapes and keeps each row as written
+
+    answered = CliRunner().invoke(infer.main, [str(tmp_path / "run"), "--batch", str(test_file), "--max-new-tokens",
+                                               "4"], catch_exceptions=False)
+    assert answered.exit_code == 0, answered.output
+    written = [json.loads(x) for x in (tmp_path / "test.answers.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in row.items() if k != "prediction"} for row in written] == rows[:2]
+    assert all(isinstance(row["prediction"], str) for row in written)
 
 
 def test_jsonl_with_byte_order_mark_trains(tmp_path, charts):
