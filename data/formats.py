@@ -168,12 +168,19 @@ def to_sample(row, where: str, base: Path, spec: dict | None = None) -> dict:
     system = row.get(columns.get("system") or "")
     if isinstance(system, str) and system.strip() and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+    if "answers" in row and not _texts(row["answers"]):
+        raise BadRow(f"{where}: \"answers\" must be a list of texts, not {json.dumps(row['answers'])}")
     answers = row.get("answers") or last_answer(messages)
     sample = {"id": str(row.get("id", where.rsplit("/", 1)[-1])), "images": images, "messages": messages,
               "answers": [str(a) for a in answers], "source": where}
     if videos:
         sample["videos"] = videos
     return sample
+
+
+def _texts(value) -> bool:
+    """A list of accepted answers: texts or numbers (a bool is neither)."""
+    return isinstance(value, list) and all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in value)
 
 
 def _looks_openai(turns) -> bool:
@@ -215,8 +222,7 @@ def qa_sample(row: dict, where: str, base: Path) -> dict:
     for key in ("question", "answer"):
         if key in row and (not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool)):
             raise BadRow(f"{where}: \"{key}\" is {json.dumps(row[key])}; give it as text")
-    if "answers" in row and not (isinstance(row["answers"], list) and all(
-            isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in row["answers"])):
+    if "answers" in row and not _texts(row["answers"]):
         raise BadRow(f"{where}: \"answers\" must be a list of texts, not {json.dumps(row['answers'])}")
     images = media(row.get("images", row.get("image")), base)
     videos = media(row.get("videos", row.get("video")), base, frames_allowed=True)

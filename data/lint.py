@@ -1,6 +1,7 @@
 """Find the rows that would break or silently weaken training, before any GPU time is spent.
 
     python -m data.lint jsonl:my_charts.jsonl
+    python -m data.lint llamafactory:LLaMA-Factory/data#mllm_demo --recipe chartqa_2b
     python -m data.lint synthetic --set synthetic_num_train=500
     python -m data.lint --recipe chartqa            # the recipe's own dataset
 
@@ -257,7 +258,8 @@ def lint_with_lengths(samples, config: dict):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key; repeatable.")
 @click.option("--split", default="train", show_default=True, help="Which split to check.")
 def main(source, recipe, overrides, split):
-    """Check a dataset (chartqa | latex_ocr | synthetic | jsonl:PATH) for rows that would break training."""
+    """Check a dataset (chartqa | latex_ocr | synthetic | jsonl:PATH | hf:NAME | llamafactory:DIR#NAME) for rows
+    that would break training."""
     import data
     import recipes
     from kit.errors import user_errors
