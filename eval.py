@@ -50,7 +50,8 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target", type=click.Path(path_type=Path), required=False)
-@click.option("--data", help="chartqa, synthetic, latex_ocr or jsonl:PATH. Default: the run's recipe dataset.")
+@click.option("--data", help="chartqa, synthetic, latex_ocr, jsonl:PATH, hf:NAME or llamafactory:DIR#NAME. "
+                             "Default: the run's recipe dataset.")
 @click.option("--split", help="Dataset split (ignored for jsonl). Default: the run's held-out rows (heldout.jsonl, "
                               "what it evaluated during training), else the test split; never its training rows.")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
@@ -226,20 +227,22 @@ def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | No
     from data.lint import lint, skipped_rows, split_bad_rows
 
     spec = data_spec or recipe["dataset"]
-    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith(("jsonl:", "hf:")):
-        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr, jsonl:PATH or hf:HUB_ID_OR_FOLDER")
+    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith(("jsonl:", "hf:", "llamafactory:")):
+        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr, jsonl:PATH, hf:HUB_ID_OR_FOLDER or "
+                        "llamafactory:DIR#NAME")
     eval_recipe = {**recipe, "dataset": spec, "limit": limit}
     if spec == "synthetic" and limit:
         eval_recipe["synthetic_num_test"] = limit  # test charts are drawn from their own index range
     held = not data_spec and not split and run_dir is not None and (run_dir / "heldout.jsonl").exists()
-    if not held and spec == recipe["dataset"] and spec.startswith("jsonl:"):  # a file has no splits
+    files = spec.startswith(("jsonl:", "llamafactory:"))
+    if not held and spec == recipe["dataset"] and files:  # a file has no splits
         raise UserError(f"{spec} has no test split and the run held no rows out (eval_fraction=0), so every row "
                         "was trained on; pass --data jsonl:OTHER_FILE, or train with --set eval_fraction=0.05")
     try:
         if held:
             samples, split = heldout_samples(recipe, run_dir, limit), "held-out rows of the run"
         else:
-            split = "every row of the file" if spec.startswith("jsonl:") else split or "test"
+            split = "every row of the file" if files else split or "test"
             samples = data.load(eval_recipe, split)
     except ConnectionError as error:
         raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH")
@@ -266,7 +269,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     import torch
     from tqdm import tqdm
 
-    from kit import backend as backends, chat, model as models
+    from kit import backend as backends, chat, model as models, video
     from kit.generate import generate_answers, prepare_for_inference
 
     if model_kind == "finetuned" and target_kind == "gguf":
@@ -284,7 +287,8 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
                                             dynamic_4bit=recipe.get("unsloth_dynamic_4bit", False))  # as trained
     prepare_for_inference(model, backend)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
+    video.set_sampling(processor, recipe.get("fps"), recipe.get("max_frames"))  # a run from before videos: defaults
+    shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None
     for system in systems:
         system_prompt = "" if system == "base" else recipe["system_prompt"]
@@ -306,13 +310,18 @@ def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
 
     from kit.llama import gguf_answers
 
-    shuffled = [{**sample, "images": samples[donor]["images"]} for sample, donor in zip(samples, donors)] \
+    shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None
     for name, batch in [("finetuned", samples)] + ([("finetuned (shuffled)", shuffled)] if shuffled else []):
         with tqdm(total=len(batch), desc=f"{name} (gguf)", mininterval=2) as bar:
             answers[name], spent = gguf_answers(path, recipe, batch, recipe["system_prompt"], max_new_tokens,
                                                 bar.update)
         seconds[name] = spent / len(batch)
+
+
+def shown_other(sample: dict, donor: dict) -> dict:
+    """The question with another row's images and videos (the shuffled control)."""
+    return {**sample, "images": donor["images"], "videos": donor.get("videos") or []}
 
 
 def question_of(sample: dict) -> str:

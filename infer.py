@@ -4,12 +4,14 @@
     python infer.py runs/chartqa-merged --image chart.png --question "What is the highest value?" --stream
     python infer.py runs/chartqa-gguf --image chart.png --question "..."   # uses the mmproj-*.gguf beside it
     python infer.py Qwen/Qwen2-VL-2B-Instruct --batch questions.jsonl --batch-size 8
+    python infer.py runs/demo --video clip.mp4 --question "What moves?"     # a video file, or a folder of frames
 
 TARGET is a run folder made by train.py (base + adapter, or the whole model), a model folder or hub id
 (`tiny` too), or a .gguf file or a folder holding one. --batch reads rows {"image": path relative to the
-file, "question": ...} or training's {"images": [...], "messages": [...]} rows (the answer turn is left out of
-the prompt) and writes each row as it was plus "prediction" to <FILE>.answers.jsonl beside it; a row's
-reference ("answer", "answers" or the answer turn) stays, so `python eval.py --score FILE.answers.jsonl` scores it.
+file, "question": ...} or training's rows in any shape it reads (ours, LLaMA-Factory, LLaVA, TRL; the
+answer turn is left out of the prompt) and writes each row as it was plus "prediction" to <FILE>.answers.jsonl
+beside it; a row's reference ("answer", "answers" or the answer turn) stays, so `python eval.py --score
+FILE.answers.jsonl` scores it.
 Greedy unless --temperature is above 0.
 """
 
@@ -28,6 +30,9 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target")
 @click.option("--image", type=click.Path(path_type=Path), help="The chart to ask about.")
+@click.option("--video", type=click.Path(path_type=Path),
+              help="A video to ask about: a file, or a folder of its frames (image files, in name order); sampled at "
+                   "the run's fps up to its max_frames.")
 @click.option("--question", help="The question to ask.")
 @click.option("--batch", "batch_file", type=click.Path(path_type=Path),
               help="A JSONL file of {\"image\", \"question\"} (or training's {\"images\", \"messages\"}) rows instead "
@@ -44,16 +49,16 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 @click.option("--mmproj", type=click.Path(path_type=Path),
               help="Vision projector for a GGUF TARGET. Default: the mmproj-*.gguf file beside it.")
 @click.option("--force", is_flag=True, help="With --batch: replace an existing answers file.")
-def main(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
+def main(target, image, video, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
          backend, mmproj, force):
-    """Answer a question about a chart with TARGET."""
+    """Answer a question about a chart (or a video) with TARGET."""
     with user_errors():
         run(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
-            backend, mmproj, force)
+            backend, mmproj, force, video)
 
 
 def run(target, image, question, batch_file, system, max_new_tokens, temperature, min_p, stream, batch_size,
-        backend_name, mmproj, force):
+        backend_name, mmproj, force, video=None):
     from kit.noise import silence_known_noise
 
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
@@ -66,12 +71,17 @@ def run(target, image, question, batch_file, system, max_new_tokens, temperature
         answers_file = batch_file.with_suffix(".answers.jsonl")
         if answers_file.exists() and not force:
             raise UserError(f"{answers_file} exists; use --force to replace it")
-    elif image and question:
-        questions = [{"images": [str(image)], "messages": [{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": question}]}]}]
-        check_image(image, "--image")
+    elif (image or video) and question:
+        videos = [video_frames(video)] if video else []
+        questions = [{"images": [str(image)] if image else [], "videos": videos, "messages": [
+            {"role": "user", "content": [{"type": "image"}] * bool(image) + [{"type": "video"}] * bool(video) + [
+                {"type": "text", "text": question}]}]}]
+        if image:
+            check_image(image, "--image")
+        if video:
+            check_video(videos[0], "--video")
     else:
-        raise UserError("give --image PATH and --question TEXT, or --batch FILE.jsonl")
+        raise UserError("give --image PATH (or --video PATH) and --question TEXT, or --batch FILE.jsonl")
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 <= min_p <= 1:
         raise UserError("--max-new-tokens and --batch-size are at least 1, --temperature at least 0, "
                         "--min-p between 0 and 1")
@@ -88,6 +98,9 @@ def run(target, image, question, batch_file, system, max_new_tokens, temperature
         from tqdm import tqdm
 
         show_progress = tqdm(total=len(questions), desc="answering", mininterval=2)
+    if kind == "gguf" and any(q.get("videos") for q in questions):
+        raise UserError(f"{target}: a GGUF pair answers about images only here; ask the run folder or its merged "
+                        "model about a video")
     if kind == "gguf":
         answers = answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, temperature, min_p, stream,
                               show_progress)
@@ -115,34 +128,50 @@ def read_batch(path: Path) -> list[dict]:
     """[{"images": absolute paths, "messages": the prompt, "row": the row as written}]; every image checked up
     front. Rows are read as training reads them (data/jsonl.py); an answer turn is not part of the prompt."""
     from data.jsonl import to_sample
+    from data.lint import placeholder_count
     from kit.chat import prompt_messages
 
     questions = []
     for line, where, row in jsonl_rows(path, "--batch"):
-        shape = (
-            isinstance(row.get("image"), str) and "question" in row
-            or isinstance(row.get("messages"), list) and isinstance(row.get("images"), list)
-            and all(isinstance(image, str) for image in row["images"])
-            and all(isinstance(m, dict) and isinstance(m.get("content"), (str, list)) for m in row["messages"])
-            and all(isinstance(part, dict) for m in row["messages"] if isinstance(m["content"], list)
-                    for part in m["content"]))
-        if not shape:
-            raise UserError(f"{where}: a row needs \"image\" (a path relative to the file) and \"question\", or "
-                            "\"images\" (a list of such paths) and \"messages\" as in training's JSONL")
-        sample = to_sample(row, line, path)
+        sample = to_sample(row, line, path)  # any row shape training reads; an unknown one is a one-line error
         messages = prompt_messages(sample["messages"])
-        placeholders = sum(1 for m in messages if isinstance(m.get("content"), list)
-                           for part in m["content"] if part.get("type") == "image")
-        if not any(m.get("role") == "user" for m in messages) or placeholders != len(sample["images"]) \
-                or not sample["images"]:
+        images, videos = sample["images"], sample.get("videos") or []
+        placeholders = placeholder_count(messages)
+        if not all(isinstance(image, str) for image in images) or not all(
+                isinstance(v, (str, list)) for v in videos):
+            raise UserError(f"{where}: images and videos are paths relative to the file")
+        if not any(m.get("role") == "user" for m in messages) or placeholders != len(images) \
+                or placeholder_count(messages, "video") != len(videos) or not images + videos:
             raise UserError(f"{where}: the prompt needs a user turn and one {{\"type\": \"image\"}} per image "
-                            f"({placeholders} placeholders for {len(sample['images'])} images)")
-        for image in sample["images"]:
+                            f"({placeholders} placeholders for {len(images)} images) and per video")
+        for image in images:
             check_image(Path(image), where)
-        questions.append({"images": sample["images"], "messages": messages, "row": row})
+        for video in videos:
+            check_video(video, where)
+        questions.append({"images": images, "videos": videos, "messages": messages, "row": row})
     if not questions:
         raise UserError(f"--batch {path}: no rows")
     return questions
+
+
+def video_frames(path: Path):
+    """--video as the rows give it: a file, or a folder's image files in name order (one video of frames)."""
+    if path.is_dir():
+        from data.formats import FRAME_SUFFIXES
+
+        frames = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not frames:
+            raise UserError(f"--video {path}: the folder holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+        return frames
+    return str(path)
+
+
+def check_video(video, where: str):
+    from data.lint import video_problem
+
+    problem = video_problem(video)
+    if problem:
+        raise UserError(f"{where}: {problem}")
 
 
 def check_image(path: Path, where: str):
@@ -202,13 +231,17 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
                             f"{str(error).splitlines()[0]}") from None
     if recipe:
         chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    from kit import video
+
+    video.set_sampling(processor, (recipe or {}).get("fps"), (recipe or {}).get("max_frames"))
     prepare_for_inference(model, backend)
     streamer = None
     if stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    samples = [{"id": str(i), "images": q["images"], "messages": q["messages"]} for i, q in enumerate(questions)]
+    samples = [{"id": str(i), "images": q["images"], "videos": q.get("videos") or [], "messages": q["messages"]}
+               for i, q in enumerate(questions)]
     answers, _ = generate_answers(model, processor, samples, system, max_new_tokens, batch_size, temperature, min_p,
                                   streamer, show_progress.update if show_progress else None)
     return answers

@@ -136,7 +136,7 @@ def run(options: Options):
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, families, model as models, plan, progress, trainer as training
+    from kit import chat, families, model as models, plan, progress, trainer as training, video
 
     from transformers import AutoProcessor
 
@@ -150,6 +150,7 @@ def run(options: Options):
     train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}; model family {family.name}")
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
     gpus, gpu = plan.gpu_count(gpu)
     gpu_name, gpu_bytes = plan.gpu_memory(gpu)
@@ -199,6 +200,7 @@ def run(options: Options):
     dtype = backends.torch_dtype(precision)
     model, processor = models.load_for_training(base_path, recipe, backend, dtype)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     click.echo(f"model {recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "

@@ -1,7 +1,12 @@
 """Where samples come from. Every source yields the one sample format:
 
     {"id": str, "images": [PIL image, path or {"bytes", "path"} dict], "messages": [user turn with {"type": "image"} + text,
-     assistant turn with the answer], "answers": [every accepted answer], ...source extras}
+     assistant turn with the answer, ... more turns], "answers": [every accepted answer of the last turn],
+     "videos": [a video file, or a list of frame files] (only when the row has videos), ...source extras}
+
+Local files come in the formats of the tools people used before (data/formats.py: ours, LLaMA-Factory
+sharegpt / alpaca, LLaVA, TRL chat); `llamafactory:DIR#NAME` reads a LLaMA-Factory folder by its
+dataset_info.json (data/llamafactory.py).
 
 The recipe's system prompt and pixel limits apply to all sources later, in kit/chat.py. Hugging Face
 sources (chartqa, latex_ocr, hf:NAME_OR_PATH) return lazy samples (data/hf.py): Arrow-backed, one sample
@@ -38,8 +43,17 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
         from data.jsonl import load as load_jsonl
 
         samples = load_jsonl(name.split(":", 1)[1], limit)
+    elif name.startswith("llamafactory:"):
+        from data.llamafactory import load as load_llamafactory
+
+        samples = load_llamafactory(name.split(":", 1)[1], limit)
     else:
         raise ValueError(f"unknown dataset {name!r}")
+    if len(samples) == 0:  # an empty split or folder: one line here, not a StopIteration deep in training
+        from data.jsonl import EmptyData
+
+        raise EmptyData(f"dataset={name} has no rows in its {split!r} split; check the source (python -m data.lint "
+                        f"{name})")
     if isinstance(samples, list):
         samples = Samples(samples, fingerprint(samples, name, split))
     return samples
@@ -72,7 +86,9 @@ def fingerprint(samples: list, name: str, split: str) -> str:
     for sample in samples:
         digest.update(json.dumps([sample.get("id"), sample.get("messages"), sample.get("answers"),
                                   sample.get("problem")], sort_keys=True, default=str).encode())
-        for image in sample.get("images") or []:
+        videos = [frame for video in sample.get("videos") or [] for frame in (video if isinstance(video, list)
+                                                                             else [video])]
+        for image in [*(sample.get("images") or []), *videos]:
             try:
                 stat = os.stat(image)
                 digest.update(f"{image}|{stat.st_size}|{stat.st_mtime_ns}".encode())

@@ -9,6 +9,10 @@ into samples one row at a time, so host memory does not grow with the number of 
 `dataset_columns` names the image, question and answer (a string or a list of accepted strings) columns and
 an optional subset column; `instruction=TEXT` instead of a question column asks every row the same thing
 (LaTeX OCR). Images stay encoded ({"bytes", "path"} dicts) until the collator decodes a batch of them.
+
+A data set with a `messages` column (TRL's vision format: messages with {"type": "image"} / {"type": "text"}
+parts, or LLaMA-Factory's plain-text turns with <image>, and an `images` column of image lists) is read as
+conversations, lazily too; `dataset_columns=messages=COLUMN,images=COLUMN` names other columns.
 """
 
 import hashlib
@@ -25,7 +29,8 @@ PRESETS = {  # dataset name -> (hub id, default columns)
                                         "instruction": "Write the LaTeX representation for this image."}),
 }
 SPLIT_WORDS = ("train", "val", "validation", "valid", "dev", "test", "eval")
-ROLES = ("image", "question", "answer", "subset", "instruction")
+ROLES = ("image", "question", "answer", "subset", "instruction", "messages", "images")
+CHAT_ROLES = ("messages", "images")
 SUBSET_NAMES = {"human_or_machine": {0: "human", 1: "augmented"}}  # ChartQA: people's vs generated questions
 
 
@@ -55,6 +60,10 @@ class RowToSample:
 
     def __init__(self, prefix: str, columns: dict):
         self.prefix, self.columns = prefix, columns
+        self.image_column = columns["image"]
+
+    def image_count(self, sample: dict) -> int:
+        return 1  # one image per row; its pixels are not read in a text-only view
 
     def __call__(self, row: dict, index: int) -> dict:
         c = self.columns
@@ -75,6 +84,30 @@ class RowToSample:
             value = row[c["subset"]]
             sample["subset"] = SUBSET_NAMES.get(c["subset"], {}).get(value, str(value))
         return sample
+
+
+class ChatRowToSample:
+    """One Arrow row of messages + images -> the kit's sample (TRL's format, or LLaMA-Factory's <image> turns)."""
+
+    def __init__(self, prefix: str, columns: dict):
+        self.prefix, self.columns = prefix, columns
+        self.image_column = columns.get("images")
+
+    def __call__(self, row: dict, index: int) -> dict:
+        from data.formats import OPENAI_TAGS, conversation, last_answer
+
+        where = f"{self.prefix}-{index}"
+        try:
+            messages = conversation(row[self.columns["messages"]], where, OPENAI_TAGS)
+        except ValueError as error:  # kept as a row that carries its problem, as a JSONL line would be
+            return {"id": where, "images": [], "messages": [], "answers": [], "problem": str(error).split(": ", 1)[-1]}
+        images = row.get(self.image_column) if self.image_column else None
+        return {"id": where, "images": list(images or []), "messages": messages, "answers": last_answer(messages)}
+
+    def image_count(self, sample: dict) -> int:
+        from data.lint import placeholder_count
+
+        return placeholder_count(sample["messages"])
 
 
 class LazySamples:
@@ -103,15 +136,17 @@ class LazySamples:
         return self._sample(self.dataset[row], row)
 
     def _sample(self, record: dict, row: int) -> dict:
-        if not self.images:
-            record = {**record, self.to_sample.columns["image"]: None}
+        column = self.to_sample.image_column
+        if not self.images and column:
+            record = {**record, column: None}
         sample = self.to_sample(record, row)
         if not self.images:
-            sample["images"] = [None]  # one image per row; its pixels are not read in this view
+            sample["images"] = [None] * self.to_sample.image_count(sample)  # their pixels are not read here
         return sample
 
     def __iter__(self, chunk: int = 64):
-        data = self.dataset if self.images else self.dataset.remove_columns([self.to_sample.columns["image"]])
+        column = self.to_sample.image_column
+        data = self.dataset if self.images or not column else self.dataset.remove_columns([column])
         for start in range(0, len(self.rows), chunk):
             rows = self.rows[start:start + chunk].tolist()
             columns = data[rows]  # one Arrow take per chunk: far faster than row by row
@@ -170,10 +205,23 @@ def _load_hub(name: str, split: str, shown: str):
         config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
+def _refuse_empty_save(folder: Path, shown: str):
+    """save_to_disk of no rows writes no data file, which load_from_disk then fails on deep inside `datasets`."""
+    import json
+
+    state = folder / "state.json"
+    if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+        from data.jsonl import EmptyData
+
+        raise EmptyData(f"{shown}: {folder} holds a data set of no rows; save one with rows, or point at another "
+                        "folder")
+
+
 def _load_folder(folder: Path, split: str, shown: str):
     import datasets
 
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+        _refuse_empty_save(folder / split if (folder / "dataset_dict.json").exists() else folder, shown)
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
@@ -200,9 +248,11 @@ def _load_folder(folder: Path, split: str, shown: str):
     return datasets.load_dataset("parquet", data_files={split: chosen}, split=split)
 
 
-def _image_column_undecoded(dataset, column: str, shown: str):
-    from datasets import Image
+def _image_column_undecoded(dataset, column: str, shown: str, many: bool = False):
+    from datasets import Image, List
 
+    if many:  # a list of images per row (TRL's "images")
+        return dataset.cast_column(column, List(Image(decode=False)))
     if column not in dataset.column_names:
         raise DatasetNotFound(f"{shown}: no column {column!r} for the image (columns: "
                               f"{', '.join(dataset.column_names)}); set dataset_columns=image=COLUMN")
@@ -214,7 +264,7 @@ def load(name_or_path: str, split: str, limit: int | None = None, columns: list 
     """Lazy samples of one split of a preset (`chartqa`), a hub id, or a local folder (save_to_disk or parquet)."""
     hub_id, default_columns = PRESETS.get(name_or_path, (name_or_path, CHARTQA_COLUMNS))
     shown = shown or f"dataset={name_or_path}"
-    columns = parse_columns(columns, default_columns)
+    columns_given, columns = columns, parse_columns(columns, default_columns)
     folder = Path(hub_id).expanduser()
     if folder.is_dir():
         dataset = _load_folder(folder, split, shown)
@@ -222,6 +272,10 @@ def load(name_or_path: str, split: str, limit: int | None = None, columns: list 
         raise DatasetNotFound(f"{shown}: {hub_id} is neither a folder nor a hub id like owner/name")
     else:
         dataset = _load_hub(hub_id, split, shown)
+    given = {item.partition("=")[0].strip() for item in columns_given or []}
+    if "messages" in given or (not given - set(CHAT_ROLES) and "messages" in dataset.column_names
+                               and name_or_path not in PRESETS):
+        return _chat_samples(dataset, name_or_path, hub_id, split, limit, columns, shown, prefix)
     dataset = _image_column_undecoded(dataset, columns["image"], shown)
     for role in ("question", "answer", "subset"):
         if role in columns and columns[role] not in dataset.column_names:
@@ -231,3 +285,20 @@ def load(name_or_path: str, split: str, limit: int | None = None, columns: list 
     prefix = prefix or f"{name_or_path if name_or_path in PRESETS else Path(hub_id).name}-{split}"
     key = hashlib.sha1(repr((dataset._fingerprint, sorted(columns.items()), prefix)).encode()).hexdigest()[:16]
     return LazySamples(dataset, RowToSample(prefix, columns), key, rows)
+
+
+def _chat_samples(dataset, name_or_path: str, hub_id: str, split: str, limit, columns: dict, shown: str, prefix):
+    """Lazy samples of a messages (+ images) data set."""
+    columns = {"messages": columns.get("messages", "messages"), "images": columns.get("images", "images")}
+    for role, column in columns.items():
+        if column not in dataset.column_names and (role == "messages" or column != "images"):
+            raise DatasetNotFound(f"{shown}: no column {column!r} for the {role} (columns: "
+                                  f"{', '.join(dataset.column_names)}); set dataset_columns={role}=COLUMN")
+    if columns["images"] in dataset.column_names:
+        dataset = _image_column_undecoded(dataset, columns["images"], shown, many=True)
+    else:
+        columns.pop("images")  # a text-only conversation data set
+    rows = range(min(limit, len(dataset))) if limit else None
+    prefix = prefix or f"{Path(hub_id).name}-{split}"
+    key = hashlib.sha1(repr((dataset._fingerprint, sorted(columns.items()), prefix, "chat")).encode()).hexdigest()[:16]
+    return LazySamples(dataset, ChatRowToSample(prefix, columns), key, rows)

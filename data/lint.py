@@ -1,6 +1,7 @@
 """Find the rows that would break or silently weaken training, before any GPU time is spent.
 
     python -m data.lint jsonl:my_charts.jsonl
+    python -m data.lint llamafactory:LLaMA-Factory/data#mllm_demo --recipe chartqa_2b
     python -m data.lint synthetic --set synthetic_num_train=500
     python -m data.lint --recipe chartqa            # the recipe's own dataset
 
@@ -107,9 +108,11 @@ def text_problems(messages: list[dict]) -> list[str]:
             if token:
                 problems.append(f"{message.get('role')} text holds the special token {token.group()}; remove it "
                                 "(an image goes in \"images\", placed by a {\"type\": \"image\"} part)")
-            elif "<image>" in text:
-                problems.append(f"{message.get('role')} text holds a LLaVA-style \"<image>\", which Qwen reads "
-                                "as plain text; remove it (the image is placed by a {\"type\": \"image\"} part)")
+            elif "<image>" in text or "<video>" in text:
+                kind = "image" if "<image>" in text else "video"
+                problems.append(f"{message.get('role')} text holds a LLaVA-style \"<{kind}>\" inside a list of parts, "
+                                f"which Qwen reads as plain text; place the {kind} with a {{\"type\": \"{kind}\"}} "
+                                f"part instead (a \"<{kind}>\" in plain-text content, LLaMA-Factory's way, is read)")
     return problems
 
 
@@ -125,16 +128,50 @@ def sample_problems(sample: dict) -> list[str]:
     answers = [m for m in messages if m.get("role") == "assistant"]
     if not answers or not "".join(_texts(answers[-1])).strip():
         problems.append("empty or missing assistant answer")
-    placeholders = sum(1 for m in messages if isinstance(m.get("content"), list)
-                       for part in m["content"] if part.get("type") == "image")
-    images = sample.get("images") or []
-    if placeholders != len(images):
-        problems.append(f"{placeholders} image placeholder(s) in the messages but {len(images)} image(s)")
+    images, videos = sample.get("images") or [], sample.get("videos") or []
+    for kind, given in (("image", images), ("video", videos)):
+        placeholders = placeholder_count(messages, kind)
+        if placeholders != len(given) and (given or placeholders or kind == "image"):
+            problems.append(f"{placeholders} {kind} placeholder(s) in the messages but {len(given)} {kind}(s)")
     for image in images:
         problem = image_problem(image)
         if problem:
             problems.append(problem)
+    for video in videos:
+        problem = video_problem(video)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def placeholder_count(messages: list[dict], kind: str = "image") -> int:
+    """How many {"type": kind} parts the messages hold: where the row's images (videos) go, in order."""
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == kind)
+
+
+def video_problem(video) -> str | None:
+    """Why a video (a file, or a list of frame files) cannot be used, or None. A file's container is opened
+    and its first frame decoded (PyAV); every frame file is checked as an image."""
+    if isinstance(video, list):
+        if not video:
+            return "video has no frames (an empty list)"
+        return next((f"video frame {problem}" for problem in map(image_problem, video) if problem), None)
+    path = Path(video)
+    if not path.exists():
+        return f"video file not found: {path}"
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return f"video file has no video stream: {path}"
+            next(container.decode(video=0))
+    except StopIteration:
+        return f"video file has no frames: {path}"
+    except (av.FFmpegError, OSError) as error:
+        return f"video unreadable: {path} ({error})"
+    return None
 
 
 def _row_key(sample: dict) -> str:
@@ -204,7 +241,8 @@ def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key; repeatable.")
 @click.option("--split", default="train", show_default=True, help="Which split to check.")
 def main(source, recipe, overrides, split):
-    """Check a dataset (chartqa | latex_ocr | synthetic | jsonl:PATH) for rows that would break training.
+    """Check a dataset (chartqa | latex_ocr | synthetic | jsonl:PATH | hf:NAME | llamafactory:DIR#NAME) for rows
+    that would break training.
 
     \b
     python -m data.lint jsonl:my_charts.jsonl

@@ -79,6 +79,9 @@ def set_pixels(processor, min_pixels: int, max_pixels: int):
     into read-only properties over it (assigning them raises AttributeError once unsloth is imported)."""
     image_processor = processor.image_processor
     image_processor.size = type(image_processor.size)(shortest_edge=min_pixels, longest_edge=max_pixels)
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is not None:  # a video's frames are sized like images (kit/video.py)
+        video_processor.size = type(video_processor.size)(shortest_edge=min_pixels, longest_edge=max_pixels)
 
 
 class VisionCollator:
@@ -105,9 +108,11 @@ class VisionCollator:
         self.processor.tokenizer.padding_side = "right"
         images = [[load_image(i, self.processor) for i in s["images"]] or None for s in samples]
         texts = self.texts(samples)
+        from kit.video import batch_videos
+
         try:
             batch = self.processor(text=texts, images=images if any(images) else None,
-                                   padding=True, return_tensors="pt")
+                                   videos=batch_videos(samples, self.processor), padding=True, return_tensors="pt")
         except StopIteration:
             # Escaping a collator, a StopIteration reads to the trainer as "end of data": training would stop
             # early and look finished. It means more image slots in the text than images.
@@ -165,4 +170,7 @@ def generation_inputs(processor, batch: list[dict], system_prompt: str = ""):
     texts = [family.chat_text(processor, with_system(prompt_messages(s["messages"]), system_prompt),
                               add_generation_prompt=True) for s in batch]
     images = [[load_image(i, processor) for i in s["images"]] for s in batch]
-    return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+    from kit.video import batch_videos
+
+    return processor(text=texts, images=images if any(images) else None, videos=batch_videos(batch, processor),
+                     padding=True, return_tensors="pt")

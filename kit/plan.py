@@ -12,6 +12,7 @@ import click
 from kit import families
 from kit.chat import with_system
 from kit.errors import UserError
+from kit.video import video_tokens
 
 GIB = 1024**3
 CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9 GB on recent drivers
@@ -40,9 +41,10 @@ def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int,
     for sample in samples:
         images = sum(image_tokens(image, processor) for image in sample["images"])
         text = family.chat_text(processor, with_system(sample["messages"], system_prompt))
-        # Each image pad placeholder becomes that image's tokens; count it as image, not text.
-        text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"])
-        counts.append((images, text_tokens))
+        # Each image or video pad placeholder becomes that image's or video's tokens; count it as vision, not text.
+        text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"]) - len(sample.get("videos") or [])
+        counts.append((images + sum(video_tokens(video, processor) for video in sample.get("videos") or []),
+                       text_tokens))
     return counts
 
 
@@ -60,6 +62,14 @@ def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) 
     p95_area = areas[min(len(areas) - 1, int(quantile * len(areas)))]
     # image tokens ~ area / grid^2; cap the area so that the p95 image lands at the budget
     return max(grid * grid * 4, min(p95_area, budget * grid * grid))
+
+
+def videos_tokens(samples, index: int, processor, recipe: dict) -> int:
+    """Vision tokens of a row's videos at the recipe's fps / max_frames (a list of rows only: the lazy Hugging
+    Face sources hold no videos)."""
+    if not isinstance(samples, list) or not samples[index].get("videos"):
+        return 0
+    return sum(video_tokens(video, processor, recipe) for video in samples[index]["videos"])
 
 
 def stats(values: list[int]) -> dict:
@@ -233,7 +243,8 @@ def preflight(samples, processor, recipe):
     broken = {index for index, _, _ in findings}
     good = [i for i in range(len(samples)) if i not in broken]
     texts = scan.text_tokens(samples, good, processor, recipe["system_prompt"])
-    counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]), text) for i, text in zip(good, texts)]
+    counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]) + videos_tokens(samples, i, processor, recipe),
+               text) for i, text in zip(good, texts)]
     for index, (image, text) in zip(good, counts):
         if image + text > recipe["max_length"]:
             findings.append((index, samples[index].get("source") or f"row {index} ({samples[index].get('id')})",

@@ -164,7 +164,8 @@ def text_tokens(samples, indices: list[int], processor, system_prompt: str, prog
             if len(batch) == CHUNK or len(counts) + len(batch) == len(indices):
                 texts = [family.chat_text(processor, with_system(s["messages"], system_prompt)) for s in batch]
                 ids = tokenizer(texts)["input_ids"]
-                counts += [len(i) - len(s["images"]) for i, s in zip(ids, batch)]
+                # each image's and video's one placeholder token counts as vision, not text
+                counts += [len(i) - len(s["images"]) - len(s.get("videos") or []) for i, s in zip(ids, batch)]
                 bar.update(len(batch))
                 batch = []
     _write(path, counts)

@@ -95,9 +95,9 @@ def check(recipe: dict, name: str = "recipe"):
         raise RecipeError(f"{name}: finetune=full cannot train 4-bit weights; set load_in_4bit=false or "
                           "finetune=lora")
     if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic")
-            or recipe["dataset"].startswith(("jsonl:", "hf:"))):
+            or recipe["dataset"].startswith(("jsonl:", "hf:", "llamafactory:"))):
         raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: chartqa, latex_ocr, synthetic, "
-                          "jsonl:PATH, hf:HUB_ID_OR_FOLDER")
+                          "jsonl:PATH, hf:HUB_ID_OR_FOLDER, llamafactory:DIR#NAME")
 
 
 def notes(recipe: dict) -> list[str]:

@@ -28,7 +28,8 @@ BASE = {
     "finetune_mlp_modules": True,
     "gradient_checkpointing": True,  # Unsloth's offloaded checkpointing on its path; the only way 7B fits 24 GB
     # --- data ------------------------------------------------------------------------------------
-    "dataset": "chartqa",  # chartqa | latex_ocr | synthetic | jsonl:PATH | hf:HUB_ID_OR_FOLDER
+    # chartqa | latex_ocr | synthetic | jsonl:PATH (.jsonl/.json) | hf:HUB_ID_OR_FOLDER | llamafactory:DIR#NAME
+    "dataset": "chartqa",
     # hf: columns as ROLE=COLUMN (image, question, answer, subset; instruction=TEXT for one fixed question);
     # [] = the preset's own (ChartQA's image, query, label, human_or_machine for hf:)
     "dataset_columns": [],
@@ -37,6 +38,10 @@ BASE = {
     "system_prompt": "",  # empty = the chat template's default system message
     "min_pixels": 3136,  # 56x56: the Qwen VL processors' own floor
     "max_pixels": 313600,  # 640x490 -> at most 400 image tokens a chart; ChartQA text stays readable
+    # videos (a row's "videos": a file or a list of frame files): frames sampled a second, and at most this many
+    # a video (its frames are sized by min_pixels/max_pixels like images; two frames make one token grid)
+    "fps": 2.0,  # Qwen's own sampling rate (qwen-vl-utils)
+    "max_frames": 16,  # 8 token grids: a 640x490 video stays within 3,200 tokens
     "synthetic_seed": 0,
     "synthetic_num_train": 2000,
     "synthetic_num_test": 200,

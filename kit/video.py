@@ -1,0 +1,146 @@
+"""Videos: a file (decoded with PyAV) or a list of frame files, sampled at `fps` frames a second up to
+`max_frames`, each frame sized like an image (min_pixels / max_pixels), and handed to the processor's video
+path one batch at a time. The plan counts a video's tokens from its header and packet count alone.
+
+Qwen's video tokens: frames are merged in pairs in time (temporal_patch_size 2, an odd last frame is
+repeated), so a video is ceil(frames / 2) x (h / 28) x (w / 28) tokens.
+"""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+from PIL import Image
+
+from kit.errors import UserError
+
+DEFAULT_FPS = 2.0  # Qwen's own default sampling rate (qwen-vl-utils FPS)
+DEFAULT_MAX_FRAMES = 16
+
+
+class BadVideo(UserError):
+    """A video that cannot be read; the message names the file."""
+
+
+def set_sampling(processor, fps: float | None, max_frames: int | None):
+    """Write the recipe's sampling into the video processor's own fields, which the collator and the plan
+    read back: frames are sampled here, so the processor must not sample again."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None:
+        return
+    video_processor.fps = float(fps or DEFAULT_FPS)
+    video_processor.max_frames = int(max_frames or DEFAULT_MAX_FRAMES)
+    video_processor.do_sample_frames = False
+    video_processor.cap_pixels_per_frame = False  # each frame is capped by max_pixels; max_frames bounds the rest
+
+
+def sampling(processor, recipe: dict | None = None) -> tuple[float, int]:
+    """(fps, max_frames): the recipe's when given (the plan), else what set_sampling wrote (the collator)."""
+    if recipe is not None:
+        return float(recipe.get("fps") or DEFAULT_FPS), int(recipe.get("max_frames") or DEFAULT_MAX_FRAMES)
+    video_processor = processor.video_processor
+    fps = getattr(video_processor, "fps", None) or DEFAULT_FPS
+    max_frames = getattr(video_processor, "max_frames", None) or DEFAULT_MAX_FRAMES
+    return float(fps), int(max_frames)
+
+
+def pick(total: int, rate: float, fps: float, max_frames: int) -> list[int]:
+    """Indices of the frames kept of `total` at `rate` frames/s: `fps` a second, at most `max_frames`,
+    spread evenly over the whole video."""
+    if total <= 0:
+        return []
+    wanted = round(total / rate * fps) if rate > 0 else total
+    count = max(1, min(wanted, max_frames, total))
+    return sorted({min(total - 1, int((i + 0.5) * total / count)) for i in range(count)})
+
+
+def _stream_facts(path: str) -> tuple[int, float, int, int]:
+    """(frames, frames a second, width, height) from the container: packets are counted, nothing decoded."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadVideo(f"{path}: no video stream in the file")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or Fraction(1))
+            width, height = stream.codec_context.width, stream.codec_context.height
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.FFmpegError, OSError) as error:
+        raise BadVideo(f"{path}: video unreadable ({error})") from None
+    return total, rate, width, height
+
+
+def probe(video, processor, recipe: dict | None = None) -> tuple[int, int, int]:
+    """(frames kept, width, height) of a video as the collator will decode it."""
+    fps, max_frames = sampling(processor, recipe)
+    if isinstance(video, list):  # frame files: every frame is a sample of its own, up to max_frames
+        with Image.open(video[0]) as first:  # the header only
+            width, height = first.size
+        return len(pick(len(video), fps, fps, max_frames)), width, height
+    total, rate, width, height = _stream_facts(str(video))
+    return len(pick(total, rate, fps, max_frames)), width, height
+
+
+def video_tokens(video, processor, recipe: dict | None = None) -> int:
+    """Merged tokens of one video after sampling (the recipe's fps / max_frames, else the processor's) and the
+    per-frame resize."""
+    from kit.images import target_size
+
+    frames, width, height = probe(video, processor, recipe)
+    vp = processor.video_processor
+    factor = vp.patch_size * vp.merge_size
+    width, height = target_size(width, height, processor)
+    return math.ceil(frames / vp.temporal_patch_size) * (height // factor) * (width // factor)
+
+
+def frames(video, processor) -> np.ndarray:
+    """The sampled frames of one video as a (frames, height, width, 3) uint8 array."""
+    fps, max_frames = sampling(processor)
+    if isinstance(video, list):
+        pictures = []
+        for index in pick(len(video), fps, fps, max_frames):
+            with Image.open(video[index]) as frame:
+                pictures.append(frame.convert("RGB"))
+        size = pictures[0].size  # a video's frames share one size; a stray frame is fitted to the first
+        return np.stack([np.asarray(p if p.size == size else p.resize(size, Image.Resampling.BICUBIC))
+                         for p in pictures])
+    import av
+
+    total, rate, _, _ = _stream_facts(str(video))
+    wanted = set(pick(total, rate, fps, max_frames))
+    kept = []
+    with av.open(str(video)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                kept.append(frame.to_ndarray(format="rgb24"))
+            if len(kept) == len(wanted):
+                break
+    if not kept:
+        raise BadVideo(f"{video}: no frame could be decoded")
+    return np.stack(kept)
+
+
+def batch_videos(samples: list[dict], processor) -> list[np.ndarray] | None:
+    """Every video of a batch, in row order (the processor fills <|video_pad|> slots in that order)."""
+    videos = [frames(video, processor) for sample in samples for video in sample.get("videos") or []]
+    return videos or None
+
+
+def write_test_video(path, frames_count: int = 8, size: tuple[int, int] = (112, 84), fps: int = 4):
+    """A small MPEG-4 video of moving bars (tests and the demo make their own; nothing is downloaded)."""
+    import av
+
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames_count):
+            picture = np.full((height, width, 3), 255, dtype=np.uint8)
+            left = (index * 7) % max(1, width - 14)
+            picture[height // 3:, left:left + 14] = (40, 90, 200)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
