@@ -41,7 +41,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 6
 @click.option("--worker", hidden=True, help="Internal: run one backend in this process and print JSON.")
 def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, json_path, markdown, worker):
     """Benchmark training throughput and peak memory per backend."""
-    from kit.errors import user_errors
+    from kit.cli import user_errors
 
     with user_errors():
         overrides = list(overrides) + ([f"model_name_or_path={model_name}"] if model_name else [])

@@ -25,8 +25,8 @@ from pathlib import Path
 import click
 
 from kit import export
-from kit.cli import help_with_examples
-from kit.errors import UserError, user_errors
+from kit.cli import help_with_examples, user_errors
+from kit.errors import UserError
 
 QUANTS = export.CONVERTER_TYPES + export.QUANTIZER_TYPES
 

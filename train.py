@@ -21,8 +21,8 @@ from pathlib import Path
 import click
 
 from kit import distributed, runfolder
-from kit.cli import help_with_examples
-from kit.errors import UserError, user_errors
+from kit.cli import help_with_examples, user_errors
+from kit.errors import UserError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

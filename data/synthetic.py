@@ -94,7 +94,7 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
     """`num` samples of `split`; each split draws from its own index range of the same seed."""
     from tqdm import tqdm
 
-    from kit.model import cache_dir
+    from kit.paths import cache_dir
 
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"synthetic split must be one of {', '.join(SPLIT_OFFSETS)}, not {split!r}")

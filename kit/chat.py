@@ -9,15 +9,17 @@ from pathlib import Path
 
 from PIL import Image
 
+from kit.errors import UserError
+
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 IGNORE = -100
 
 
-class BadSample(ValueError):
+class BadSample(UserError, ValueError):
     """A sample the processor cannot turn into model inputs; the message names it and the fix."""
 
 
-class SampleTooLong(ValueError):
+class SampleTooLong(UserError, ValueError):
     """A sample whose tokens (image tokens included) exceed max_length; it is never cut inside an image."""
 
 

@@ -34,7 +34,7 @@ def open_rgb(path, processor) -> Image.Image:
             stat = Path(path).stat()
             size = target_size(width, height, processor)
             key = f"{Path(path).resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}"
-            from kit.model import cache_dir
+            from kit.paths import cache_dir
 
             cached = cache_dir() / "downscaled" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.png"
             if not cached.exists():

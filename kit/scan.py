@@ -19,7 +19,7 @@ _memo: dict = {}  # id(samples) -> check_rows result, for samples with no finger
 
 
 def _cache_file(kind: str, key: str) -> Path:
-    from kit.model import cache_dir
+    from kit.paths import cache_dir
 
     folder = cache_dir() / "preflight"
     folder.mkdir(parents=True, exist_ok=True)

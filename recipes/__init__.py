@@ -7,6 +7,8 @@ import importlib
 import json
 from pathlib import Path
 
+from kit.errors import UserError
+
 CHOICES = {
     "backend": ("auto", "unsloth", "hf"),
     "finetune": ("lora", "full"),
@@ -27,7 +29,7 @@ NON_NEGATIVE = ("lora_dropout", "limit", "warmup_steps", "weight_decay", "save_t
                 "eval_steps", "eval_samples", "eval_fraction")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A mistake in a recipe or an override; the message says which key and what to do."""
 
 
