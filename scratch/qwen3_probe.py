@@ -37,10 +37,10 @@ PLAIN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>"
                "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 FAMILIES = {
-    "qwen3_vl": dict(regex=QWEN2_REGEX, template="qwen3_vl_chat_template.jinja"),
-    "qwen3_vl_moe": dict(regex=QWEN2_REGEX, template="qwen3_vl_chat_template.jinja"),
-    "qwen3_5": dict(regex=QWEN35_REGEX, template="qwen3_5_chat_template.jinja"),
-    "qwen3_5_moe": dict(regex=QWEN35_REGEX, template="qwen3_5_chat_template.jinja"),
+    "qwen3_vl": dict(regex=QWEN2_REGEX, template="../kit/families/templates/qwen3_vl.jinja"),
+    "qwen3_vl_moe": dict(regex=QWEN2_REGEX, template="../kit/families/templates/qwen3_vl.jinja"),
+    "qwen3_5": dict(regex=QWEN35_REGEX, template="../kit/families/templates/qwen3_5.jinja"),
+    "qwen3_5_moe": dict(regex=QWEN35_REGEX, template="../kit/families/templates/qwen3_5.jinja"),
 }
 
 

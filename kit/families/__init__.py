@@ -139,9 +139,14 @@ class Shape:
 
 @dataclass(frozen=True)
 class LlamaNames:
-    """What llama.cpp calls this family: the GGUF text arch and the mmproj's clip.projector_type."""
+    """What llama.cpp calls this family: the GGUF text arch and the mmproj's clip.projector_type; its pre-tokenizer
+    (the name llama.cpp gives the split regex the family's tokenizer.json uses, for tokenizers whose hash the
+    converter does not know, as the tiny models' locally trained ones); and what the converter must be told."""
     text_arch: str
     projector: str
+    pre_tokenizer: str = "qwen2"
+    pre_tokenizer_regex: str | None = None  # None: Qwen2's (kit.families._tiny.QWEN2_PRETOKENIZE_REGEX)
+    converter_args: tuple[str, ...] = ()  # extra convert_hf_to_gguf.py arguments for the text model
 
 
 def patch_merge_grid(processor) -> int:
@@ -190,10 +195,12 @@ class Family:
 
 
 def all_families() -> list[Family]:
-    """Every family file's FAMILY, in file-name order."""
+    """Every family file's FAMILY (or FAMILIES, for a file that serves a dense and a MoE variant), in file-name
+    order."""
     found = []
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
-        found.append(importlib.import_module(f"{__name__}.{module}").FAMILY)
+        loaded = importlib.import_module(f"{__name__}.{module}")
+        found += getattr(loaded, "FAMILIES", None) or [loaded.FAMILY]
     return found
 
 
