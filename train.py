@@ -114,16 +114,20 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     import data
     from kit import chat, model as models, plan, progress, trainer as training
 
+    from transformers import AutoProcessor
+
+    from kit import families
+
     with distributed.main_first():  # rank 0 fills the caches, then the others read them
+        base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
+        processor = AutoProcessor.from_pretrained(base_path)
+        # synthetic charts are drawn on the model's token grid; run_config.json records it for eval and merge
+        recipe["synthetic_grid"] = families.recipe_grid(recipe, processor)
         train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0,
                                   progress=distributed.is_main())
         eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
-        base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}")
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(base_path)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
     gpus, gpu = plan.gpu_count(gpu)

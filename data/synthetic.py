@@ -1,8 +1,9 @@
 """Synthetic charts drawn with matplotlib from a seed, with questions whose answers are known exactly.
 
 Two layouts:
-- `aligned` (the demo): a square chart whose bar slots are exactly one 28-pixel vision-token column wide,
-  labelled A, B, C... from the left. A tiny model can only learn to read charts laid out like this.
+- `aligned` (the demo): a square chart whose bar slots are exactly one vision-token column wide (`grid` pixels: the
+  model's patch size x spatial merge, 28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL and Qwen3.5), labelled A, B,
+  C... from the left. A tiny model can only learn to read charts laid out like this.
 - `chartqa` (benchmarks): a ChartQA-sized chart (about 800x600) with axes, a title and category names.
 
 Question types: `count` (how many bars/points), `max` / `min` (which label is highest/lowest), `value`
@@ -26,15 +27,18 @@ QUESTION_TEMPLATES = {
 CHART_TYPES = ("bar", "line")
 # Each split draws from its own index range of the same seed, so no chart or question is in two splits.
 SPLIT_OFFSETS = {"train": 0, "test": 10_000_000, "val": 20_000_000}
-TOKEN_PIXELS = 28  # one merged vision token covers 28x28 pixels in Qwen2-VL
+# The grid of runs from before the recipe recorded one (synthetic_grid): they were all Qwen2-VL, whose merged
+# vision token covers 28x28 pixels. New runs draw on the grid train.py reads from the model's processor.
+LEGACY_GRID = 28
 
 
-def make_spec(index: int, seed: int, chart_types, question_types, layout: str, size: int) -> dict:
+def make_spec(index: int, seed: int, chart_types, question_types, layout: str, size: int,
+              grid: int = LEGACY_GRID) -> dict:
     """Everything about one chart and its question, from (seed, index) alone."""
     rng = random.Random(f"{seed}:{index}")
     chart = rng.choice(list(chart_types))
     qtype = rng.choice(list(question_types))
-    slots = size // TOKEN_PIXELS if layout == "aligned" else 8
+    slots = size // grid if layout == "aligned" else 8
     count = rng.randint(2, min(slots, len(LABELS) if layout == "aligned" else slots))
     labels = LABELS[:count] if layout == "aligned" else rng.sample(CATEGORY_NAMES, count)
     while True:  # distinct values so that max/min have one right answer
@@ -47,7 +51,7 @@ def make_spec(index: int, seed: int, chart_types, question_types, layout: str, s
     answer = {"count": str(count), "max": labels[values.index(max(values))],
               "min": labels[values.index(min(values))], "value": str(values[target])}[qtype]
     return dict(chart=chart, qtype=qtype, labels=labels, values=values, question=question, answer=answer,
-                layout=layout, size=size)
+                layout=layout, size=size, grid=grid)
 
 
 def render(spec: dict, path: Path):
@@ -63,7 +67,7 @@ def render(spec: dict, path: Path):
         side = spec["size"]
         fig = plt.figure(figsize=(side / 100, side / 100), dpi=100)
         ax = fig.add_axes([0, 0, 1, 1])
-        slots = side // TOKEN_PIXELS
+        slots = side // spec["grid"]
         ax.set_xlim(0, slots)
         ax.set_ylim(-14, 100)  # the band below zero holds the labels
         ax.axis("off")
@@ -90,8 +94,9 @@ def render(spec: dict, path: Path):
 
 def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("bar", "line"),
              question_types=("count", "max", "min", "value"), layout: str = "aligned", size: int = 140,
-             cache: Path | None = None, progress: bool = True) -> list[dict]:
-    """`num` samples of `split`; each split draws from its own index range of the same seed."""
+             cache: Path | None = None, progress: bool = True, grid: int = LEGACY_GRID) -> list[dict]:
+    """`num` samples of `split`; each split draws from its own index range of the same seed. `grid`: the model's
+    vision-token side in pixels, on which the aligned layout puts its bar slots."""
     from tqdm import tqdm
 
     from kit.paths import cache_dir
@@ -106,15 +111,18 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
                              f"not {', '.join(unknown) or 'none'}")
     if layout not in ("aligned", "chartqa"):
         raise ValueError(f"synthetic layout must be 'aligned' or 'chartqa', not {layout!r}")
-    if layout == "aligned" and (size % TOKEN_PIXELS or size < 2 * TOKEN_PIXELS):
-        raise ValueError(f"aligned charts need a size that is a multiple of {TOKEN_PIXELS} (>= 56), not {size}")
+    if layout == "aligned" and (size % grid or size < 2 * grid):
+        raise ValueError(f"aligned charts need a synthetic_size that is a multiple of the model's {grid}-pixel "
+                         f"vision-token grid (>= {2 * grid}), not {size}: e.g. synthetic_size={5 * grid}")
     offset = SPLIT_OFFSETS[split]
-    key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size], sort_keys=True)
+    # the legacy grid keeps its old key, so charts cached before the grid was a parameter are still found
+    key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size]
+                     + ([grid] if layout == "aligned" and grid != LEGACY_GRID else []), sort_keys=True)
     folder = Path(cache or cache_dir() / "synthetic") / hashlib.sha1(key.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
     for i in tqdm(range(num), desc=f"synthetic {split}", disable=not progress, mininterval=2):
-        spec = make_spec(offset + i, seed, chart_types, question_types, layout, size)
+        spec = make_spec(offset + i, seed, chart_types, question_types, layout, size, grid)
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
             tmp = path.with_suffix(".tmp.png")

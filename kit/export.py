@@ -183,11 +183,11 @@ def own_samples(recipe: dict, count: int) -> list[dict]:
 
 def synthetic_parity_samples(recipe: dict, count: int) -> list[dict]:
     """Fixed prompts drawn by the kit itself (offline), laid out as the run's recipe draws synthetic charts."""
-    from data.synthetic import generate
+    from data.synthetic import LEGACY_GRID, generate
 
     return generate("test", count, seed=recipe["synthetic_seed"], chart_types=recipe["synthetic_chart_types"],
                     question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
-                    size=recipe["synthetic_size"], progress=False)
+                    size=recipe["synthetic_size"], progress=False, grid=recipe.get("synthetic_grid") or LEGACY_GRID)
 
 
 def without_image(sample: dict) -> dict:

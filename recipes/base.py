@@ -41,7 +41,10 @@ BASE = {
     "synthetic_chart_types": ["bar", "line"],
     "synthetic_question_types": ["count", "max", "min", "value"],
     "synthetic_layout": "chartqa",  # aligned = small token-aligned charts a tiny model can learn
-    "synthetic_size": 140,  # side of an aligned chart in pixels (a multiple of 28)
+    "synthetic_size": 140,  # side of an aligned chart in pixels (a multiple of the model's token grid)
+    # pixels per vision-token side the aligned charts are laid out on; 0 = the model's own (patch x merge: 28 for
+    # Qwen2/2.5-VL, 32 for Qwen3-VL/3.5), which train.py reads from its processor and records here
+    "synthetic_grid": 0,
     # --- training (trl.SFTConfig names) -----------------------------------------------------------
     "per_device_train_batch_size": 2,
     "gradient_accumulation_steps": 4,

@@ -155,6 +155,21 @@ def patch_merge_grid(processor) -> int:
     return image_processor.patch_size * image_processor.merge_size
 
 
+def recipe_grid(recipe: dict, processor) -> int:
+    """The vision-token grid synthetic charts are laid out on: the model family's (read from its processor). A
+    recipe's own synthetic_grid must agree, or the charts would straddle token columns the model cannot read."""
+    grid = of_processor(processor).grid(processor)
+    chosen = recipe.get("synthetic_grid") or grid
+    if chosen != grid:
+        raise UserError(f"synthetic_grid={chosen}, but {recipe['model_name_or_path']} cuts images into {grid}-pixel "
+                        f"tokens; drop the override (0 = the model's grid) or set synthetic_grid={grid}")
+    if recipe.get("synthetic_layout") == "aligned" and recipe["synthetic_size"] % grid:
+        raise UserError(f"synthetic_size={recipe['synthetic_size']} is not a multiple of {recipe['model_name_or_path']}"
+                        f"'s {grid}-pixel token grid, so the aligned chart's bar slots would straddle token columns;"
+                        f" set synthetic_size={max(2, round(recipe['synthetic_size'] / grid)) * grid}")
+    return grid
+
+
 def qwen_target_size(width: int, height: int, processor) -> tuple[int, int]:
     """(width, height) after Qwen's resize: sides multiples of the grid, area within the processor's bounds."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
