@@ -17,7 +17,7 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
     limit = min(filter(None, (limit, recipe["limit"])), default=None)
     if name == "synthetic":
         from data.hf import DatasetNotFound
-        from data.synthetic import LEGACY_GRID, SPLIT_OFFSETS, generate
+        from data.synthetic import SPLIT_OFFSETS, generate
 
         if split not in SPLIT_OFFSETS:  # e.g. a recipe's eval_split=dev kept after --set dataset=synthetic
             raise DatasetNotFound(f"dataset=synthetic has the splits {', '.join(SPLIT_OFFSETS)}, not {split!r}; "
@@ -27,8 +27,8 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
         samples = generate(split, min(num, limit or num), seed=recipe["synthetic_seed"],
                            chart_types=recipe["synthetic_chart_types"],
                            question_types=recipe["synthetic_question_types"],
-                           layout=recipe["synthetic_layout"], size=recipe["synthetic_size"], progress=progress,
-                           grid=recipe.get("synthetic_grid") or LEGACY_GRID)
+                           layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
+                           grid=recipe.get("synthetic_grid", 0), progress=progress)
     elif name in ("chartqa", "latex_ocr") or name.startswith("hf:"):
         from data.hf import load as load_hf
 

@@ -1,9 +1,9 @@
 """Synthetic charts drawn with matplotlib from a seed, with questions whose answers are known exactly.
 
 Two layouts:
-- `aligned` (the demo): a square chart whose bar slots are exactly one vision-token column wide (`grid` pixels: the
-  model's patch size x spatial merge, 28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL and Qwen3.5), labelled A, B,
-  C... from the left. A tiny model can only learn to read charts laid out like this.
+- `aligned` (the demo): a square chart whose bar slots are exactly one vision-token column wide (`grid` pixels:
+  the model's patch x merge, which the kit reads from the model's family), labelled A, B, C... from the left.
+  A tiny model can only learn to read charts laid out like this.
 - `chartqa` (benchmarks): a ChartQA-sized chart (about 800x600) with axes, a title and category names.
 
 Question types: `count` (how many bars/points), `max` / `min` (which label is highest/lowest), `value`
@@ -14,6 +14,12 @@ import hashlib
 import json
 import random
 from pathlib import Path
+
+from kit.errors import UserError
+
+
+class SyntheticError(UserError, ValueError):
+    """Synthetic-chart settings that cannot be drawn; the message names the recipe key to change."""
 
 LABELS = ["A", "B", "C", "D", "E", "F", "G", "H"]
 CATEGORY_NAMES = ["Apples", "Bananas", "Cherries", "Dates", "Figs", "Grapes", "Kiwis", "Lemons", "Mangos",
@@ -27,14 +33,11 @@ QUESTION_TEMPLATES = {
 CHART_TYPES = ("bar", "line")
 # Each split draws from its own index range of the same seed, so no chart or question is in two splits.
 SPLIT_OFFSETS = {"train": 0, "test": 10_000_000, "val": 20_000_000}
-# The grid of runs from before the recipe recorded one (synthetic_grid): they were all Qwen2-VL, whose merged
-# vision token covers 28x28 pixels. New runs draw on the grid train.py reads from the model's processor.
-LEGACY_GRID = 28
 
 
-def make_spec(index: int, seed: int, chart_types, question_types, layout: str, size: int,
-              grid: int = LEGACY_GRID) -> dict:
-    """Everything about one chart and its question, from (seed, index) alone."""
+def make_spec(index: int, seed: int, chart_types, question_types, layout: str, size: int, grid: int = 0) -> dict:
+    """Everything about one chart and its question, from (seed, index) alone; `grid`: pixels per vision-token
+    column, which an aligned chart's slots are as wide as."""
     rng = random.Random(f"{seed}:{index}")
     chart = rng.choice(list(chart_types))
     qtype = rng.choice(list(question_types))
@@ -51,7 +54,7 @@ def make_spec(index: int, seed: int, chart_types, question_types, layout: str, s
     answer = {"count": str(count), "max": labels[values.index(max(values))],
               "min": labels[values.index(min(values))], "value": str(values[target])}[qtype]
     return dict(chart=chart, qtype=qtype, labels=labels, values=values, question=question, answer=answer,
-                layout=layout, size=size, grid=grid)
+                layout=layout, size=size, slots=slots)
 
 
 def render(spec: dict, path: Path):
@@ -67,7 +70,7 @@ def render(spec: dict, path: Path):
         side = spec["size"]
         fig = plt.figure(figsize=(side / 100, side / 100), dpi=100)
         ax = fig.add_axes([0, 0, 1, 1])
-        slots = side // spec["grid"]
+        slots = spec["slots"]
         ax.set_xlim(0, slots)
         ax.set_ylim(-14, 100)  # the band below zero holds the labels
         ax.axis("off")
@@ -94,12 +97,12 @@ def render(spec: dict, path: Path):
 
 def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("bar", "line"),
              question_types=("count", "max", "min", "value"), layout: str = "aligned", size: int = 140,
-             cache: Path | None = None, progress: bool = True, grid: int = LEGACY_GRID) -> list[dict]:
-    """`num` samples of `split`; each split draws from its own index range of the same seed. `grid`: the model's
-    vision-token side in pixels, on which the aligned layout puts its bar slots."""
+             grid: int = 0, cache: Path | None = None, progress: bool = True) -> list[dict]:
+    """`num` samples of `split`; each split draws from its own index range of the same seed. The aligned layout
+    needs `grid`, the model's pixels per vision token (the recipe's synthetic_grid, filled in from the model)."""
     from tqdm import tqdm
 
-    from kit.paths import cache_dir
+    from kit.paths import cache_dir, write_with
 
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"synthetic split must be one of {', '.join(SPLIT_OFFSETS)}, not {split!r}")
@@ -111,13 +114,16 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
                              f"not {', '.join(unknown) or 'none'}")
     if layout not in ("aligned", "chartqa"):
         raise ValueError(f"synthetic layout must be 'aligned' or 'chartqa', not {layout!r}")
+    if layout == "aligned" and grid <= 0:
+        raise SyntheticError("aligned synthetic charts line up with the model's vision tokens: set synthetic_grid "
+                             "to its pixels per token (patch x merge, e.g. --set synthetic_grid=28), or use "
+                             "synthetic_layout=chartqa")
     if layout == "aligned" and (size % grid or size < 2 * grid):
-        raise ValueError(f"aligned charts need a synthetic_size that is a multiple of the model's {grid}-pixel "
-                         f"vision-token grid (>= {2 * grid}), not {size}: e.g. synthetic_size={5 * grid}")
+        raise SyntheticError(f"aligned charts need a synthetic_size that is a multiple of the model's {grid}-pixel "
+                             f"grid (>= {2 * grid}), not {size}; e.g. --set synthetic_size={5 * grid}")
     offset = SPLIT_OFFSETS[split]
-    # the legacy grid keeps its old key, so charts cached before the grid was a parameter are still found
-    key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size]
-                     + ([grid] if layout == "aligned" and grid != LEGACY_GRID else []), sort_keys=True)
+    slots = size // grid if layout == "aligned" else 0  # how many bars fit changes the pixels
+    key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size, slots], sort_keys=True)
     folder = Path(cache or cache_dir() / "synthetic") / hashlib.sha1(key.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
@@ -125,9 +131,7 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
         spec = make_spec(offset + i, seed, chart_types, question_types, layout, size, grid)
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
-            tmp = path.with_suffix(".tmp.png")
-            render(spec, tmp)
-            tmp.rename(path)
+            write_with(path, lambda tmp: render(spec, tmp))
         samples.append({
             "id": f"synthetic-{split}-{i}",
             "images": [str(path)],

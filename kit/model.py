@@ -14,7 +14,6 @@ import torch
 
 from kit import families
 from kit.errors import UserError
-from kit.families._tiny import QWEN2_PRETOKENIZE_REGEX  # noqa: F401  (kit/export.py reads it here)
 from kit.paths import build_dir, cache_dir
 
 

@@ -59,14 +59,17 @@ def write_with(path: Path, save) -> Path:
     return path
 
 
-def build_dir(target: Path, build) -> Path:
-    """A folder made by `build(tmp_folder)` and renamed to `target` once complete. When another process got there
-    first, theirs is kept (both built the same thing: used for caches)."""
+def build_dir(target: Path, build, replace: bool = False) -> Path:
+    """A folder made by `build(tmp_folder)` and renamed to `target` once complete. An existing `target` is kept
+    (another process built the same thing first: caches), or with `replace` swapped for the new one (the caller
+    has checked that it may be)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        if target.exists() and replace:
+            shutil.rmtree(target)
         if target.exists():
             shutil.rmtree(tmp)
         else:

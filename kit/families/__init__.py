@@ -29,7 +29,8 @@ How a family is found:
 - from a built name: `tiny:qwen2.5-vl` and `random:qwen2.5-vl-7b` (`of_name`); plain `tiny` is `tiny:qwen2-vl`;
 - from a run folder: run_config.json's "family" (`of_run(run_config)`), which train.py writes as `family.name`;
   runs from before the seam have none and were all Qwen2-VL;
-- from a processor: `of_processor(processor)` (the collator, lint and plan get one without a model).
+- from a processor: `of_processor(processor)` (the collator, lint and plan get one without a model);
+- from a GGUF pair: what merge.py wrote beside it (gguf_report.json "family"), else `of_llama_arch(arch)`.
 A model_type or name no family serves is a UnknownFamily (a UserError) that names the families there are.
 """
 
@@ -96,10 +97,10 @@ class LoraNames:
         """peft's target_modules regex for Unsloth's finetune_* switches (the merger is not adapted: it is small
         and Unsloth leaves it alone too)."""
         parts = []
-        for wanted, blocks, names in ((language, self.language_blocks,
-                                       (self.language_attention if attention else ()) + (self.language_mlp if mlp else ())),
-                                      (vision, self.vision_blocks,
-                                       (self.vision_attention if attention else ()) + (self.vision_mlp if mlp else ()))):
+        for wanted, blocks, attention_names, mlp_names in (
+                (language, self.language_blocks, self.language_attention, self.language_mlp),
+                (vision, self.vision_blocks, self.vision_attention, self.vision_mlp)):
+            names = (attention_names if attention else ()) + (mlp_names if mlp else ())
             if wanted and names:
                 parts.append(rf"{blocks}\.(?:\w+\.)+({'|'.join(names)})")
         if not parts:
@@ -153,21 +154,6 @@ def patch_merge_grid(processor) -> int:
     """Pixels per merged vision-token side: the image processor's patch size x its spatial merge."""
     image_processor = processor.image_processor
     return image_processor.patch_size * image_processor.merge_size
-
-
-def recipe_grid(recipe: dict, processor) -> int:
-    """The vision-token grid synthetic charts are laid out on: the model family's (read from its processor). A
-    recipe's own synthetic_grid must agree, or the charts would straddle token columns the model cannot read."""
-    grid = of_processor(processor).grid(processor)
-    chosen = recipe.get("synthetic_grid") or grid
-    if chosen != grid:
-        raise UserError(f"synthetic_grid={chosen}, but {recipe['model_name_or_path']} cuts images into {grid}-pixel "
-                        f"tokens; drop the override (0 = the model's grid) or set synthetic_grid={grid}")
-    if recipe.get("synthetic_layout") == "aligned" and recipe["synthetic_size"] % grid:
-        raise UserError(f"synthetic_size={recipe['synthetic_size']} is not a multiple of {recipe['model_name_or_path']}"
-                        f"'s {grid}-pixel token grid, so the aligned chart's bar slots would straddle token columns;"
-                        f" set synthetic_size={max(2, round(recipe['synthetic_size'] / grid)) * grid}")
-    return grid
 
 
 def qwen_target_size(width: int, height: int, processor) -> tuple[int, int]:
@@ -274,6 +260,16 @@ def of_name(name: str) -> tuple[Family, str | None] | None:
 def of_run(run_config: dict) -> Family:
     """The family a run trained (run_config.json's "family"; runs from before it was written are Qwen2-VL)."""
     return by_name(run_config.get("family") or "qwen2-vl")
+
+
+def of_llama_arch(arch: str, where: str = "the GGUF") -> Family:
+    """The first family whose llama.cpp text arch is `arch`, for a GGUF pair with nothing recorded beside it
+    (families that share an arch, Qwen2-VL and Qwen2.5-VL, are prompted alike)."""
+    for family in all_families():
+        if family.llama.text_arch == arch:
+            return family
+    raise UnknownFamily(f"{where} has the llama.cpp arch {arch!r}; the kit's families have: "
+                        + ", ".join(f"{f.name} ({f.llama.text_arch})" for f in all_families()))
 
 
 def of_processor(processor) -> Family:
