@@ -175,7 +175,7 @@ def write_gguf(converter, quantizer, merged_dir: Path, gguf_dir: Path, final_dir
         forced = gguf.convert(converter, merged_dir, path, outtype, name, mmproj, logs / f"convert-{path.stem}.log",
                                 metadata)
         if forced and not report["pre_tokenizer_forced_qwen2"]:
-            click.echo(f"note: {gguf.FORCED_PRE_NOTE}")
+            click.echo(f"note: {gguf.forced_pre_note(families.of_model(str(merged_dir)).llama.pre_tokenizer)}")
         report["pre_tokenizer_forced_qwen2"] |= forced
         wrote(path, started)
         return path

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from kit.converter import LLAMA_CPP_PYTHON
-from kit.converter_patch import FORCED_PRE_NOTE
+from kit.converter_patch import FORCED_PRE_NOTE, forced_pre_note  # noqa: F401  (merge.py shows it)
 from kit.errors import UserError
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
@@ -57,15 +57,13 @@ def find_quantizer(llama_cpp_dir=None) -> str | None:
     return "llama-cpp-python" if importlib.util.find_spec("llama_cpp") else None
 
 
-def uses_qwen2_regex(model_dir: Path) -> bool:
-    """Whether tokenizer.json pre-tokenizes with Qwen2's split regex (what llama.cpp's "qwen2" pre-tokenizer does)."""
-    from kit.families._tiny import QWEN2_PRETOKENIZE_REGEX
-
+def uses_regex(model_dir: Path, regex: str) -> bool:
+    """Whether tokenizer.json pre-tokenizes with `regex` (the split a llama.cpp pre-tokenizer name stands for)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return False
     pre_tokenizer = json.loads(path.read_text()).get("pre_tokenizer") or {}
-    return any(step.get("type") == "Split" and step.get("pattern", {}).get("Regex") == QWEN2_PRETOKENIZE_REGEX
+    return any(step.get("type") == "Split" and step.get("pattern", {}).get("Regex") == regex
                for step in pre_tokenizer.get("pretokenizers", [pre_tokenizer]))
 
 
@@ -99,17 +97,23 @@ def gguf_metadata(name: str, base: str) -> dict:
 
 def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, name: str, mmproj: bool,
             log: Path, metadata: Path | None = None) -> bool:
-    """One converter run in a subprocess; returns whether the pre-tokenizer had to be written as "qwen2"."""
-    force_qwen2 = not mmproj and uses_qwen2_regex(model_dir)
-    script = ["-P", str(CONVERTER_PATCH), str(converter)] if force_qwen2 else [str(converter)]
+    """One converter run in a subprocess; returns whether the pre-tokenizer had to be named for the converter (the
+    family's: "qwen2", Qwen3.5's "qwen35"). The family also says what else the converter must be told (Qwen3.5:
+    --no-mtp)."""
+    from kit import families
+    from kit.families._tiny import QWEN2_PRETOKENIZE_REGEX
+
+    names = families.of_model(str(model_dir)).llama
+    forced = not mmproj and uses_regex(model_dir, names.pre_tokenizer_regex or QWEN2_PRETOKENIZE_REGEX)
+    script = ["-P", str(CONVERTER_PATCH), "--pre", names.pre_tokenizer, str(converter)] if forced else [str(converter)]
     command = [sys.executable, "-u", *script, str(model_dir), "--outfile", str(outfile), "--outtype", outtype,
                "--model-name", name, *(["--metadata", str(metadata)] if metadata else []),
-               *(["--mmproj"] if mmproj else [])]
+               *(["--mmproj"] if mmproj else names.converter_args)]
     # The converter's own gguf-py first: the pip gguf may lag behind the converter that uses it.
     paths = [str(converter.parent / "gguf-py"), str(converter.parent), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     run_logged(command, log, f"convert {outfile.name}", env)
-    return force_qwen2 and FORCED_PRE_NOTE in log.read_text()
+    return forced and forced_pre_note(names.pre_tokenizer) in log.read_text()
 
 
 def quantize(quantizer: str, source: Path, target: Path, quant: str, log: Path):

@@ -257,10 +257,13 @@ def answers(llm, samples, system: str, max_new_tokens: int, temperature: float =
     # temperature 0 is llama.cpp's greedy sampler; top-k/top-p off so sampling matches transformers'.
     options = dict(max_tokens=max_new_tokens, temperature=temperature, min_p=min_p, top_k=0, top_p=1.0,
                    repeat_penalty=1.0, stream=on_piece is not None)
+    # The handler is called itself, not through create_chat_completion, which does not pass template flags on:
+    # Qwen3.5's template writes a thinking prompt unless told enable_thinking=False (the family's kwargs).
+    template_flags = pair_family(Path(llm.model_path), llm.metadata.get("general.architecture")).chat_template_kwargs
     found, seconds = [], 0.0
     for sample in samples:
         started = time.time()
-        reply = llm.create_chat_completion(messages=chat_messages(sample, system), **options)
+        reply = llm.chat_handler(llama=llm, messages=chat_messages(sample, system), **template_flags, **options)
         if on_piece is not None:
             pieces = []
             for chunk in reply:

@@ -94,7 +94,10 @@ def model_shape(path: str) -> dict:
                                         if x.part == part and kind in (None, x.kind))
     return {"family": family.name, "hidden": shape.hidden, "layers": shape.layers, "inter": shape.inter,
             "kv": shape.kv, "vocab": shape.vocab, "attn_linear": total("language", "attention"),
-            "mlp_linear": total("language", "mlp"), "embed": shape.embed,
+            # MoE experts and routers are MLP weights too (not Linear modules: LoRA reaches experts only with
+            # finetune_experts)
+            "mlp_linear": total("language", "mlp") + total("language", "experts") + total("language", "router"),
+            "embed": shape.embed,
             "vision_linear": total("vision") + total("merger"), "vision_embed": shape.vision_hidden,
             "vision_depth": shape.vision_depth, "linears": linears}
 

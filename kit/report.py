@@ -44,7 +44,9 @@ def summarize(rows: list[dict], names: list[str], metric: str, seconds: dict | N
         answered = [row for row in rows if name in row["systems"]]
         entry = {"samples": len(answered),
                  "relaxed": score([row["systems"][name]["relaxed"] for row in answered]),
-                 "exact": score([row["systems"][name]["exact"] for row in answered]), "groups": {}}
+                 "exact": score([row["systems"][name]["exact"] for row in answered]), "groups": {},
+                 # replies that began with a think block, scored on what followed it (eval.py takes it off)
+                 "think_blocks": sum("think" in row["systems"][name] for row in answered)}
         for key in GROUPS:
             for group in sorted({str(row[key]) for row in answered if row.get(key) is not None}):
                 members = [row for row in answered if str(row.get(key)) == group]

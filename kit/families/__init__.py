@@ -65,6 +65,12 @@ class Markup:
     think: tuple[str, str] | None = None
 
     @property
+    def empty_think(self) -> str:
+        """The block Qwen3 / Qwen3.5 templates write after the assistant header when an answer has no thinking
+        (and a thinking-off generation prompt ends with): prompt, not answer; "" for families without one."""
+        return f"{self.think[0]}\n\n{self.think[1]}\n\n" if self.think else ""
+
+    @property
     def image_slot(self) -> str:
         """What the chat template writes where an image goes (before the processor expands the pad)."""
         return self.vision_start + self.image_pad + self.vision_end
