@@ -83,7 +83,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     import torch
 
     from data.synthetic import generate
-    from kit import chat, model as models, progress, trainer as training
+    from kit import chat, families, model as models, plan, progress, trainer as training
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
@@ -93,11 +93,12 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     if recipe["dataset"] != "synthetic":  # ChartQA-sized synthetic charts: no download, same pixel budget
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
-    samples = generate("train", batch * (warmup + steps), seed=0, chart_types=recipe["synthetic_chart_types"],
-                       question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
-                       size=recipe["synthetic_size"], progress=False)
     path = models.resolve(recipe["model_name_or_path"])
     model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
+    recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
+    samples = generate("train", batch * (warmup + steps), seed=0, chart_types=recipe["synthetic_chart_types"],
+                       question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
+                       size=recipe["synthetic_size"], grid=recipe["synthetic_grid"], progress=False)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"]))
     counter = progress.CountingCollator(collator)

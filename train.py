@@ -27,7 +27,8 @@ from kit.paths import write_json
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--recipe", help="Recipe name from recipes/ (chartqa, chartqa_2b, kaggle_t4, latex_ocr, demo).")
+@click.option("--recipe", help="Recipe name from recipes/ (chartqa, chartqa_2b, chartqa_qwen25vl_7b, latex_ocr, "
+              "demo, ...).")
 @click.option("--config", "config", type=click.Path(path_type=Path),
               help="JSON/YAML file of recipe keys, with \"recipe\": NAME to start from (default base); "
                    "a run's run_config.json replays that run. Default run folder: runs/<file name>.")

@@ -64,7 +64,8 @@ def test_merged_lora_reloads_and_answers_like_the_adapter(lora_run):
     adapted = PeftModel.from_pretrained(base, str(lora_run)).eval()
     samples = generate("test", report["num_samples"] + 2, seed=recipe["synthetic_seed"],
                        chart_types=recipe["synthetic_chart_types"], question_types=recipe["synthetic_question_types"],
-                       layout=recipe["synthetic_layout"], size=recipe["synthetic_size"], progress=False)
+                       layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
+                       grid=recipe["synthetic_grid"], progress=False)
     for sample in samples[report["num_samples"]:]:
         assert greedy(merged, processor, sample, recipe["system_prompt"]) == \
             greedy(adapted, processor, sample, recipe["system_prompt"])

@@ -73,7 +73,7 @@ def test_processor_setup_and_collator():
     set_pixels(processor, 3136, 19600)
     image_processor = processor.image_processor
     assert (image_processor.min_pixels, image_processor.max_pixels) == (3136, 19600)  # Unsloth's properties
-    samples = generate("train", 4, seed=1, size=280, cache=None, progress=False)  # 280x280 > max_pixels
+    samples = generate("train", 4, seed=1, size=280, grid=28, cache=None, progress=False)  # 280x280 > max_pixels
     batch = VisionCollator(processor, max_length=256)(samples)
     # 280x280 is shrunk to 140x140 by max_pixels: 10x10 patches of 14 pixels per image
     assert batch["image_grid_thw"].tolist() == [[1, 10, 10]] * 4
@@ -151,7 +151,7 @@ def test_infer_answers_a_question(lora_run, tmp_path):
     from data.synthetic import generate
 
     folder, _ = lora_run
-    sample = generate("test", 1, seed=5, size=140, layout="aligned", cache=tmp_path, progress=False)[0]
+    sample = generate("test", 1, seed=5, size=140, grid=28, layout="aligned", cache=tmp_path, progress=False)[0]
     result = invoke(infer.main, [folder, "--image", sample["images"][0], "--question", "How many bars are there?",
                                  "--backend", "unsloth", "--max-new-tokens", 4])
     assert result.exit_code == 0, result.output
