@@ -47,9 +47,10 @@ TINY_ROPE = dict(ROPE, mrope_section=[2, 1, 1])
 TINY_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 TINY_INIT = 0.05
 
-# LoRA in the DeltaNet layers: the two input projections that carry the heads' content (in_proj_qkv, in_proj_z)
-# and out_proj; in_proj_b / in_proj_a are num_value_heads (32) wide, where a rank-16 adapter is nearly full rank.
-LORA = LoraNames(language_attention=("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj"),
+# LoRA in the DeltaNet layers on every projection: in_proj_qkv and in_proj_z (the heads' content and output gate),
+# in_proj_b / in_proj_a (per-head beta and decay: 32 wide, a few adapter parameters) and out_proj.
+LORA = LoraNames(language_attention=("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b",
+                                     "in_proj_a", "out_proj"),
                  vision_mlp=("linear_fc1", "linear_fc2"), merger=(r"model\.visual\.merger\.linear_fc\d",))
 
 
