@@ -98,6 +98,9 @@ class LoraNames:
     # full paths of the Linear layers that project vision features into the text model (the merger; Qwen3-VL's
     # deepstack mergers too): they are neither block attention nor MLP
     merger: tuple[str, ...] = (r"model\.visual\.merger\.mlp\.\d+",)
+    # MoE routed experts: fused 3-D parameters, not Linear modules, so peft reaches them only as target_parameters
+    # (the recipe key finetune_experts, off by default); () for dense families
+    experts: tuple[str, ...] = ()
 
     def regex(self, vision: bool, language: bool, attention: bool, mlp: bool) -> str:
         """peft's target_modules regex for Unsloth's finetune_* switches (the merger is not adapted: it is small

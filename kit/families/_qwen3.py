@@ -109,6 +109,10 @@ def embed_parameters(config) -> int:
     return text.vocab_size * text.hidden_size * (1 if tied else 2)
 
 
+# the routed experts' parameters as peft's target_parameters names them (suffixes of the full parameter names)
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
 def expert_linears(text, layers: int) -> tuple[Linear, ...]:
     """Routed experts (3-D parameters, not Linear modules: LoRA reaches them only through peft's target_parameters,
     which the recipe key finetune_experts turns on) and the router, for the memory plan."""

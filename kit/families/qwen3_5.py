@@ -12,6 +12,8 @@ names an MTP head (mtp_num_hidden_layers) that transformers neither loads nor sa
 Unsloth advises 16-bit LoRA rather than QLoRA for Qwen3.5 (its quantization error is larger than usual).
 """
 
+from dataclasses import replace
+
 from kit.families import Family, Linear, LlamaNames, LoraNames, Shape
 from kit.families import _qwen3, _tiny
 
@@ -148,15 +150,16 @@ def builders(moe: bool):
 # them): --no-mtp leaves it out. The tiny tokenizers split with Qwen3.5's regex, which llama.cpp calls "qwen35".
 LLAMA = dict(projector="qwen3vl_merger", pre_tokenizer="qwen35", pre_tokenizer_regex=_qwen3.QWEN35_PRETOKENIZE_REGEX,
              converter_args=("--no-mtp",))
+MOE_LORA = replace(LORA, experts=_qwen3.EXPERT_PARAMETERS)
 DENSE_TINY, DENSE_RANDOM = builders(moe=False)
 MOE_TINY, MOE_RANDOM = builders(moe=True)
-COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, lora=LORA, shape=shape,
+COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, shape=shape,
               chat_template_kwargs=_qwen3.THINKING_OFF, claims_processor=_qwen3.uses_qwen3_5_tokenizer,
               tiny_version="v1", llama_handler=_qwen3.llama_handler)
 FAMILIES = (
-    Family(name="qwen3.5", model_types=("qwen3_5",), build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
+    Family(name="qwen3.5", model_types=("qwen3_5",), lora=LORA, build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
            build_random=DENSE_RANDOM, llama=LlamaNames(text_arch="qwen35", **LLAMA), **COMMON),
     # No random: shapes for the MoE (its smallest checkpoint, 35B-A3B, is no single-24GB-GPU model).
-    Family(name="qwen3.5-moe", model_types=("qwen3_5_moe",), build_tiny=MOE_TINY, random_shapes={},
+    Family(name="qwen3.5-moe", model_types=("qwen3_5_moe",), lora=MOE_LORA, build_tiny=MOE_TINY, random_shapes={},
            build_random=MOE_RANDOM, llama=LlamaNames(text_arch="qwen35moe", **LLAMA), **COMMON),
 )

@@ -10,6 +10,8 @@ llama.cpp: text arch qwen3vl / qwen3vlmoe (with n_deepstack_layers), projector q
 is_deepstack_layers flags mark the DeepStack blocks).
 """
 
+from dataclasses import replace
+
 from kit.families import Family, Linear, LlamaNames, LoraNames, Shape
 from kit.families import _qwen3, _tiny
 
@@ -118,15 +120,16 @@ def claims(processor) -> bool:
     return not _qwen3.uses_qwen3_5_tokenizer(processor)
 
 
+MOE_LORA = replace(LORA, experts=_qwen3.EXPERT_PARAMETERS)
 DENSE_TINY, DENSE_RANDOM = builders(moe=False)
 MOE_TINY, MOE_RANDOM = builders(moe=True)
-COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, lora=LORA, shape=shape,
+COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, shape=shape,
               chat_template_kwargs=_qwen3.THINKING_OFF, claims_processor=claims, tiny_version="v1",
               llama_handler=_qwen3.llama_handler)
 FAMILIES = (
-    Family(name="qwen3-vl", model_types=("qwen3_vl",), build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
+    Family(name="qwen3-vl", model_types=("qwen3_vl",), lora=LORA, build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
            build_random=DENSE_RANDOM, llama=LlamaNames(text_arch="qwen3vl", projector="qwen3vl_merger"), **COMMON),
     # No random: shapes for the MoE (its smallest checkpoint, 30B-A3B, is no single-24GB-GPU model).
-    Family(name="qwen3-vl-moe", model_types=("qwen3_vl_moe",), build_tiny=MOE_TINY, random_shapes={},
+    Family(name="qwen3-vl-moe", model_types=("qwen3_vl_moe",), lora=MOE_LORA, build_tiny=MOE_TINY, random_shapes={},
            build_random=MOE_RANDOM, llama=LlamaNames(text_arch="qwen3vlmoe", projector="qwen3vl_merger"), **COMMON),
 )
