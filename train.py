@@ -114,13 +114,13 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, model as models, plan, progress, trainer as training
+    from kit import chat, families, model as models, plan, progress, trainer as training
 
     from transformers import AutoProcessor
 
     with distributed.main_first():  # rank 0 fills the caches, then the others read them
         base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
-        family, processor = models.family_of(base_path), AutoProcessor.from_pretrained(base_path)
+        family, processor = families.of_model(base_path), AutoProcessor.from_pretrained(base_path)
         recipe = plan.with_model_grid(recipe, family, processor)  # aligned synthetic charts need the model's grid
         train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0,
                                   progress=distributed.is_main())

@@ -1,5 +1,6 @@
-"""GGUF files from a merged model: `convert_hf_to_gguf.py` writes the text model (arch qwen2vl) and, with --mmproj,
-the vision projector (clip.projector_type qwen2vl_merger); K-quants go through `llama-quantize` or
+"""GGUF files from a merged model: `convert_hf_to_gguf.py` writes the text model (the family's llama.cpp arch, e.g.
+qwen2vl) and, with --mmproj, the vision projector (its clip.projector_type, e.g. qwen2vl_merger, qwen2.5vl_merger:
+kit/families/); K-quants go through `llama-quantize` or
 llama-cpp-python's `llama_model_quantize` (kit/llama_quantize.py). Both run in subprocesses, logged to files.
 """
 

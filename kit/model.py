@@ -74,11 +74,6 @@ def check_hub_model(name: str):
                          "model_name_or_path to a local folder (--set model_name_or_path=PATH)")
 
 
-def family_of(path: str) -> families.Family:
-    """The family of a resolved model folder or hub id (config.json's model_type)."""
-    return families.of_model(path)
-
-
 def lora_target_regex(family: families.Family, vision: bool, language: bool, attention: bool, mlp: bool) -> str:
     """The Linear layers that get adapters, as peft's target_modules regex (Unsloth's finetune_* switches), by the
     family's module names (Qwen2-VL's vision MLP is fc1/fc2, Qwen2.5-VL's gate/up/down_proj)."""

@@ -91,14 +91,19 @@ def text_token_ids(tokenizer, markup) -> dict:
                 pad_token_id=tokenizer.convert_tokens_to_ids(markup.end_of_text))
 
 
-def save_random_model(model_class, config, folder, processor, seed: int = 0, dtype=None):
-    """Instantiate `model_class(config)` with a fixed seed (on the GPU when there is one: 7B on the CPU takes
-    minutes), and save it with its processor and generation ids as an ordinary model folder."""
+def save_random_model(model_class, config, folder, processor, weights: bool = True, bf16: bool = False):
+    """Instantiate `model_class(config)` with a fixed seed (in bf16 on the GPU when there is one: 7B on the CPU
+    takes minutes) and save it with its processor and generation ids as an ordinary model folder; without
+    `weights`, config and processor only (enough to plan a run)."""
     import torch
 
-    torch.manual_seed(seed)
-    with torch.device("cuda" if dtype == torch.bfloat16 and torch.cuda.is_available() else "cpu"):
-        model = model_class(config).to(dtype or torch.float32)
+    if not weights:
+        config.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        return
+    torch.manual_seed(0)
+    with torch.device("cuda" if bf16 and torch.cuda.is_available() else "cpu"):
+        model = model_class(config).to(torch.bfloat16 if bf16 else torch.float32)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.save_pretrained(folder)

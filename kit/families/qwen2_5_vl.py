@@ -6,7 +6,7 @@ merger into `out_hidden_size`. llama.cpp: text arch qwen2vl, projector qwen2.5vl
 
 from dataclasses import replace
 
-from kit.families import Family, Linear, LlamaNames, LoraNames, Shape
+from kit.families import Linear, LlamaNames, LoraNames, Shape
 from kit.families import _tiny, qwen2_vl
 
 # The true Qwen2.5-VL shapes (config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct).
@@ -27,24 +27,16 @@ TINY_VISION = dict(VISION, depth=3, hidden_size=32, intermediate_size=128, num_h
 
 
 def shape(config) -> Shape:
-    fields, language = qwen2_vl.text_shape(config)
     vision = config.vision_config
     ve, depth, mlp = vision.hidden_size, vision.depth, vision.intermediate_size
-    linears = language + (Linear("vision", "attention", "qkv", depth, ve, 3 * ve),
-                          Linear("vision", "attention", "proj", depth, ve, ve),
-                          Linear("vision", "mlp", "gate_proj", depth, ve, mlp),
-                          Linear("vision", "mlp", "up_proj", depth, ve, mlp),
-                          Linear("vision", "mlp", "down_proj", depth, mlp, ve),
-                          *qwen2_vl.merger_linears(ve, vision.spatial_merge_size, vision.out_hidden_size))
-    return Shape(**fields, vision_hidden=ve, vision_depth=depth, linears=linears)
+    return qwen2_vl.vision_shape(config, ve, (Linear("vision", "mlp", "gate_proj", depth, ve, mlp),
+                                              Linear("vision", "mlp", "up_proj", depth, ve, mlp),
+                                              Linear("vision", "mlp", "down_proj", depth, mlp, ve)),
+                                 vision.out_hidden_size)
 
 
-def build_processor(tokenizer, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               video_processor=Qwen2VLVideoProcessor(), chat_template=_tiny.QWEN2_VL_CHAT_TEMPLATE)
+def build_processor(tokenizer):
+    return qwen2_vl.build_processor(tokenizer, "Qwen2_5_VLProcessor")
 
 
 def config(tokenizer, text: dict, vision: dict, **extra):
@@ -56,30 +48,9 @@ def config(tokenizer, text: dict, vision: dict, **extra):
                             **_tiny.vision_token_ids(tokenizer, qwen2_vl.MARKUP), **extra)
 
 
-def build_tiny(folder):
-    """A tiny real-architecture Qwen2.5-VL: Qwen2-VL's tiny text model and init, the 2.5 vision tower in small."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    tokenizer = _tiny.build_tokenizer()
-    tiny = config(tokenizer, dict(qwen2_vl.TINY_TEXT, vocab_size=len(tokenizer)), TINY_VISION,
-                  initializer_range=0.05)  # the wider init the tiny Qwen2-VL learns with
-    tiny.text_config.initializer_range = tiny.vision_config.initializer_range = 0.05
-    _tiny.save_random_model(Qwen2_5_VLForConditionalGeneration, tiny, folder, build_processor(tokenizer))
-
-
-def build_random(name: str, folder, weights: bool):
-    """Random weights of a true shape in bf16 (3B: ~7.5 GB, 7B: ~16.6 GB of disk), or config + processor only."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    tokenizer = _tiny.build_tokenizer()
-    full = config(tokenizer, TEXT_SHAPES[name], VISION)
-    if not weights:
-        full.save_pretrained(folder)
-        build_processor(tokenizer).save_pretrained(folder)
-        return
-    _tiny.save_random_model(Qwen2_5_VLForConditionalGeneration, full, folder, build_processor(tokenizer),
-                            dtype=torch.bfloat16)
+# tiny: Qwen2-VL's tiny text model and init with the 2.5 tower in small; random: 3B ~7.5 GB, 7B ~16.6 GB of disk
+build_tiny, build_random = qwen2_vl.builders("Qwen2_5_VLForConditionalGeneration", config, build_processor,
+                                             TEXT_SHAPES, VISION, TINY_VISION)
 
 
 FAMILY = replace(

@@ -50,24 +50,32 @@ def merger_linears(vision_width: int, merge: int, out: int) -> tuple[Linear, ...
     return (Linear("merger", "merger", "mlp.0", 1, wide, wide), Linear("merger", "merger", "mlp.2", 1, wide, out))
 
 
-def shape(config) -> Shape:
+def vision_shape(config, width: int, mlp: tuple, out: int) -> Shape:
+    """Qwen2 text + a vision tower of `width` with qkv/proj attention, the `mlp` Linears and the merger into `out`."""
     fields, language = text_shape(config)
+    depth, merge = config.vision_config.depth, config.vision_config.spatial_merge_size
+    attention = (Linear("vision", "attention", "qkv", depth, width, 3 * width),
+                 Linear("vision", "attention", "proj", depth, width, width))
+    return Shape(**fields, vision_hidden=width, vision_depth=depth,
+                 linears=language + attention + mlp + merger_linears(width, merge, out))
+
+
+def shape(config) -> Shape:
     vision = config.vision_config
     ve, depth, mlp = vision.embed_dim, vision.depth, vision.embed_dim * vision.mlp_ratio
-    linears = language + (Linear("vision", "attention", "qkv", depth, ve, 3 * ve),
-                          Linear("vision", "attention", "proj", depth, ve, ve),
-                          Linear("vision", "mlp", "fc1", depth, ve, mlp),
-                          Linear("vision", "mlp", "fc2", depth, mlp, ve),
-                          *merger_linears(ve, vision.spatial_merge_size, vision.hidden_size))
-    return Shape(**fields, vision_hidden=ve, vision_depth=depth, linears=linears)
+    return vision_shape(config, ve, (Linear("vision", "mlp", "fc1", depth, ve, mlp),
+                                     Linear("vision", "mlp", "fc2", depth, mlp, ve)), vision.hidden_size)
 
 
-def build_processor(tokenizer, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def build_processor(tokenizer, processor_class: str = "Qwen2VLProcessor", min_pixels=56 * 56,
+                    max_pixels=28 * 28 * 1280):
+    """The family's processor around the real Qwen2-VL image and video processors (Qwen2.5-VL uses them too)."""
+    import transformers
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(), chat_template=_tiny.QWEN2_VL_CHAT_TEMPLATE)
+    image_processor = transformers.Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return getattr(transformers, processor_class)(image_processor=image_processor, tokenizer=tokenizer,
+                                                  video_processor=transformers.Qwen2VLVideoProcessor(),
+                                                  chat_template=_tiny.QWEN2_VL_CHAT_TEMPLATE)
 
 
 def text_config(tokenizer, text: dict) -> dict:
@@ -89,30 +97,32 @@ def config(tokenizer, text: dict, vision: dict, **extra):
                          **_tiny.vision_token_ids(tokenizer, MARKUP), **extra)
 
 
-def build_tiny(folder):
-    """The tiny real-architecture Qwen2-VL (0.3M parameters) the demo trains."""
-    from transformers import Qwen2VLForConditionalGeneration
+def builders(model_class: str, make_config, make_processor, shapes: dict, vision: dict, tiny_vision: dict):
+    """(build_tiny, build_random) for a family of Qwen2-VL's kind: the tiny model is Qwen2-VL's tiny text model
+    with `tiny_vision`; `random:NAME` is `shapes[NAME]` with `vision`, in bf16."""
 
-    tokenizer = _tiny.build_tokenizer()
-    # A wider init than 0.02 lets a 0.3M-parameter model leave the "answer without looking" plateau sooner.
-    tiny = config(tokenizer, dict(TINY_TEXT, vocab_size=len(tokenizer)), TINY_VISION, initializer_range=0.05)
-    tiny.text_config.initializer_range = tiny.vision_config.initializer_range = 0.05
-    _tiny.save_random_model(Qwen2VLForConditionalGeneration, tiny, folder, build_processor(tokenizer))
+    def build_tiny(folder):
+        import transformers
+
+        tokenizer = _tiny.build_tokenizer()
+        # A wider init than 0.02 lets a 0.3M-parameter model leave the "answer without looking" plateau sooner.
+        tiny = make_config(tokenizer, dict(TINY_TEXT, vocab_size=len(tokenizer)), tiny_vision, initializer_range=0.05)
+        tiny.text_config.initializer_range = tiny.vision_config.initializer_range = 0.05
+        _tiny.save_random_model(getattr(transformers, model_class), tiny, folder, make_processor(tokenizer))
+
+    def build_random(name: str, folder, weights: bool):
+        import transformers
+
+        tokenizer = _tiny.build_tokenizer()
+        _tiny.save_random_model(getattr(transformers, model_class), make_config(tokenizer, shapes[name], vision),
+                                folder, make_processor(tokenizer), weights, bf16=True)
+
+    return build_tiny, build_random
 
 
-def build_random(name: str, folder, weights: bool):
-    """Random weights of a true shape in bf16 (2B: ~4.4 GB, 7B: ~16 GB of disk), or config + processor only."""
-    import torch
-    from transformers import Qwen2VLForConditionalGeneration
-
-    tokenizer = _tiny.build_tokenizer()
-    full = config(tokenizer, TEXT_SHAPES[name], VISION)
-    if not weights:
-        full.save_pretrained(folder)
-        build_processor(tokenizer).save_pretrained(folder)
-        return
-    _tiny.save_random_model(Qwen2VLForConditionalGeneration, full, folder, build_processor(tokenizer),
-                            dtype=torch.bfloat16)
+# tiny: 0.3M parameters, what the demo trains; random: 2B ~4.4 GB, 7B ~16 GB of disk
+build_tiny, build_random = builders("Qwen2VLForConditionalGeneration", config, build_processor, TEXT_SHAPES, VISION,
+                                    TINY_VISION)
 
 
 def llama_handler(mmproj: str):
