@@ -122,14 +122,15 @@ def expert_linears(text, layers: int) -> tuple[Linear, ...]:
             Linear("language", "router", "gate", layers, h, e))
 
 
-def save_model(cls, config, folder, processor, dtype=None):
-    """_tiny.save_random_model, with both of Qwen3's end ids (<|im_end|>, <|endoftext|>) in generation_config,
-    as the checkpoints' generation_config.json has them."""
-    _tiny.save_random_model(cls, config, folder, processor, dtype=dtype)
+def save_model(cls, config, folder, processor, weights: bool = True, bf16: bool = False):
+    """_tiny.save_random_model, with both of Qwen3's end ids (<|im_end|>, <|endoftext|>) in generation_config, as
+    the checkpoints' generation_config.json has them."""
+    _tiny.save_random_model(cls, config, folder, processor, weights, bf16)
     path = folder / "generation_config.json"
-    generation = json.loads(path.read_text())
-    generation["eos_token_id"] = [config.text_config.eos_token_id, config.text_config.pad_token_id]
-    path.write_text(json.dumps(generation, indent=2) + "\n")
+    if path.exists():
+        generation = json.loads(path.read_text())
+        generation["eos_token_id"] = [config.text_config.eos_token_id, config.text_config.pad_token_id]
+        path.write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def llama_handler(mmproj: str):

@@ -102,16 +102,11 @@ def builders(moe: bool):
         _qwen3.save_model(model_class(moe), tiny, folder, _qwen3.build_processor(chosen))
 
     def build_random(name: str, folder, weights: bool):
-        import torch
-
         chosen = tokenizer()
         full = config(chosen, TEXT_SHAPES[name], VISION_SHAPES[name], ROPE, moe)
+        # the checkpoints' pixel bounds (preprocessor_config.json: shortest_edge 65536, longest_edge 16777216)
         processor = _qwen3.build_processor(chosen, min_pixels=256 * 256, max_pixels=16777216)
-        if not weights:
-            full.save_pretrained(folder)
-            processor.save_pretrained(folder)
-            return
-        _qwen3.save_model(model_class(moe), full, folder, processor, dtype=torch.bfloat16)
+        _qwen3.save_model(model_class(moe), full, folder, processor, weights, bf16=True)
 
     return build_tiny, build_random
 
