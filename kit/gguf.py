@@ -4,6 +4,7 @@ kit/families/); K-quants go through `llama-quantize` or
 llama-cpp-python's `llama_model_quantize` (kit/llama_quantize.py). Both run in subprocesses, logged to files.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -107,14 +108,37 @@ def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, name:
     names = families.of_model(str(model_dir)).llama
     forced = not mmproj and uses_regex(model_dir, names.pre_tokenizer_regex or QWEN2_PRETOKENIZE_REGEX)
     script = ["-P", str(CONVERTER_PATCH), "--pre", names.pre_tokenizer, str(converter)] if forced else [str(converter)]
-    command = [sys.executable, "-u", *script, str(model_dir), "--outfile", str(outfile), "--outtype", outtype,
-               "--model-name", name, *(["--metadata", str(metadata)] if metadata else []),
-               *(["--mmproj"] if mmproj else names.converter_args)]
     # The converter's own gguf-py first: the pip gguf may lag behind the converter that uses it.
     paths = [str(converter.parent / "gguf-py"), str(converter.parent), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    run_logged(command, log, f"convert {outfile.name}", env)
+    with converter_input(model_dir, () if mmproj else names.transposed_experts, outfile.parent) as source:
+        command = [sys.executable, "-u", *script, str(source), "--outfile", str(outfile), "--outtype", outtype,
+                   "--model-name", name, *(["--metadata", str(metadata)] if metadata else []),
+                   *(["--mmproj"] if mmproj else names.converter_args)]
+        run_logged(command, log, f"convert {outfile.name}", env)
     return forced and forced_pre_note(names.pre_tokenizer) in log.read_text()
+
+
+@contextlib.contextmanager
+def converter_input(model_dir: Path, transposed: tuple[str, ...], beside: Path):
+    """The merged folder as the converter reads it: itself, or (for parameters transformers keeps transposed
+    relative to the checkpoints, `transposed`) a temporary copy beside the output with those swapped back, every
+    other file linked."""
+    if not transposed:
+        yield model_dir
+        return
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory(prefix=".converter-input-", dir=beside) as folder:
+        for path in Path(model_dir).iterdir():
+            if path.suffix != ".safetensors":
+                (Path(folder) / path.name).symlink_to(path.resolve())
+                continue
+            tensors = load_file(path)
+            for key in [k for k in tensors if k.endswith(transposed)]:
+                tensors[key] = tensors[key].transpose(1, 2).contiguous()
+            save_file(tensors, Path(folder) / path.name, metadata={"format": "pt"})
+        yield Path(folder)
 
 
 def quantize(quantizer: str, source: Path, target: Path, quant: str, log: Path):

@@ -157,6 +157,9 @@ class LlamaNames:
     pre_tokenizer: str = "qwen2"
     pre_tokenizer_regex: str | None = None  # None: Qwen2's (kit.families._tiny.QWEN2_PRETOKENIZE_REGEX)
     converter_args: tuple[str, ...] = ()  # extra convert_hf_to_gguf.py arguments for the text model
+    # parameters transformers holds (and saves) as (experts, out, in) where the checkpoints, and so llama.cpp's
+    # converter, have (experts, in, out): transposed back for the converter (Qwen3-VL-MoE's fused experts)
+    transposed_experts: tuple[str, ...] = ()
 
 
 def patch_merge_grid(processor) -> int:

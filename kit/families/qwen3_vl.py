@@ -126,5 +126,6 @@ FAMILIES = (
            build_random=DENSE_RANDOM, llama=LlamaNames(text_arch="qwen3vl", projector="qwen3vl_merger"), **COMMON),
     # No random: shapes for the MoE (its smallest checkpoint, 30B-A3B, is no single-24GB-GPU model).
     Family(name="qwen3-vl-moe", model_types=("qwen3_vl_moe",), lora=MOE_LORA, build_tiny=MOE_TINY, random_shapes={},
-           build_random=MOE_RANDOM, llama=LlamaNames(text_arch="qwen3vlmoe", projector="qwen3vl_merger"), **COMMON),
+           build_random=MOE_RANDOM, llama=LlamaNames(text_arch="qwen3vlmoe", projector="qwen3vl_merger",
+                                                 transposed_experts=_qwen3.EXPERT_PARAMETERS), **COMMON),
 )
