@@ -27,7 +27,7 @@ PLAIN_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>
 MARKUP = Markup(think=("<think>", "</think>"))
 # Short ChartQA answers train and are scored with thinking off: Qwen3.5's template then writes an empty block
 # "<think>\n\n</think>\n\n" after the assistant header (the collator keeps it out of the loss); Qwen3-VL-Instruct's
-# template has no thinking and ignores the flag.
+# template has no thinking and no flag for it.
 THINKING_OFF = {"enable_thinking": False}
 PROCESSOR_CLASSES = ("Qwen3VLProcessor",)
 # preprocessor_config.json of Qwen3-VL and Qwen3.5: patch 16, merge 2, temporal 2, mean = std = 0.5; its pixel

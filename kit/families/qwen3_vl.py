@@ -119,7 +119,9 @@ MOE_LORA = replace(LORA, experts=_qwen3.EXPERT_PARAMETERS)
 DENSE_TINY, DENSE_RANDOM = builders(moe=False)
 MOE_TINY, MOE_RANDOM = builders(moe=True)
 COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, shape=shape,
-              chat_template_kwargs=_qwen3.THINKING_OFF, claims_processor=claims, tiny_version="v1",
+              # Qwen3-VL-Instruct's template has no thinking and reads no flag for it (a flag it does not read,
+              # transformers takes for a processor argument and warns about at every call)
+              claims_processor=claims, tiny_version="v1",
               llama_handler=_qwen3.llama_handler)
 FAMILIES = (
     Family(name="qwen3-vl", model_types=("qwen3_vl",), lora=LORA, build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
