@@ -121,7 +121,7 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
             gguf_dir = staging["gguf"]
             report = write_gguf(converter, quantizer, merged_dir, gguf_dir, folders["gguf"], name, quants,
                                 recipe["model_name_or_path"])
-            family = families.of_processor(merged_processor)
+            family = families.of_model(str(merged_dir))  # config.json: a processor alone does not tell MoE from dense
             report.update(llama.image_token_limits(recipe, family.grid(merged_processor)), family=family.name,
                           system_prompt=system_prompt)
             if verify:
