@@ -45,7 +45,8 @@ TINY_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=
 TINY_INIT = 0.05
 
 LORA = LoraNames(vision_mlp=("linear_fc1", "linear_fc2"),
-                 merger=(r"model\.visual\.merger\.linear_fc\d", r"model\.visual\.deepstack_merger_list\.\d+\.linear_fc\d"))
+                 merger=(r"model\.visual\.merger\.linear_fc\d",
+                         r"model\.visual\.deepstack_merger_list\.\d+\.linear_fc\d"))
 
 
 def shape(config) -> Shape:
