@@ -6,8 +6,8 @@
 Qwen3.5 mixes Gated DeltaNet linear attention (three layers in four) with gated full attention; LoRA adapts the
 DeltaNet projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj) with the attention and MLP ones.
 Unsloth advises against QLoRA for Qwen3.5 (its 4-bit quantization error is larger than usual) and trains 16-bit
-LoRA (its figure: 9B in ~22 GB), so the base stays in bf16 here. Thinking is off for these one-word answers: the template's empty
-<think></think> block sits in the prompt, outside the loss.
+LoRA (its figure: 9B in ~22 GB), so the base stays in bf16 here. Thinking is off for these one-word answers:
+the template's empty <think></think> block sits in the prompt, outside the loss.
 """
 
 from recipes.chartqa import RECIPE as CHARTQA
