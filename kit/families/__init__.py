@@ -29,7 +29,7 @@ How a family is found:
 - from a built name: `tiny:qwen2.5-vl` and `random:qwen2.5-vl-7b` (`of_name`); plain `tiny` is `tiny:qwen2-vl`;
 - from a run folder: run_config.json's "family" (`of_run(run_config)`), which train.py writes as `family.name`;
   runs from before the seam have none and were all Qwen2-VL;
-- from a processor: `of_processor(processor)` (the collator, lint and plan get one without a model);
+- from a processor: `of_processor(processor)` (the collator, the plan and image resizing get one without a model);
 - from a GGUF pair: what merge.py wrote beside it (gguf_report.json "family"), else `of_llama_arch(arch)`.
 A model_type or name no family serves is a UnknownFamily (a UserError) that names the families there are.
 """
@@ -60,8 +60,9 @@ class Markup:
     im_end: str = "<|im_end|>"  # closes every turn; the answer's own keeps its label so the model learns to stop
     end_of_text: str = "<|endoftext|>"
     assistant_header: str = "assistant\n"  # what follows im_start where an answer begins
-    # ("<think>", "</think>") for families whose template writes a thinking block; None for none. The collator
-    # keeps such a block out of the loss unless the data's answer has one.
+    # ("<think>", "</think>") for families whose template writes a thinking block; None for none. Such a block
+    # must stay out of the loss unless the data's answer has one: kit/chat.py's answer spans do not know it yet
+    # (no family of this file's time has one).
     think: tuple[str, str] | None = None
 
     @property
