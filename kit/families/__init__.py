@@ -61,8 +61,7 @@ class Markup:
     end_of_text: str = "<|endoftext|>"
     assistant_header: str = "assistant\n"  # what follows im_start where an answer begins
     # ("<think>", "</think>") for families whose template writes a thinking block; None for none. Such a block
-    # must stay out of the loss unless the data's answer has one: kit/chat.py's answer spans do not know it yet
-    # (no family of this file's time has one).
+    # stays out of the loss unless the data's answer has one (kit/chat.py's answer spans skip `empty_think`).
     think: tuple[str, str] | None = None
 
     @property
