@@ -116,8 +116,9 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
 
 def add_lora(model, recipe: dict, backend: str):
     family = families.of_model_type(model.config.model_type)
-    experts = family.lora.experts if recipe["finetune_experts"] and recipe["finetune_language_layers"] else ()
-    if recipe["finetune_experts"] and not family.lora.experts:
+    wanted = recipe.get("finetune_experts", False)  # absent from recipes of runs from before the key
+    experts = family.lora.experts if wanted and recipe["finetune_language_layers"] else ()
+    if wanted and not family.lora.experts:
         raise UserError(f"finetune_experts=true: {family.name} has no routed experts (a dense model); drop it")
     if backend == "unsloth" and experts:
         raise UserError("finetune_experts=true adapts the routed experts through peft's target_parameters, which "
