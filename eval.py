@@ -324,9 +324,7 @@ def question_of(sample: dict) -> str:
 def prediction_rows(samples, donors, answers, metric="chartqa") -> list[dict]:
     """One row a question: every system's answer scored after any think block is taken off (kept as "think",
     counted in report.json as think_blocks)."""
-    from kit import families
-
-    markers = {family.markup.think for family in families.all_families() if family.markup.think}
+    markers = report.think_markers()
     rows = []
     for i, sample in enumerate(samples):
         row = {"id": sample["id"], "image": _path_or_none(sample["images"]), "question": question_of(sample),

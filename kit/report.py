@@ -13,7 +13,7 @@ from pathlib import Path
 from kit.cli import jsonl_rows
 from kit.errors import UserError
 from kit.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, EXACT, METRICS, accuracy, bootstrap_interval,
-                         exact_correct, mcnemar_exact, paired_counts, relaxed_correct)
+                         exact_correct, mcnemar_exact, paired_counts, relaxed_correct, split_think)
 from kit.paths import build_dir, write_jsonl
 
 GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
@@ -297,6 +297,13 @@ def question_of(row: dict) -> str | None:
     return None
 
 
+def think_markers() -> set:
+    """Every family's think block markers (("<think>", "</think>") for Qwen3 / Qwen3.5)."""
+    from kit import families
+
+    return {family.markup.think for family in families.all_families() if family.markup.think}
+
+
 def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[str]]:
     """Scored rows and system names from prediction files. A row is {"prediction", "answer" | "answers" |
     "messages" (its last assistant turn is the reference), optional "system" (default: the file's name), "id",
@@ -308,8 +315,10 @@ def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[s
     for path in paths:
         seen: dict[tuple, int] = {}
         for line, where, row in jsonl_rows(path, "--score"):
+            thoughts = {}
             if isinstance(row.get("systems"), dict) and "references" in row:  # eval.py's predictions.jsonl
                 answers = {name: verdict.get("answer", "") for name, verdict in row["systems"].items()}
+                thoughts = {name: verdict["think"] for name, verdict in row["systems"].items() if "think" in verdict}
                 references = [str(r) for r in row["references"]]
             else:
                 if "prediction" not in row:
@@ -351,10 +360,13 @@ def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[s
                     raise UserError(f"{where}: system {name!r} answers question {entry['id']!r} twice")
                 if name not in names:
                     names.append(name)
-                prediction = "" if prediction is None else str(prediction)
+                # scored after any think block, as eval.py scores its own answers (which it kept apart)
+                thought, prediction = split_think("" if prediction is None else str(prediction), think_markers())
+                thought = thoughts.get(name, thought)
                 entry["systems"][name] = {"answer": prediction,
                                           "relaxed": relaxed_correct(prediction, references, metric),
-                                          "exact": exact_correct(prediction, references)}
+                                          "exact": exact_correct(prediction, references),
+                                          **({"think": thought} if thought is not None else {})}
     if not by_key:
         raise UserError(f"--score {', '.join(map(str, paths))}: no rows")
     return list(by_key.values()), names

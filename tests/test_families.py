@@ -214,6 +214,18 @@ def test_eval_scores_after_a_think_block_and_counts_it():
     assert summary["systems"]["finetuned"]["think_blocks"] == 2
 
 
+def test_eval_score_rescores_after_a_think_block(tmp_path):
+    """eval.py --score on another tool's predictions takes a think block off as eval.py does its own."""
+    from kit import report
+
+    lines = [{"id": "1", "prediction": "<think>\nfour bars\n</think>\n\n4", "answer": "4"},
+             {"id": "2", "prediction": "5", "answer": "4"}]
+    (tmp_path / "tool.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows, names = report.read_predictions([tmp_path / "tool.jsonl"], "chartqa")
+    assert [row["systems"]["tool"]["relaxed"] for row in rows] == [True, False]
+    assert report.summarize(rows, names, "chartqa")["systems"]["tool"]["think_blocks"] == 1
+
+
 @pytest.mark.parametrize("name", ["qwen3-vl-moe", "qwen3.5-moe"])
 def test_lora_on_experts_is_a_named_switch_off_by_default(name):
     from transformers import AutoModelForImageTextToText
