@@ -247,12 +247,15 @@ def print_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: st
     model = gguf_dir / next(iter(report["models"].values()))
     mmproj = gguf_dir / report["mmproj"]
     question = sample["messages"][0]["content"][-1]["text"]
+    # thinking off, as trained and proven (Qwen3.5's template thinks unless told enable_thinking=false)
+    thinking_off = families.by_name(report["family"]).chat_template_kwargs.get("enable_thinking") is False
+    extra = ("--reasoning", "off") if thinking_off else ()
     click.echo("run it in llama.cpp:")
     click.echo("  " + shlex.join(gguf.llama_cli_command(model, mmproj, report, sample["images"][0], question,
-                                                          system_prompt)))
+                                                          system_prompt, extra)))
     click.echo("  " + shlex.join(["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
                                   "--image-min-tokens", str(report["image_min_tokens"]),
-                                  "--image-max-tokens", str(report["image_max_tokens"])]))
+                                  "--image-max-tokens", str(report["image_max_tokens"]), *extra]))
 
 main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 

@@ -176,7 +176,7 @@ def k_quant_note(quant: str, types: dict) -> str | None:
 
 
 def llama_cli_command(model: Path, mmproj: Path, limits: dict, image: str, question: str,
-                      system_prompt: str) -> list[str]:
+                      system_prompt: str, extra: tuple[str, ...] = ()) -> list[str]:
     """llama-mtmd-cli asked what the proof asked: --jinja formats the chat with the model's own template (the one
     in the GGUF, with Qwen's default system turn), as the merged model and the proof do; llama.cpp builds whose
     default is their built-in template would drop that turn."""
@@ -184,4 +184,4 @@ def llama_cli_command(model: Path, mmproj: Path, limits: dict, image: str, quest
     return ["llama-mtmd-cli", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
             "--image-min-tokens", str(limits["image_min_tokens"]),
             "--image-max-tokens", str(limits["image_max_tokens"]),
-            "--image", str(image), "-p", question, *system, "--temp", "0"]
+            "--image", str(image), "-p", question, *system, "--temp", "0", *extra]
