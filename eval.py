@@ -43,7 +43,7 @@ import click
 from kit import report
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
-from kit.metrics import METRICS, exact_correct, relaxed_correct
+from kit.metrics import METRICS, exact_correct, relaxed_correct, split_think
 
 SYSTEMS = ("base", "base+prompt", "finetuned")
 
@@ -331,6 +331,9 @@ def question_of(sample: dict) -> str:
 
 
 def prediction_rows(samples, donors, answers, metric="chartqa") -> list[dict]:
+    """One row a question: every system's answer scored after any think block is taken off (kept as "think",
+    counted in report.json as think_blocks)."""
+    markers = report.think_markers()
     rows = []
     for i, sample in enumerate(samples):
         row = {"id": sample["id"], "image": _path_or_none(sample["images"]), "question": question_of(sample),
@@ -340,9 +343,12 @@ def prediction_rows(samples, donors, answers, metric="chartqa") -> list[dict]:
                 row[key] = sample[key]
         if donors is not None:
             row["shuffled_image"] = _path_or_none(samples[donors[i]]["images"])
-        row["systems"] = {name: {"answer": given[i], "relaxed": relaxed_correct(given[i], sample["answers"], metric),
-                                 "exact": exact_correct(given[i], sample["answers"])}
-                          for name, given in answers.items()}
+        row["systems"] = {}
+        for name, given in answers.items():
+            thought, answer = split_think(given[i], markers)
+            row["systems"][name] = {"answer": answer, "relaxed": relaxed_correct(answer, sample["answers"], metric),
+                                    "exact": exact_correct(answer, sample["answers"]),
+                                    **({"think": thought} if thought is not None else {})}
         rows.append(row)
     return rows
 

@@ -122,7 +122,7 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
             gguf_dir = staging["gguf"]
             report = write_gguf(converter, quantizer, merged_dir, gguf_dir, folders["gguf"], name, quants,
                                 recipe["model_name_or_path"])
-            family = families.of_processor(merged_processor)
+            family = families.of_model(str(merged_dir))  # config.json: a processor alone does not tell MoE from dense
             report.update(llama.image_token_limits(recipe, family.grid(merged_processor)), family=family.name,
                           system_prompt=system_prompt)
             if verify:
@@ -186,7 +186,7 @@ def write_gguf(converter, quantizer, merged_dir: Path, gguf_dir: Path, final_dir
         forced = gguf.convert(converter, merged_dir, path, outtype, name, mmproj, logs / f"convert-{path.stem}.log",
                                 metadata)
         if forced and not report["pre_tokenizer_forced_qwen2"]:
-            click.echo(f"note: {gguf.FORCED_PRE_NOTE}")
+            click.echo(f"note: {gguf.forced_pre_note(families.of_model(str(merged_dir)).llama.pre_tokenizer)}")
         report["pre_tokenizer_forced_qwen2"] |= forced
         wrote(path, started)
         return path
@@ -259,11 +259,14 @@ def llama_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: st
     model = gguf_dir / next(iter(report["models"].values()))
     mmproj = gguf_dir / report["mmproj"]
     question = sample["messages"][0]["content"][-1]["text"]
+    # thinking off, as trained and proven (Qwen3.5's template thinks unless told enable_thinking=false)
+    thinking_off = families.by_name(report["family"]).chat_template_kwargs.get("enable_thinking") is False
+    extra = ("--reasoning", "off") if thinking_off else ()
     return {"llama-mtmd-cli": gguf.llama_cli_command(model, mmproj, report, sample["images"][0], question,
-                                                     system_prompt),
+                                                     system_prompt, extra),
             "llama-server": ["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
                              "--image-min-tokens", str(report["image_min_tokens"]),
-                             "--image-max-tokens", str(report["image_max_tokens"])]}
+                             "--image-max-tokens", str(report["image_max_tokens"]), *extra]}
 
 
 main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above

@@ -99,6 +99,9 @@ class VisionCollator:
         self.im_start = tokenizer.convert_tokens_to_ids(markup.im_start)
         self.im_end = tokenizer.convert_tokens_to_ids(markup.im_end)
         self.assistant_header = tokenizer.encode(markup.assistant_header, add_special_tokens=False)
+        # an answer without thinking starts after the template's empty think block, which carries no loss; a
+        # think block the row's answer has is part of the answer and keeps its labels
+        self.empty_think = tokenizer.encode(markup.empty_think, add_special_tokens=False) if markup.think else []
 
     def texts(self, samples):
         return [self.family.chat_text(self.processor, with_system(s["messages"], self.system_prompt))
@@ -140,12 +143,15 @@ class VisionCollator:
         return labels
 
     def answer_spans(self, ids: list[int]):
-        """[start, end) of each assistant answer: after the turn start and assistant header, through the turn end."""
+        """[start, end) of each assistant answer: after the turn start and assistant header (and an empty think
+        block), through the turn end."""
         header = [self.im_start, *self.assistant_header]
         i = 0
         while i <= len(ids) - len(header):
             if ids[i:i + len(header)] == header:
                 start = i + len(header)
+                if self.empty_think and ids[start:start + len(self.empty_think)] == self.empty_think:
+                    start += len(self.empty_think)
                 end = start
                 while end < len(ids) and ids[end] != self.im_end:
                     end += 1

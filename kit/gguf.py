@@ -4,6 +4,7 @@ kit/families/); K-quants go through `llama-quantize` or
 llama-cpp-python's `llama_model_quantize` (kit/llama_quantize.py). Both run in subprocesses, logged to files.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from kit.converter import LLAMA_CPP_PYTHON
-from kit.converter_patch import FORCED_PRE_NOTE
+from kit.converter_patch import FORCED_PRE_NOTE, forced_pre_note  # noqa: F401  (merge.py shows it)
 from kit.errors import UserError
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
@@ -58,15 +59,13 @@ def find_quantizer(llama_cpp_dir=None) -> str | None:
     return "llama-cpp-python" if importlib.util.find_spec("llama_cpp") else None
 
 
-def uses_qwen2_regex(model_dir: Path) -> bool:
-    """Whether tokenizer.json pre-tokenizes with Qwen2's split regex (what llama.cpp's "qwen2" pre-tokenizer does)."""
-    from kit.families._tiny import QWEN2_PRETOKENIZE_REGEX
-
+def uses_regex(model_dir: Path, regex: str) -> bool:
+    """Whether tokenizer.json pre-tokenizes with `regex` (the split a llama.cpp pre-tokenizer name stands for)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return False
     pre_tokenizer = json.loads(path.read_text()).get("pre_tokenizer") or {}
-    return any(step.get("type") == "Split" and step.get("pattern", {}).get("Regex") == QWEN2_PRETOKENIZE_REGEX
+    return any(step.get("type") == "Split" and step.get("pattern", {}).get("Regex") == regex
                for step in pre_tokenizer.get("pretokenizers", [pre_tokenizer]))
 
 
@@ -100,17 +99,46 @@ def gguf_metadata(name: str, base: str) -> dict:
 
 def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, name: str, mmproj: bool,
             log: Path, metadata: Path | None = None) -> bool:
-    """One converter run in a subprocess; returns whether the pre-tokenizer had to be written as "qwen2"."""
-    force_qwen2 = not mmproj and uses_qwen2_regex(model_dir)
-    script = ["-P", str(CONVERTER_PATCH), str(converter)] if force_qwen2 else [str(converter)]
-    command = [sys.executable, "-u", *script, str(model_dir), "--outfile", str(outfile), "--outtype", outtype,
-               "--model-name", name, *(["--metadata", str(metadata)] if metadata else []),
-               *(["--mmproj"] if mmproj else [])]
+    """One converter run in a subprocess; returns whether the pre-tokenizer had to be named for the converter (the
+    family's: "qwen2", Qwen3.5's "qwen35"). The family also says what else the converter must be told (Qwen3.5:
+    --no-mtp)."""
+    from kit import families
+    from kit.families._tiny import QWEN2_PRETOKENIZE_REGEX
+
+    names = families.of_model(str(model_dir)).llama
+    forced = not mmproj and uses_regex(model_dir, names.pre_tokenizer_regex or QWEN2_PRETOKENIZE_REGEX)
+    script = ["-P", str(CONVERTER_PATCH), "--pre", names.pre_tokenizer, str(converter)] if forced else [str(converter)]
     # The converter's own gguf-py first: the pip gguf may lag behind the converter that uses it.
     paths = [str(converter.parent / "gguf-py"), str(converter.parent), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    run_logged(command, log, f"convert {outfile.name}", env)
-    return force_qwen2 and FORCED_PRE_NOTE in log.read_text()
+    with converter_input(model_dir, () if mmproj else names.transposed_experts, outfile.parent) as source:
+        command = [sys.executable, "-u", *script, str(source), "--outfile", str(outfile), "--outtype", outtype,
+                   "--model-name", name, *(["--metadata", str(metadata)] if metadata else []),
+                   *(["--mmproj"] if mmproj else names.converter_args)]
+        run_logged(command, log, f"convert {outfile.name}", env)
+    return forced and forced_pre_note(names.pre_tokenizer) in log.read_text()
+
+
+@contextlib.contextmanager
+def converter_input(model_dir: Path, transposed: tuple[str, ...], beside: Path):
+    """The merged folder as the converter reads it: itself, or (for parameters transformers keeps transposed
+    relative to the checkpoints, `transposed`) a temporary copy beside the output with those swapped back, every
+    other file linked."""
+    if not transposed:
+        yield model_dir
+        return
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory(prefix=".converter-input-", dir=beside) as folder:
+        for path in Path(model_dir).iterdir():
+            if path.suffix != ".safetensors":
+                (Path(folder) / path.name).symlink_to(path.resolve())
+                continue
+            tensors = load_file(path)
+            for key in [k for k in tensors if k.endswith(transposed)]:
+                tensors[key] = tensors[key].transpose(1, 2).contiguous()
+            save_file(tensors, Path(folder) / path.name, metadata={"format": "pt"})
+        yield Path(folder)
 
 
 def quantize(quantizer: str, source: Path, target: Path, quant: str, log: Path):
@@ -148,7 +176,7 @@ def k_quant_note(quant: str, types: dict) -> str | None:
 
 
 def llama_cli_command(model: Path, mmproj: Path, limits: dict, image: str, question: str,
-                      system_prompt: str) -> list[str]:
+                      system_prompt: str, extra: tuple[str, ...] = ()) -> list[str]:
     """llama-mtmd-cli asked what the proof asked: --jinja formats the chat with the model's own template (the one
     in the GGUF, with Qwen's default system turn), as the merged model and the proof do; llama.cpp builds whose
     default is their built-in template would drop that turn."""
@@ -156,4 +184,4 @@ def llama_cli_command(model: Path, mmproj: Path, limits: dict, image: str, quest
     return ["llama-mtmd-cli", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
             "--image-min-tokens", str(limits["image_min_tokens"]),
             "--image-max-tokens", str(limits["image_max_tokens"]),
-            "--image", str(image), "-p", question, *system, "--temp", "0"]
+            "--image", str(image), "-p", question, *system, "--temp", "0", *extra]

@@ -81,6 +81,21 @@ def relaxed_match(prediction: str, reference: str, tolerance: float = RELAXED_TO
 
 
 # --- per question ----------------------------------------------------------------------------------------
+def split_think(text: str, markers) -> tuple[str | None, str]:
+    """(thinking, answer) of a model's reply: a leading think block (`markers`: (open, close) pairs such as
+    ("<think>", "</think>")) is not part of the answer that is scored. A reply that closes a block it did not open
+    (the prompt opened it) counts as thinking too; one that never closes its block gave no answer. thinking is None
+    when the reply has no think block."""
+    for start, end in markers:
+        opened = text.lstrip().startswith(start)
+        if end in text:
+            thought, _, answer = text.partition(end)
+            return thought.replace(start, "", 1).strip(), answer.strip()
+        if opened:
+            return text.lstrip()[len(start):].strip(), ""
+    return None, text
+
+
 def relaxed_correct(prediction: str, references: list[str], metric: str = "chartqa") -> bool:
     """Right under `metric` ("chartqa" or "lenient") against any of `references`."""
     prediction = str(prediction).strip()

@@ -115,6 +115,14 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
 
 
 def add_lora(model, recipe: dict, backend: str):
+    family = families.of_model_type(model.config.model_type)
+    wanted = recipe.get("finetune_experts", False)  # absent from recipes of runs from before the key
+    experts = family.lora.experts if wanted and recipe["finetune_language_layers"] else ()
+    if wanted and not family.lora.experts:
+        raise UserError(f"finetune_experts=true: {family.name} has no routed experts (a dense model); drop it")
+    if backend == "unsloth" and experts:
+        raise UserError("finetune_experts=true adapts the routed experts through peft's target_parameters, which "
+                        "the unsloth backend does not take: --set backend=hf, or leave the experts frozen")
     if backend == "unsloth":
         from unsloth import FastVisionModel
 
@@ -133,11 +141,11 @@ def add_lora(model, recipe: dict, backend: str):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
     config = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
                         bias="none", task_type="CAUSAL_LM",
-                        target_modules=lora_target_regex(families.of_model_type(model.config.model_type),
-                                                         recipe["finetune_vision_layers"],
+                        target_modules=lora_target_regex(family, recipe["finetune_vision_layers"],
                                                          recipe["finetune_language_layers"],
                                                          recipe["finetune_attention_modules"],
-                                                         recipe["finetune_mlp_modules"]))
+                                                         recipe["finetune_mlp_modules"]),
+                        target_parameters=list(experts) or None)
     return get_peft_model(model, config)
 
 

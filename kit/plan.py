@@ -104,7 +104,10 @@ def model_shape(path: str) -> dict:
                                         if x.part == part and kind in (None, x.kind))
     return {"family": family.name, "hidden": shape.hidden, "layers": shape.layers, "inter": shape.inter,
             "kv": shape.kv, "vocab": shape.vocab, "attn_linear": total("language", "attention"),
-            "mlp_linear": total("language", "mlp"), "embed": shape.embed,
+            # MoE experts and routers are MLP weights too (not Linear modules: LoRA reaches experts only with
+            # finetune_experts)
+            "mlp_linear": total("language", "mlp") + total("language", "experts") + total("language", "router"),
+            "embed": shape.embed,
             "vision_linear": total("vision") + total("merger"), "vision_embed": shape.vision_hidden,
             "vision_depth": shape.vision_depth, "linears": linears}
 
@@ -113,6 +116,7 @@ def lora_parameters(shape: dict, recipe: dict) -> int:
     """Adapter parameters: r x (d_in + d_out) for every Linear the recipe's finetune_* switches select."""
     kinds = {"attention"} if recipe["finetune_attention_modules"] else set()
     kinds |= {"mlp"} if recipe["finetune_mlp_modules"] else set()
+    kinds |= {"experts"} if recipe.get("finetune_experts") else set()
     parts = {"language"} if recipe["finetune_language_layers"] else set()
     parts |= {"vision"} if recipe["finetune_vision_layers"] else set()
     return sum(x.count * recipe["lora_r"] * (x.d_in + x.d_out) for x in shape["linears"]
@@ -141,7 +145,8 @@ def weight_parts(shape: dict, recipe: dict, precision: str) -> dict:
 def lora_targets(shape: dict, recipe: dict) -> str:
     """Which of the family's modules get adapters, by part: "language q_proj ...; vision qkv ..."."""
     kinds = {k for k, on in (("attention", recipe["finetune_attention_modules"]),
-                             ("mlp", recipe["finetune_mlp_modules"])) if on}
+                             ("mlp", recipe["finetune_mlp_modules"]),
+                             ("experts", recipe.get("finetune_experts"))) if on}
     found = []
     for part, on in (("language", recipe["finetune_language_layers"]), ("vision", recipe["finetune_vision_layers"])):
         names = dict.fromkeys(x.name for x in shape["linears"] if on and x.part == part and x.kind in kinds)

@@ -13,7 +13,7 @@ from pathlib import Path
 from kit.cli import jsonl_rows
 from kit.errors import UserError
 from kit.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, EXACT, METRICS, accuracy, bootstrap_interval,
-                         exact_correct, mcnemar_exact, paired_counts, relaxed_correct)
+                         exact_correct, mcnemar_exact, paired_counts, relaxed_correct, split_think)
 from kit.paths import build_dir, write_jsonl
 
 GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
@@ -44,7 +44,9 @@ def summarize(rows: list[dict], names: list[str], metric: str, seconds: dict | N
         answered = [row for row in rows if name in row["systems"]]
         entry = {"samples": len(answered),
                  "relaxed": score([row["systems"][name]["relaxed"] for row in answered]),
-                 "exact": score([row["systems"][name]["exact"] for row in answered]), "groups": {}}
+                 "exact": score([row["systems"][name]["exact"] for row in answered]), "groups": {},
+                 # replies that began with a think block, scored on what followed it (eval.py takes it off)
+                 "think_blocks": sum("think" in row["systems"][name] for row in answered)}
         for key in GROUPS:
             for group in sorted({str(row[key]) for row in answered if row.get(key) is not None}):
                 members = [row for row in answered if str(row.get(key)) == group]
@@ -295,6 +297,13 @@ def question_of(row: dict) -> str | None:
     return None
 
 
+def think_markers() -> set:
+    """Every family's think block markers (("<think>", "</think>") for Qwen3 / Qwen3.5)."""
+    from kit import families
+
+    return {family.markup.think for family in families.all_families() if family.markup.think}
+
+
 def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[str]]:
     """Scored rows and system names from prediction files. A row is {"prediction", "answer" | "answers" |
     "messages" (its last assistant turn is the reference), optional "system" (default: the file's name), "id",
@@ -306,8 +315,10 @@ def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[s
     for path in paths:
         seen: dict[tuple, int] = {}
         for line, where, row in jsonl_rows(path, "--score"):
+            thoughts = {}
             if isinstance(row.get("systems"), dict) and "references" in row:  # eval.py's predictions.jsonl
                 answers = {name: verdict.get("answer", "") for name, verdict in row["systems"].items()}
+                thoughts = {name: verdict["think"] for name, verdict in row["systems"].items() if "think" in verdict}
                 references = [str(r) for r in row["references"]]
             else:
                 if "prediction" not in row:
@@ -349,10 +360,13 @@ def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[s
                     raise UserError(f"{where}: system {name!r} answers question {entry['id']!r} twice")
                 if name not in names:
                     names.append(name)
-                prediction = "" if prediction is None else str(prediction)
+                # scored after any think block, as eval.py scores its own answers (which it kept apart)
+                thought, prediction = split_think("" if prediction is None else str(prediction), think_markers())
+                thought = thoughts.get(name, thought)
                 entry["systems"][name] = {"answer": prediction,
                                           "relaxed": relaxed_correct(prediction, references, metric),
-                                          "exact": exact_correct(prediction, references)}
+                                          "exact": exact_correct(prediction, references),
+                                          **({"think": thought} if thought is not None else {})}
     if not by_key:
         raise UserError(f"--score {', '.join(map(str, paths))}: no rows")
     return list(by_key.values()), names

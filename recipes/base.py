@@ -26,6 +26,9 @@ BASE = {
     "finetune_language_layers": True,
     "finetune_attention_modules": True,
     "finetune_mlp_modules": True,
+    # MoE models (Qwen3-VL-MoE, Qwen3.5-MoE): LoRA on the routed experts too (peft's target_parameters; hf backend).
+    # Off: the experts hold most of the weights and the router sends each token to a few of them
+    "finetune_experts": False,
     "gradient_checkpointing": True,  # Unsloth's offloaded checkpointing on its path; the only way 7B fits 24 GB
     # --- data ------------------------------------------------------------------------------------
     # chartqa | latex_ocr | synthetic | jsonl:PATH (.jsonl/.json) | hf:HUB_ID_OR_FOLDER | llamafactory:DIR#NAME

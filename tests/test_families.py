@@ -10,9 +10,15 @@ from click.testing import CliRunner
 from kit import families
 from tests.conftest import QUICK, train_cli
 
-MATRIX = ["qwen2-vl", "qwen2.5-vl"]
+MATRIX = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe"]
 # what llama.cpp calls each family (its converter's arch and clip.projector_type), checked in the GGUF files
-LLAMA_NAMES = {"qwen2-vl": ("qwen2vl", "qwen2vl_merger"), "qwen2.5-vl": ("qwen2vl", "qwen2.5vl_merger")}
+LLAMA_NAMES = {"qwen2-vl": ("qwen2vl", "qwen2vl_merger"), "qwen2.5-vl": ("qwen2vl", "qwen2.5vl_merger"),
+               "qwen3-vl": ("qwen3vl", "qwen3vl_merger"), "qwen3-vl-moe": ("qwen3vlmoe", "qwen3vl_merger"),
+               "qwen3.5": ("qwen35", "qwen3vl_merger"), "qwen3.5-moe": ("qwen35moe", "qwen3vl_merger")}
+# The demo's charts are 5 x 5 tokens of its model: 140 px on Qwen2(.5)-VL's 28-pixel grid, 160 px on Qwen3's 32
+# (and max_pixels one such chart, so it is never resized off the grid)
+GRID_32 = ["synthetic_size=160", "max_pixels=25600"]
+FAMILY_SETS = {"qwen3-vl": GRID_32, "qwen3-vl-moe": GRID_32, "qwen3.5": GRID_32, "qwen3.5-moe": GRID_32}
 
 
 def cli(script, *args):
@@ -24,7 +30,7 @@ def family_run(request, tmp_path_factory):
     """(family name, run folder): the shortened demo on the family's tiny model."""
     folder = tmp_path_factory.mktemp(request.param) / "run"
     args = ["--recipe", "demo", "--output", str(folder), "--set", f"model_name_or_path=tiny:{request.param}"]
-    for item in QUICK:
+    for item in [*QUICK, *FAMILY_SETS.get(request.param, [])]:
         args += ["--set", item]
     result = train_cli(args)
     assert result.exit_code == 0, result.output
@@ -121,7 +127,8 @@ def test_vision_lora_adapts_the_familys_vision_mlp(name):
     adapted = {n.rsplit(".", 1)[-1] for n, module in model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == set(families.by_name(name).lora.vision_mlp)
     assert not any("language_model" in n for n, module in model.named_modules() if hasattr(module, "lora_A"))
-    expected = {"qwen2-vl": {"fc1", "fc2"}, "qwen2.5-vl": {"gate_proj", "up_proj", "down_proj"}}[name]
+    expected = {"qwen2-vl": {"fc1", "fc2"}, "qwen2.5-vl": {"gate_proj", "up_proj", "down_proj"}}.get(
+        name, {"linear_fc1", "linear_fc2"})  # Qwen3-VL's and Qwen3.5's towers
     assert adapted == expected  # Qwen2.5-VL's vision MLP is SwiGLU: attention-only adapters were the old bug
 
 
@@ -151,3 +158,125 @@ def test_unknown_model_names_and_types_are_one_line(tmp_path):
                         "--set", f"model_name_or_path={folder}", "--set", "synthetic_num_train=8"])
     assert result.exit_code == 2, result.output
     assert "'llama'" in result.output and "qwen2.5-vl (qwen2_5_vl)" in result.output
+
+
+@pytest.mark.parametrize("recipe, shape, modules", [
+    ("chartqa_qwen3vl_8b", "random:qwen3-vl-8b", "deepstack_merger_list.linear_fc1"),
+    ("chartqa_qwen3vl_4b", "random:qwen3-vl-4b", "deepstack_merger_list.linear_fc1"),
+    ("chartqa_qwen35_9b", "random:qwen3.5-9b", "in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj"),
+    ("chartqa_qwen35_4b", "random:qwen3.5-4b", "in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj")])
+def test_qwen3_recipes_fit_24gb_on_their_true_shapes(recipe, shape, modules, tmp_path):
+    result = train_cli(["--recipe", recipe, "--plan", "--gpu", "24GB", "--output", str(tmp_path / "run"),
+                        "--set", "dataset=synthetic", "--set", "synthetic_num_train=8", "--set", "eval_split=",
+                        "--set", f"model_name_or_path={shape}"])
+    assert result.exit_code == 0, result.output
+    assert modules in result.output  # the plan counts DeepStack mergers / DeltaNet projections by their names
+    assert "fits:" in result.output, result.output
+    assert ("16-bit" in result.output) == ("qwen35" in recipe)  # Qwen3.5 trains 16-bit LoRA, Qwen3-VL QLoRA
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl", "qwen3.5"])
+def test_a_think_block_is_in_the_loss_only_when_the_answer_has_one(name):
+    """Qwen3.5's template writes an empty think block before every answer (and its thinking-off prompt ends with
+    one): prompt, not answer. A row whose answer thinks keeps its block in the loss."""
+    from transformers import AutoProcessor
+
+    from data.synthetic import generate
+    from kit import chat
+    from kit.model import tiny_model_dir
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir(name))
+    plain = generate("train", 1, seed=1, size=160, grid=32, cache=None, progress=False)[0]
+    answer = plain["answers"][0]
+    thinking = {**plain, "messages": [plain["messages"][0], {"role": "assistant", "content": [
+        {"type": "text", "text": f"<think>\nI count the bars.\n</think>\n\n{answer}"}]}]}
+    batch = chat.VisionCollator(processor, 512)([plain, thinking])
+    learned = [processor.tokenizer.decode(batch["input_ids"][row][batch["labels"][row] != -100]) for row in (0, 1)]
+    assert learned[0] == f"{answer}<|im_end|>"
+    assert learned[1] == f"<think>\nI count the bars.\n</think>\n\n{answer}<|im_end|>"
+    prompt = processor.tokenizer.decode(chat.generation_inputs(processor, [plain])["input_ids"][0])
+    assert prompt.endswith("<|im_start|>assistant\n" + families.by_name(name).markup.empty_think * (name == "qwen3.5"))
+
+
+def test_eval_scores_after_a_think_block_and_counts_it():
+    import eval as evaluate
+    from kit import report
+
+    samples = [{"id": str(i), "images": [], "answers": ["4"],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "How many bars?"}]}]}
+               for i in range(3)]
+    answers = {"finetuned": ["<think>\nfour bars\n</think>\n\n4", "4", "three</think>\n\n3"]}
+    rows = evaluate.prediction_rows(samples, None, answers)
+    scored = [row["systems"]["finetuned"] for row in rows]
+    assert [s["answer"] for s in scored] == ["4", "4", "3"] and [s["relaxed"] for s in scored] == [True, True, False]
+    assert [s.get("think") for s in scored] == ["four bars", None, "three"]
+    summary = report.summarize(rows, ["finetuned"], "chartqa")
+    assert summary["systems"]["finetuned"]["think_blocks"] == 2
+
+
+def test_eval_score_rescores_after_a_think_block(tmp_path):
+    """eval.py --score on another tool's predictions takes a think block off as eval.py does its own."""
+    from kit import report
+
+    lines = [{"id": "1", "prediction": "<think>\nfour bars\n</think>\n\n4", "answer": "4"},
+             {"id": "2", "prediction": "5", "answer": "4"}]
+    (tmp_path / "tool.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows, names = report.read_predictions([tmp_path / "tool.jsonl"], "chartqa")
+    assert [row["systems"]["tool"]["relaxed"] for row in rows] == [True, False]
+    assert report.summarize(rows, names, "chartqa")["systems"]["tool"]["think_blocks"] == 1
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl-moe", "qwen3.5-moe"])
+def test_lora_on_experts_is_a_named_switch_off_by_default(name):
+    from transformers import AutoModelForImageTextToText
+
+    import recipes
+    from kit.model import add_lora, tiny_model_dir
+    from kit.plan import lora_parameters, model_shape
+
+    path = tiny_model_dir(name)
+    counted = {}
+    for experts in (False, True):
+        recipe, _ = recipes.load("demo", ["finetune=lora", f"finetune_experts={str(experts).lower()}"])
+        model = add_lora(AutoModelForImageTextToText.from_pretrained(path), recipe, "hf")
+        on_experts = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and ".experts" in n]
+        assert bool(on_experts) == experts
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert lora_parameters(model_shape(str(path)), recipe) == trained  # the plan counts what peft adds
+        counted[experts] = trained
+    assert counted[True] > counted[False]
+
+
+def test_finetune_experts_on_a_dense_model_is_one_line():
+    from transformers import AutoModelForImageTextToText
+
+    import recipes
+    from kit.errors import UserError
+    from kit.model import add_lora, tiny_model_dir
+
+    recipe, _ = recipes.load("demo", ["finetune=lora", "finetune_experts=true"])
+    with pytest.raises(UserError, match="no routed experts"):
+        add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen3-vl")), recipe, "hf")
+
+
+@pytest.mark.parametrize("family_run", ["qwen3.5"], indirect=True)
+def test_hybrid_model_answers_alike_with_and_without_a_reused_context(family_run, exported):
+    """llama-cpp-python reuses a cached prefix by removing the rest of the KV cache, which a recurrent (Gated
+    DeltaNet) memory refuses: the kit's llama.cpp answers for Qwen3.5 must not depend on what was asked before."""
+    from kit import llama
+
+    import data
+
+    _, run = family_run
+    recipe = json.loads((run / "run_config.json").read_text())["recipe"]
+    samples = list(data.load({**recipe, "limit": 3}, "test", progress=False))[:3]
+    pair = llama.find_pair(exported / "gguf")
+    together = llama.gguf_answers(exported / "gguf", recipe, samples, "", 8)[0]  # one context, three chats
+    alone = []
+    for sample in samples:  # a fresh context for each
+        llm = llama.open_pair(*pair, recipe)
+        try:
+            alone += llama.answers(llm, [sample], "", 8)[0]
+        finally:
+            llm.close()
+    assert together == alone

@@ -126,11 +126,13 @@ def test_gguf_of_the_tiny_model_has_qwen2vl_metadata_and_runs_in_llama_cpp(full_
 
 
 def test_pre_tokenizer_is_forced_only_for_qwen2_regex(full_run, tmp_path):
-    assert gguf.uses_qwen2_regex(full_run)
+    from kit.families._tiny import QWEN2_PRETOKENIZE_REGEX
+
+    assert gguf.uses_regex(full_run, QWEN2_PRETOKENIZE_REGEX)
     tokenizer = json.loads((full_run / "tokenizer.json").read_text())
     tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\w+"
     (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
-    assert not gguf.uses_qwen2_regex(tmp_path)
+    assert not gguf.uses_regex(tmp_path, QWEN2_PRETOKENIZE_REGEX)
 
 
 def test_no_converter_offline_names_the_three_ways(full_run, tmp_path, monkeypatch):

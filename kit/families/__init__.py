@@ -21,8 +21,8 @@ What every family provides (the fields of `Family` below):
   `tiny_version` (part of its cache folder's name: bump it when build_tiny changes);
 - `random_shapes`: {"qwen2.5-vl-7b": ...} the true shapes behind `random:NAME`, and `build_random(shape, folder,
   weights)` that writes config + processor (+ random bf16 weights when `weights`);
-- `llama`: its llama.cpp names (LlamaNames: text arch, `clip.projector_type`) and `llama_handler(mmproj)`, the
-  llama-cpp-python chat handler that prompts llama.cpp for it.
+- `llama`: its llama.cpp names (LlamaNames: text arch, `clip.projector_type`); llama.cpp is prompted with the
+  chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs` (kit/llama.py).
 
 How a family is found:
 - from a model folder or hub id: `of_model(path)` reads its config.json (`of_model_type(config.model_type)`);
@@ -61,9 +61,14 @@ class Markup:
     end_of_text: str = "<|endoftext|>"
     assistant_header: str = "assistant\n"  # what follows im_start where an answer begins
     # ("<think>", "</think>") for families whose template writes a thinking block; None for none. Such a block
-    # must stay out of the loss unless the data's answer has one: kit/chat.py's answer spans do not know it yet
-    # (no family of this file's time has one).
+    # stays out of the loss unless the data's answer has one (kit/chat.py's answer spans skip `empty_think`).
     think: tuple[str, str] | None = None
+
+    @property
+    def empty_think(self) -> str:
+        """The block Qwen3 / Qwen3.5 templates write after the assistant header when an answer has no thinking
+        (and a thinking-off generation prompt ends with): prompt, not answer; "" for families without one."""
+        return f"{self.think[0]}\n\n{self.think[1]}\n\n" if self.think else ""
 
     @property
     def image_slot(self) -> str:
@@ -93,6 +98,9 @@ class LoraNames:
     # full paths of the Linear layers that project vision features into the text model (the merger; Qwen3-VL's
     # deepstack mergers too): they are neither block attention nor MLP
     merger: tuple[str, ...] = (r"model\.visual\.merger\.mlp\.\d+",)
+    # MoE routed experts: fused 3-D parameters, not Linear modules, so peft reaches them only as target_parameters
+    # (the recipe key finetune_experts, off by default); () for dense families
+    experts: tuple[str, ...] = ()
 
     def regex(self, vision: bool, language: bool, attention: bool, mlp: bool) -> str:
         """peft's target_modules regex for Unsloth's finetune_* switches (the merger is not adapted: it is small
@@ -141,9 +149,17 @@ class Shape:
 
 @dataclass(frozen=True)
 class LlamaNames:
-    """What llama.cpp calls this family: the GGUF text arch and the mmproj's clip.projector_type."""
+    """What llama.cpp calls this family: the GGUF text arch and the mmproj's clip.projector_type; its pre-tokenizer
+    (the name llama.cpp gives the split regex the family's tokenizer.json uses, for tokenizers whose hash the
+    converter does not know, as the tiny models' locally trained ones); and what the converter must be told."""
     text_arch: str
     projector: str
+    pre_tokenizer: str = "qwen2"
+    pre_tokenizer_regex: str | None = None  # None: Qwen2's (kit.families._tiny.QWEN2_PRETOKENIZE_REGEX)
+    converter_args: tuple[str, ...] = ()  # extra convert_hf_to_gguf.py arguments for the text model
+    # parameters transformers holds (and saves) as (experts, out, in) where the checkpoints, and so llama.cpp's
+    # converter, have (experts, in, out): transposed back for the converter (Qwen3-VL-MoE's fused experts)
+    transposed_experts: tuple[str, ...] = ()
 
 
 def patch_merge_grid(processor) -> int:
@@ -175,7 +191,6 @@ class Family:
     random_shapes: dict  # "qwen2-vl-7b" -> whatever build_random needs
     build_random: Callable  # (shape name, folder: Path, weights: bool) -> None
     llama: LlamaNames
-    llama_handler: Callable  # (mmproj path: str) -> a llama_cpp chat handler
     markup: Markup = Markup()
     lora: LoraNames = LoraNames()
     chat_template_kwargs: dict = field(default_factory=dict)
@@ -192,10 +207,12 @@ class Family:
 
 
 def all_families() -> list[Family]:
-    """Every family file's FAMILY, in file-name order."""
+    """Every family file's FAMILY (or FAMILIES, for a file that serves a dense and a MoE variant), in file-name
+    order."""
     found = []
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
-        found.append(importlib.import_module(f"{__name__}.{module}").FAMILY)
+        loaded = importlib.import_module(f"{__name__}.{module}")
+        found += getattr(loaded, "FAMILIES", None) or [loaded.FAMILY]
     return found
 
 

@@ -125,17 +125,6 @@ build_tiny, build_random = builders("Qwen2VLForConditionalGeneration", config, b
                                     TINY_VISION)
 
 
-def llama_handler(mmproj: str):
-    """llama-cpp-python's Qwen2.5-VL handler: it drives libmtmd, which reads the projector type from the mmproj
-    file, and its template is Qwen2-VL's."""
-    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
-
-    handler = Qwen25VLChatHandler(clip_model_path=mmproj, verbose=False)
-    # Jinja drops a template's final newline, so the handler's prompt would end "<|im_start|>assistant" where
-    # Qwen2-VL's template ends "<|im_start|>assistant\n"; an empty expression after it keeps the newline.
-    handler.CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + "{{ '' }}"
-    return handler
-
 
 FAMILY = Family(
     name="qwen2-vl",
@@ -148,5 +137,4 @@ FAMILY = Family(
     random_shapes=TEXT_SHAPES,
     build_random=build_random,
     llama=LlamaNames(text_arch="qwen2vl", projector="qwen2vl_merger"),
-    llama_handler=llama_handler,
 )

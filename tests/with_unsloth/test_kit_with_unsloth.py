@@ -271,3 +271,34 @@ def test_qwen25vl_trains_answers_and_adapts_its_vision_mlp(qwen25_run, tmp_path)
                                  "--backend", "unsloth", "--max-new-tokens", 4])
     assert result.exit_code == 0, result.output
     assert result.output.strip()
+
+
+# --- Qwen3-VL and Qwen3.5 (kit/families/qwen3_vl.py, qwen3_5.py) --------------------------------------------------
+@pytest.mark.parametrize("name, vision_mlp, language", [
+    ("qwen3-vl", {"linear_fc1", "linear_fc2"}, {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("qwen3.5", {"linear_fc1", "linear_fc2"}, {"in_proj_qkv", "in_proj_z", "out_proj", "q_proj"})])
+def test_qwen3_families_train_and_answer_with_unsloth(name, vision_mlp, language, tmp_path):
+    """Unsloth's patches with the Qwen3-VL processor (16-pixel patches, 32-pixel tokens) and the Qwen3 / Qwen3.5
+    models (DeepStack; Gated DeltaNet on the CPU's torch fallback): LoRA trains, adapters sit on the family's
+    modules, infer answers with thinking off."""
+    import infer
+    import train
+    from safetensors import safe_open
+
+    from data.synthetic import generate
+
+    folder = tmp_path / "run"
+    result = invoke(train.main, train_args(folder, f"model_name_or_path=tiny:{name}", "finetune_vision_layers=true",
+                                           "synthetic_size=160", "max_pixels=25600"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((folder / "run_config.json").read_text())
+    assert (config["family"], config["backend"], config["recipe"]["synthetic_grid"]) == (name, "unsloth", 32)
+    with safe_open(folder / "adapter_model.safetensors", "pt") as weights:
+        names = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights.keys()}
+        vision = {key.split(".mlp.")[1].split(".")[0] for key in weights.keys() if ".visual." in key and ".mlp." in key}
+    assert vision == vision_mlp and language <= names
+    sample = generate("test", 1, seed=5, size=160, grid=32, layout="aligned", cache=tmp_path, progress=False)[0]
+    result = invoke(infer.main, [folder, "--image", sample["images"][0], "--question", "How many bars are there?",
+                                 "--backend", "unsloth", "--max-new-tokens", 4])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() and "<think>" not in result.output
