@@ -128,7 +128,7 @@ def read_batch(path: Path) -> list[dict]:
     """[{"images": absolute paths, "messages": the prompt, "row": the row as written}]; every image checked up
     front. Rows are read as training reads them (data/jsonl.py); an answer turn is not part of the prompt."""
     from data.jsonl import to_sample
-    from data.lint import placeholder_count
+    from data.formats import placeholder_count
     from kit.chat import prompt_messages
 
     questions = []

@@ -237,3 +237,9 @@ def qa_sample(row: dict, where: str, base: Path) -> dict:
     if videos:
         sample["videos"] = videos
     return sample
+
+
+def placeholder_count(messages: list[dict], kind: str = "image") -> int:
+    """How many {"type": kind} parts the messages hold: where the row's images (videos) go, in order."""
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == kind)

@@ -105,7 +105,7 @@ class ChatRowToSample:
         return {"id": where, "images": list(images or []), "messages": messages, "answers": last_answer(messages)}
 
     def image_count(self, sample: dict) -> int:
-        from data.lint import placeholder_count
+        from data.formats import placeholder_count
 
         return placeholder_count(sample["messages"])
 

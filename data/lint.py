@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 from PIL import Image
 
+from data.formats import placeholder_count
 from kit.errors import UserError
 
 MAX_ASPECT_RATIO = 200  # the Qwen VL image processors refuse more extreme images
@@ -142,12 +143,6 @@ def sample_problems(sample: dict) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
-
-
-def placeholder_count(messages: list[dict], kind: str = "image") -> int:
-    """How many {"type": kind} parts the messages hold: where the row's images (videos) go, in order."""
-    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-               for part in m["content"] if isinstance(part, dict) and part.get("type") == kind)
 
 
 def video_problem(video) -> str | None:
