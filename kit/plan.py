@@ -60,8 +60,9 @@ def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) 
         return processor.image_processor.size["longest_edge"]
     areas = sorted(w * h for w, h in sizes)
     p95_area = areas[min(len(areas) - 1, int(quantile * len(areas)))]
-    # image tokens ~ area / grid^2; cap the area so that the p95 image lands at the budget
-    return max(grid * grid * 4, min(p95_area, budget * grid * grid))
+    # image tokens ~ area / grid^2; cap the area so that the p95 image lands at the budget, in whole tokens
+    token_area = grid * grid
+    return max(token_area * 4, min(p95_area, budget * token_area) // token_area * token_area)
 
 
 def videos_tokens(samples, index: int, processor, recipe: dict) -> int:

@@ -17,7 +17,7 @@ from tests.conftest import train_cli
 def charts(tmp_path):
     """(image file relative to tmp_path, question, answer) for four small synthetic charts."""
     drawn = generate("train", 4, seed=5, question_types=["count"], cache=tmp_path / "cache", progress=False,
-                     layout="aligned", size=140, chart_types=["bar"])
+                     layout="aligned", size=140, grid=28, chart_types=["bar"])
     (tmp_path / "img").mkdir()
     found = []
     for index, sample in enumerate(drawn):

@@ -53,6 +53,9 @@ def test_plan_cli_prints_histograms_and_a_verdict(tmp_path):
     assert written["rows"] == 20 and written["steps_per_epoch"] == 1 and written["fits"] is False
     assert written["gpu"]["bytes"] == 16 * 1024**3 and written["memory_bytes"]["total"] > written["gpu"]["bytes"]
     assert written["tokens"]["image"]["max"] >= written["tokens"]["image"]["min"] > 0
+    # a suggestion the processor keeps as given: whole tokens of Qwen2-VL's 28 x 28 pixels
+    suggested = written["suggested_max_pixels"]
+    assert suggested > 0 and suggested % (28 * 28) == 0, suggested
 
 
 def test_unknown_gpu_size_is_one_clear_line(tmp_path):
@@ -60,3 +63,4 @@ def test_unknown_gpu_size_is_one_clear_line(tmp_path):
                         "--set", "synthetic_num_train=8"])
     assert result.exit_code == 2
     assert "--gpu 12 bananas: give the card's memory (e.g. 12GB" in result.output and "Traceback" not in result.output
+
