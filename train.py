@@ -112,7 +112,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, model as models, plan, progress, trainer as training
+    from kit import chat, model as models, packing, plan, progress, trainer as training
 
     with distributed.main_first():  # rank 0 fills the caches, then the others read them
         train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0,
@@ -174,8 +174,10 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                    f"global batch {recipe['per_device_train_batch_size']} per device x "
                    f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = "
                    f"{launch['global_batch']}")
+    packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)  # None unless packing=true
     collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
-                                                    recipe["train_on_responses_only"], recipe["system_prompt"]))
+                                                    recipe["train_on_responses_only"], recipe["system_prompt"],
+                                                    packer=packer))
 
     # --- run ---------------------------------------------------------------------------------------
     from transformers.trainer_callback import PrinterCallback
