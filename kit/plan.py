@@ -247,9 +247,10 @@ def print_padding(counts, recipe):
     lengths, batch = [i + t for i, t in counts], recipe["per_device_train_batch_size"]
     padded, packed = (padding_fraction(lengths, batch, recipe["max_length"], p, recipe["seed"]) for p in (False, True))
     rows, width = worst_rows(batch, max(lengths, default=0), recipe["max_length"])
-    click.echo(f"expected padding: {100 * padded:.1f} % padded, {100 * packed:.1f} % packed "
-               f"(packing={str(recipe['packing']).lower()}; packed rows of up to {recipe['max_length']} tokens, "
-               f"the largest batch {rows} x {width})")
+    click.echo(f"expected padding: {100 * padded:.1f} % padded, {100 * packed:.1f} % packed (micro-batches of "
+               f"{batch}, packed rows of up to {recipe['max_length']} tokens); packing={str(recipe['packing']).lower()}"
+               + (f": memory below for the largest micro-batch packed, {rows} row(s) x {width} tokens"
+                  if recipe["packing"] else ""))
 
 
 def gpu_count(named: str | None) -> tuple[int, str | None]:
