@@ -175,7 +175,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, own
     result = {"backend": backend, "model": recipe["model_name_or_path"], "precision": precision,
               "load_in_4bit": recipe["load_in_4bit"], "batch": batch, "steps": steps,
               "samples_per_s": batch * steps / seconds, "tokens_per_s": tokens / seconds,
-              "packing": recipe["packing"], "padding": 1 - tokens / max(sum(timer.positions[timed]), 1),
+              "packing": recipe["packing"], # over every batch collated (loader workers run ahead of the timed steps)
+              "padding": 1 - counter.tokens / max(collator.positions, 1),
               "ms_per_step": 1000 * seconds / steps,
               "data_share": sum(timer.data_seconds[timed]) / seconds, "params": n_params,
               "device": torch.cuda.get_device_name(0) if cuda else "CPU", "date": date.today().isoformat(),
@@ -195,13 +196,22 @@ class TimedCollator:
     positions the model will compute (padding included)."""
 
     def __init__(self, collator):
-        self.collator, self.seconds, self.positions = collator, 0.0, 0
+        import multiprocessing
+
+        # shared memory: with dataloader_num_workers > 0 the collator runs in worker processes
+        self.collator, self._seconds, self._positions = collator, multiprocessing.Value("d", 0.0), \
+            multiprocessing.Value("q", 0)
+
+    seconds = property(lambda self: self._seconds.value)
+    positions = property(lambda self: self._positions.value)
 
     def __call__(self, samples):
         start = time.perf_counter()
         batch = self.collator(samples)
-        self.seconds += time.perf_counter() - start
-        self.positions += batch["input_ids"].numel()
+        with self._seconds.get_lock():
+            self._seconds.value += time.perf_counter() - start
+        with self._positions.get_lock():
+            self._positions.value += batch["input_ids"].numel()
         return batch
 
 
