@@ -42,7 +42,7 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 CONVERTER := $(CACHE)/llama.cpp-src/llama-cpp-python-$(LLAMA_CPP_PYTHON)/convert_hf_to_gguf.py
 
 $(CONVERTER): $(VENV)/.installed
-	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.export import find_converter; print(find_converter())"
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.converter import find_converter; print(find_converter())"
 
 test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	-@$(MAKE) --no-print-directory browser

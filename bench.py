@@ -51,7 +51,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 6
 def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, json_path, markdown, packing, data_spec,
          worker):
     """Benchmark training throughput and peak memory per backend."""
-    from kit.errors import user_errors
+    from kit.cli import user_errors
 
     with user_errors():
         overrides = list(overrides) + ([f"model_name_or_path={model_name}"] if model_name else [])
@@ -101,7 +101,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, own
     import torch
 
     from data.synthetic import generate
-    from kit import chat, model as models, progress, trainer as training
+    from kit import chat, families, model as models, packing, plan, progress, trainer as training
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
@@ -109,21 +109,21 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, own
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     precision = backends.precision(recipe["precision"], backend)
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    if recipe["dataset"] != "synthetic" and not own_data:
+        # ChartQA-sized synthetic charts: no download, same pixel budget
+        recipe.update(dataset="synthetic", synthetic_layout="chartqa")
+    path = models.resolve(recipe["model_name_or_path"])
+    model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
+    recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
     if own_data:  # --data: the first rows of the spec, in the trainer's seeded order
         import data
 
         samples = data.load(recipe, recipe["dataset_split"], progress=False, limit=batch * (warmup + steps))
     else:
-        if recipe["dataset"] != "synthetic":  # ChartQA-sized synthetic charts: no download, same pixel budget
-            recipe.update(dataset="synthetic", synthetic_layout="chartqa")
         samples = generate("train", batch * (warmup + steps), seed=0, chart_types=recipe["synthetic_chart_types"],
                            question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
-                           size=recipe["synthetic_size"], progress=False)
-    path = models.resolve(recipe["model_name_or_path"])
-    model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
+                           size=recipe["synthetic_size"], grid=recipe["synthetic_grid"], progress=False)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    from kit import packing
-
     packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)
     collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"],
                                                  packer=packer))

@@ -17,7 +17,7 @@ import click
 import recipes
 from kit import board_runs as runs
 from kit.board_form import SECTIONS, as_text, read_form, start_recipe
-from kit.export import CONVERTER_TYPES, QUANTIZER_TYPES
+from kit.gguf import CONVERTER_TYPES, QUANTIZER_TYPES
 from recipes.base import BASE
 
 SYSTEMS = ("base", "base+prompt", "finetuned")

@@ -41,8 +41,8 @@ from pathlib import Path
 import click
 
 from kit import report
-from kit.cli import help_with_examples
-from kit.errors import UserError, user_errors
+from kit.cli import help_with_examples, user_errors
+from kit.errors import UserError
 from kit.metrics import METRICS, exact_correct, relaxed_correct
 
 SYSTEMS = ("base", "base+prompt", "finetuned")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import click
 
-from kit.cli import help_with_examples, jsonl_rows
-from kit.errors import UserError, user_errors
+from kit.cli import help_with_examples, jsonl_rows, user_errors
+from kit.errors import UserError
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 

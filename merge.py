@@ -24,11 +24,11 @@ from pathlib import Path
 
 import click
 
-from kit import export
-from kit.cli import help_with_examples
-from kit.errors import UserError, user_errors
+from kit import families, gguf, llama, merging
+from kit.cli import help_with_examples, user_errors
+from kit.errors import UserError
 
-QUANTS = export.CONVERTER_TYPES + export.QUANTIZER_TYPES
+QUANTS = gguf.CONVERTER_TYPES + gguf.QUANTIZER_TYPES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -36,8 +36,8 @@ QUANTS = export.CONVERTER_TYPES + export.QUANTIZER_TYPES
 @click.option("--to", "targets", default="merged,gguf",
               help="What to write, comma-separated: merged (16-bit safetensors), gguf (llama.cpp files).")
 @click.option("--quant", "quants", default="f16",
-              help=f"GGUF text-model types, comma-separated: {', '.join(export.CONVERTER_TYPES)} from the converter; "
-                   f"{', '.join(export.QUANTIZER_TYPES)} through llama.cpp's quantizer.")
+              help=f"GGUF text-model types, comma-separated: {', '.join(gguf.CONVERTER_TYPES)} from the converter; "
+                   f"{', '.join(gguf.QUANTIZER_TYPES)} through llama.cpp's quantizer.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Folder to hold merged/ and gguf/. Default: <RUN_DIR>-merged and <RUN_DIR>-gguf beside the run.")
 @click.option("--llama-cpp", "llama_cpp_dir", type=click.Path(path_type=Path),
@@ -74,59 +74,63 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
         if folder.exists() and not force:
             raise UserError(f"{folder} already exists: add --force to replace it, or --out to write elsewhere")
     if "gguf" in targets:  # before any slow work: the converter, the quantizer, llama-cpp-python
-        converter = export.find_converter(llama_cpp_dir)
-        quantizer = export.check_gguf_tools(quants, verify, llama_cpp_dir)
+        from kit.converter import find_converter
+
+        converter = find_converter(llama_cpp_dir)
+        quantizer = gguf.check_gguf_tools(quants, verify, llama_cpp_dir)
         click.echo(f"converter: {converter}")
 
     # --- load: the run's model with its adapter still separate, and what it says on fixed prompts ---------------
     from kit.model import resolve
 
     adapter = (run_dir / "adapter_config.json").exists()
-    device, dtype, dtype_name = export.plan_merge(
+    device, dtype, dtype_name = merging.plan_merge(
         resolve(recipe["model_name_or_path"]) if adapter else str(run_dir), dtype_name)
     what = f"{recipe['model_name_or_path']} + the LoRA adapter" if adapter else "the fully fine-tuned model"
     click.echo(f"loading {what} from {run_dir} ({dtype_name} on {device}; never 4-bit for merging)")
-    model, processor = export.load_unmerged(run_dir, recipe, device, dtype)
+    model, processor = merging.load_unmerged(run_dir, recipe, device, dtype)
     system_prompt = recipe["system_prompt"]
-    samples, samples_from = export.parity_samples(recipe)
+    samples, samples_from = merging.parity_samples(recipe)
     click.echo(f"parity prompts: {samples_from}")
-    unmerged = [export.probe(model, processor, sample, system_prompt) for sample in samples]
+    unmerged = [merging.probe(model, processor, sample, system_prompt) for sample in samples]
 
     # --- run: merge, reload, compare; convert, quantize, prove in llama.cpp --------------------------------------
-    with export.staged(folders) as staging, tempfile.TemporaryDirectory(
+    with merging.staged(folders) as staging, tempfile.TemporaryDirectory(
             prefix=".merged-scratch-", dir=next(iter(folders.values())).parent) as scratch:
         merged_dir = staging.get("merged", Path(scratch))
-        export.merge_and_save(model, processor, merged_dir)
+        merging.merge_and_save(model, processor, merged_dir)
         del model
-        export.release_memory()
-        merged, merged_processor = export.load_merged(merged_dir, device, dtype)
-        probes = [export.probe(merged, merged_processor, sample, system_prompt) for sample in samples]
-        stop_ids = export.stop_ids(merged)
-        parity = export.parity_report(samples, unmerged, probes, stop_ids, merged_processor.tokenizer)
+        merging.release_memory()
+        merged, merged_processor = merging.load_merged(merged_dir, device, dtype)
+        probes = [merging.probe(merged, merged_processor, sample, system_prompt) for sample in samples]
+        stop_ids = merging.stop_ids(merged)
+        parity = merging.parity_report(samples, unmerged, probes, stop_ids, merged_processor.tokenizer)
         report_parity(parity, "LoRA adapter on the base" if adapter else "run's model")
         if "merged" in targets:
             shutil.copy(run_dir / "run_config.json", merged_dir)
-            export.write_json(merged_dir / "merge_report.json", {
+            merging.write_json(merged_dir / "merge_report.json", {
                 "run_dir": str(run_dir), "finetune": "lora" if adapter else "full",
                 "base": recipe["model_name_or_path"], "dtype": dtype_name, "device": device, **parity})
         if "gguf" in targets:
-            text_sample = export.without_image(samples[0])
+            text_sample = merging.without_image(samples[0])
             references = {"image": (samples[0], probes[0]),
-                          "text": (text_sample, export.probe(merged, merged_processor, text_sample, system_prompt))}
+                          "text": (text_sample, merging.probe(merged, merged_processor, text_sample, system_prompt))}
             image_token_id = merged.config.image_token_id
             del merged
-            export.release_memory()
+            merging.release_memory()
             gguf_dir = staging["gguf"]
             report = write_gguf(converter, quantizer, merged_dir, gguf_dir, folders["gguf"], name, quants,
                                 recipe["model_name_or_path"])
-            report.update(export.image_token_limits(recipe), system_prompt=system_prompt)
+            family = families.of_processor(merged_processor)
+            report.update(llama.image_token_limits(recipe, family.grid(merged_processor)), family=family.name,
+                          system_prompt=system_prompt)
             if verify:
                 from importlib.metadata import version
 
                 report.update(llama_cpp_python=version("llama_cpp_python"), verification=prove(
                     gguf_dir, report, references, merged_processor, stop_ids, image_token_id, system_prompt))
             shutil.copy(run_dir / "run_config.json", gguf_dir)
-            export.write_json(gguf_dir / "gguf_report.json", report)
+            merging.write_json(gguf_dir / "gguf_report.json", report)
 
     # --- save: the folders are in place now; say what is where and how to run it ------------------------------
     for target, folder in folders.items():
@@ -162,16 +166,16 @@ def write_gguf(converter, quantizer, merged_dir: Path, gguf_dir: Path, final_dir
     logs = gguf_dir / "logs"
     logs.mkdir()
     metadata = logs / "metadata.json"  # the run's name, not the temporary folder's, in general.name/finetune
-    export.write_json(metadata, export.gguf_metadata(name, base))
+    merging.write_json(metadata, gguf.gguf_metadata(name, base))
     report = {"name": name, "converter": str(converter), "models": {}, "quantization": {},
               "pre_tokenizer_forced_qwen2": False}
 
     def convert(filename: str, outtype: str, mmproj: bool = False) -> Path:
         path, started = gguf_dir / filename, time.time()
-        forced = export.convert(converter, merged_dir, path, outtype, name, mmproj, logs / f"convert-{path.stem}.log",
+        forced = gguf.convert(converter, merged_dir, path, outtype, name, mmproj, logs / f"convert-{path.stem}.log",
                                 metadata)
         if forced and not report["pre_tokenizer_forced_qwen2"]:
-            click.echo(f"note: {export.FORCED_PRE_NOTE}")
+            click.echo(f"note: {gguf.FORCED_PRE_NOTE}")
         report["pre_tokenizer_forced_qwen2"] |= forced
         wrote(path, started)
         return path
@@ -181,17 +185,17 @@ def write_gguf(converter, quantizer, merged_dir: Path, gguf_dir: Path, final_dir
         click.echo(f"wrote {where} ({path.stat().st_size / 1e6:,.1f} MB, {time.time() - started:.1f} s)")
 
     for quant in quants:
-        if quant in export.CONVERTER_TYPES:
+        if quant in gguf.CONVERTER_TYPES:
             report["models"][quant] = convert(f"{name}-{quant}.gguf", quant).name
     quantizer_input = gguf_dir / f"{name}-f16.gguf" if "f16" in quants else logs / f"{name}-f16.gguf"
-    for quant in (q for q in quants if q in export.QUANTIZER_TYPES):
+    for quant in (q for q in quants if q in gguf.QUANTIZER_TYPES):
         if not quantizer_input.exists():
             convert(str(quantizer_input.relative_to(gguf_dir)), "f16")
         path, started = gguf_dir / f"{name}-{quant}.gguf", time.time()
-        export.quantize(quantizer, quantizer_input, path, quant, logs / f"quantize-{path.stem}.log")
+        gguf.quantize(quantizer, quantizer_input, path, quant, logs / f"quantize-{path.stem}.log")
         wrote(path, started)
-        types = export.tensor_types(path)
-        note = export.k_quant_note(quant, types)
+        types = gguf.tensor_types(path)
+        note = gguf.k_quant_note(quant, types)
         if note:
             click.echo(f"note: {note}")
         report["quantization"][quant] = {"quantizer": quantizer, **types, "note": note}
@@ -210,14 +214,14 @@ def prove(gguf_dir: Path, report: dict, references: dict, processor, stop_ids: s
     """Each GGUF text model with the mmproj in llama.cpp, on the chat text the merged model saw."""
     results = {}
     for quant, filename in report["models"].items():
-        pair = export.LlamaCppPair(gguf_dir / filename, gguf_dir / report["mmproj"], report["image_min_tokens"],
-                                   report["image_max_tokens"])
+        pair = llama.LlamaCppPair(gguf_dir / filename, gguf_dir / report["mmproj"], report["image_min_tokens"],
+                                   report["image_max_tokens"], families.by_name(report["family"]))
         try:
             results[quant] = {}
             for kind, (sample, hf) in references.items():
-                text = export.chat_text(processor, sample, system_prompt)
+                text = merging.chat_text(processor, sample, system_prompt)
                 ours = pair.run(text, sample["images"][0] if sample["images"] else None, len(hf["answer_ids"]))
-                result = export.compare_runs(hf, ours, image_token_id, stop_ids, processor.tokenizer)
+                result = merging.compare_runs(hf, ours, image_token_id, stop_ids, processor.tokenizer)
                 results[quant][kind] = {"question": sample["messages"][0]["content"][-1]["text"], **result}
                 click.echo(f"llama.cpp {filename}, {kind} prompt: {describe(result)}")
         finally:
@@ -244,7 +248,7 @@ def print_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: st
     mmproj = gguf_dir / report["mmproj"]
     question = sample["messages"][0]["content"][-1]["text"]
     click.echo("run it in llama.cpp:")
-    click.echo("  " + shlex.join(export.llama_cli_command(model, mmproj, report, sample["images"][0], question,
+    click.echo("  " + shlex.join(gguf.llama_cli_command(model, mmproj, report, sample["images"][0], question,
                                                           system_prompt)))
     click.echo("  " + shlex.join(["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
                                   "--image-min-tokens", str(report["image_min_tokens"]),

@@ -21,12 +21,14 @@ from pathlib import Path
 import click
 
 from kit import distributed, runfolder
-from kit.cli import help_with_examples
-from kit.errors import UserError, user_errors
+from kit.cli import help_with_examples, user_errors
+from kit.errors import UserError
+from kit.paths import write_json
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--recipe", help="Recipe name from recipes/ (chartqa, chartqa_2b, kaggle_t4, latex_ocr, demo).")
+@click.option("--recipe", help="Recipe name from recipes/ (chartqa, chartqa_2b, chartqa_qwen25vl_7b, latex_ocr, "
+              "demo, ...).")
 @click.option("--config", "config", type=click.Path(path_type=Path),
               help="JSON/YAML file of recipe keys, with \"recipe\": NAME to start from (default base); "
                    "a run's run_config.json replays that run. Default run folder: runs/<file name>.")
@@ -112,32 +114,34 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, model as models, packing, plan, progress, trainer as training
+    from kit import chat, families, model as models, packing, plan, progress, trainer as training
+
+    from transformers import AutoProcessor
 
     with distributed.main_first():  # rank 0 fills the caches, then the others read them
+        base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
+        family, processor = families.of_model(base_path), AutoProcessor.from_pretrained(base_path)
+        recipe = plan.with_model_grid(recipe, family, processor)  # aligned synthetic charts need the model's grid
         train_samples = data.load(recipe, recipe["dataset_split"], limit=plan_samples if plan_only else 0,
                                   progress=distributed.is_main())
         eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
-        base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
     train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
-    click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}")
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(base_path)
+    click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}; model family {family.name}")
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     findings, counts = plan.preflight(train_samples, processor, recipe)
     gpus, gpu = plan.gpu_count(gpu)
     gpu_name, gpu_bytes = plan.gpu_memory(gpu)
     planned = plan.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
-    memory = plan.estimate_memory(plan.model_shape(base_path), recipe, max(i + t for i, t in counts or [(0, 0)]),
+    shape = plan.model_shape(base_path)
+    memory = plan.estimate_memory(shape, recipe, max(i + t for i, t in counts or [(0, 0)]),
                                   max((i for i, _ in counts), default=0), planned)
     if plan_only:
         click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
-        plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor)
+        plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape,
+                        planned)
         if gpus > 1:
-            plan.print_multi_gpu(len(train_samples), recipe, plan.per_gpu_memory(
-                plan.model_shape(base_path), recipe, memory, gpus, planned),
-                gpus, gpu_name, gpu_bytes)
+            plan.print_multi_gpu(len(train_samples), recipe, plan.per_gpu_memory(shape, recipe, memory, gpus, planned),
+                                 gpus, gpu_name, gpu_bytes)
         return
     if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
         raise UserError(f"the plan estimates {plan.gb(memory['total'])} peak on {gpu_name} "
@@ -153,11 +157,13 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
     eval_questions = training.eval_questions(recipe, eval_samples, on_bad_row,
                                              run_dir if distributed.is_main() else None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.is_main() and _write_json(run_dir / "run_config.json", {  # one writer under torchrun
-        "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
-                                                  if not (resume_dir and k == "backend")],
-        "config": config, "recipe": recipe, "backend": backend, "precision": precision, "versions": _versions(),
-        "code_version": _git_version(), "command": " ".join(sys.argv), "launch": distributed.describe(recipe)})
+    if distributed.is_main():  # one writer under torchrun
+        write_json(run_dir / "run_config.json", indent=2, value={
+            "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
+                                                      if not (resume_dir and k == "backend")],
+            "config": config, "recipe": recipe, "family": family.name, "backend": backend, "precision": precision,
+            "versions": _versions(), "code_version": _git_version(), "command": " ".join(sys.argv),
+            "launch": distributed.describe(recipe)})
     if heldout_rows and distributed.is_main():
         training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
 
@@ -291,12 +297,6 @@ def _require(path: Path, why: str) -> Path:
     if not path.exists():
         raise UserError(f"{path} not found: {why}")
     return path
-
-
-def _write_json(path: Path, value: dict):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    tmp.replace(path)
 
 
 def _as_text(value) -> str:

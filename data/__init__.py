@@ -27,7 +27,8 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
         samples = generate(split, min(num, limit or num), seed=recipe["synthetic_seed"],
                            chart_types=recipe["synthetic_chart_types"],
                            question_types=recipe["synthetic_question_types"],
-                           layout=recipe["synthetic_layout"], size=recipe["synthetic_size"], progress=progress)
+                           layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
+                           grid=recipe.get("synthetic_grid", 0), progress=progress)
     elif name in ("chartqa", "latex_ocr") or name.startswith("hf:"):
         from data.hf import load as load_hf
 

@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from kit.errors import UserError
+
 CHARTQA_COLUMNS = {"image": "image", "question": "query", "answer": "label", "subset": "human_or_machine"}
 PRESETS = {  # dataset name -> (hub id, default columns)
     "chartqa": ("HuggingFaceM4/ChartQA", CHARTQA_COLUMNS),
@@ -27,7 +29,7 @@ ROLES = ("image", "question", "answer", "subset", "instruction")
 SUBSET_NAMES = {"human_or_machine": {0: "human", 1: "augmented"}}  # ChartQA: people's vs generated questions
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(UserError, FileNotFoundError):
     """The data set cannot be read (no network and no local copy, no such folder, no such split or column)."""
 
 

@@ -8,10 +8,12 @@ import socket
 import sys
 from urllib.parse import urlparse
 
+from kit.errors import UserError
+
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
-class HubUnavailable(ValueError):
+class HubUnavailable(UserError, ValueError):
     """Something the run needs is on the hub, the hub cannot be reached, and there is no cached copy."""
 
 

@@ -8,8 +8,10 @@
 import json
 from pathlib import Path
 
+from kit.errors import UserError
 
-class BadRow(ValueError):
+
+class BadRow(UserError, ValueError):
     """A row that cannot be used; the message names the file, the line and the fix."""
 
 

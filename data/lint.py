@@ -4,11 +4,13 @@
     python -m data.lint synthetic --set synthetic_num_train=500
     python -m data.lint --recipe chartqa            # the recipe's own dataset
 
-Each finding names the source, the row and the problem. train.py runs the same checks at start
-(and with --plan); `--on-bad-row skip` drops the rows it reports and writes them to skipped.jsonl.
+Each finding names the source, the row and the problem. These checks need no model; train.py runs them at start
+(and with --plan), together with the ones that need the model's processor (tokens over max_length, kit/plan.py).
+`--on-bad-row skip` drops the rows it reports and writes them to skipped.jsonl.
 """
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -16,14 +18,14 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from kit.cli import help_with_examples  # the CLI's help; the checks need nothing from kit
+from kit.errors import UserError
 
-MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more extreme images
+MAX_ASPECT_RATIO = 200  # the Qwen VL image processors refuse more extreme images
 ROLES = ("system", "user", "assistant")
-# Qwen2-VL's chat and vision markers: typed into a row's text, the processor reads them as image slots or turn
-# boundaries (an <|image_pad|> without its image stops the processor deep inside a batch).
-SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-                  "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+# Chat and vision markers are written <|name|> by every Qwen VL family (vision start/end, image and video pads, turn
+# tokens): typed into a row's text, the processor reads them as image slots or turn boundaries (an <|image_pad|>
+# without its image stops the processor deep inside a batch). The form, not one family's list, is what is refused.
+SPECIAL_TOKEN = re.compile(r"<\|[^|<>\s]+\|>")
 
 
 def where(sample: dict, index: int) -> str:
@@ -101,12 +103,12 @@ def text_problems(messages: list[dict]) -> list[str]:
             if not isinstance(text, str):
                 problems.append(f"a {message.get('role')} text part is {json.dumps(text)}, not text")
                 continue
-            token = next((t for t in SPECIAL_TOKENS if t in text), None)
+            token = SPECIAL_TOKEN.search(text)
             if token:
-                problems.append(f"{message.get('role')} text holds Qwen2-VL's special token {token}; remove it "
+                problems.append(f"{message.get('role')} text holds the special token {token.group()}; remove it "
                                 "(an image goes in \"images\", placed by a {\"type\": \"image\"} part)")
             elif "<image>" in text:
-                problems.append(f"{message.get('role')} text holds a LLaVA-style \"<image>\", which Qwen2-VL reads "
+                problems.append(f"{message.get('role')} text holds a LLaVA-style \"<image>\", which Qwen reads "
                                 "as plain text; remove it (the image is placed by a {\"type\": \"image\"} part)")
     return problems
 
@@ -174,8 +176,6 @@ def skipped_rows(samples, findings) -> list[dict]:
 
 def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path: Path | None = None):
     """Keep the good rows; with on_bad_row=fail any finding is an error naming the rows."""
-    from kit.errors import UserError
-
     if not findings:
         return samples
     lines = [f"  {place}: {problem}" for _, place, problem in findings]
@@ -198,49 +198,39 @@ def split_bad_rows(samples: list[dict], findings, on_bad_row: str, skipped_path:
     return [samples[index] for index in keep]
 
 
-def lint_with_lengths(samples, config: dict):
-    """lint() and, with the recipe's processor, every sample over max_length (as train.py's preflight counts);
-    when that processor cannot be had here, the other checks and one line saying what was not checked."""
-    from kit import chat, model as models, plan
-
-    try:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(models.resolve(config["model_name_or_path"], weights=False))
-    except (OSError, ValueError) as error:
-        click.echo(f"note: max_length not checked, the processor of {config['model_name_or_path']} is not "
-                   f"available here: {str(error).splitlines()[0]}", err=True)
-        return lint(samples)
-    chat.set_pixels(processor, config["min_pixels"], config["max_pixels"])
-    return plan.preflight(samples, processor, config)[0]
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", required=False)
 @click.option("--recipe", default="chartqa", show_default=True, help="Recipe whose data settings apply.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key; repeatable.")
 @click.option("--split", default="train", show_default=True, help="Which split to check.")
 def main(source, recipe, overrides, split):
-    """Check a dataset (chartqa | latex_ocr | synthetic | jsonl:PATH) for rows that would break training."""
+    """Check a dataset (chartqa | latex_ocr | synthetic | jsonl:PATH) for rows that would break training.
+
+    \b
+    python -m data.lint jsonl:my_charts.jsonl
+    python -m data.lint synthetic --set synthetic_num_train=500
+    python -m data.lint --recipe chartqa            # the recipe's own dataset
+
+    Tokens over max_length need the model's processor: python train.py --plan checks them too."""
     import data
     import recipes
-    from kit.errors import user_errors
 
-    with user_errors():
+    try:
         if source:
             overrides = [f"dataset={source}", *overrides]
         config, _ = recipes.load(recipe, overrides)
         samples = data.load(config, split)
-        findings = lint_with_lengths(samples, config)
-        for index, place, problem in findings:
-            # a JSONL row already names its file and line
-            click.echo(f"{place}: {problem}" if samples[index].get("source") else
-                       f"{config['dataset']} {split} {place}: {problem}")
-        click.echo(f"{len(samples)} rows checked, {len(findings)} problem(s)")
-        sys.exit(1 if findings else 0)
+    except (UserError, FileNotFoundError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    findings = lint(samples)
+    for index, place, problem in findings:
+        # a JSONL row already names its file and line
+        click.echo(f"{place}: {problem}" if samples[index].get("source") else
+                   f"{config['dataset']} {split} {place}: {problem}")
+    click.echo(f"{len(samples)} rows checked, {len(findings)} problem(s)")
+    sys.exit(1 if findings else 0)
 
-
-main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
 
 if __name__ == "__main__":
     main()

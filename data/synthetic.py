@@ -1,8 +1,9 @@
 """Synthetic charts drawn with matplotlib from a seed, with questions whose answers are known exactly.
 
 Two layouts:
-- `aligned` (the demo): a square chart whose bar slots are exactly one 28-pixel vision-token column wide,
-  labelled A, B, C... from the left. A tiny model can only learn to read charts laid out like this.
+- `aligned` (the demo): a square chart whose bar slots are exactly one vision-token column wide (`grid` pixels:
+  the model's patch x merge, which the kit reads from the model's family), labelled A, B, C... from the left.
+  A tiny model can only learn to read charts laid out like this.
 - `chartqa` (benchmarks): a ChartQA-sized chart (about 800x600) with axes, a title and category names.
 
 Question types: `count` (how many bars/points), `max` / `min` (which label is highest/lowest), `value`
@@ -13,6 +14,12 @@ import hashlib
 import json
 import random
 from pathlib import Path
+
+from kit.errors import UserError
+
+
+class SyntheticError(UserError, ValueError):
+    """Synthetic-chart settings that cannot be drawn; the message names the recipe key to change."""
 
 LABELS = ["A", "B", "C", "D", "E", "F", "G", "H"]
 CATEGORY_NAMES = ["Apples", "Bananas", "Cherries", "Dates", "Figs", "Grapes", "Kiwis", "Lemons", "Mangos",
@@ -26,15 +33,15 @@ QUESTION_TEMPLATES = {
 CHART_TYPES = ("bar", "line")
 # Each split draws from its own index range of the same seed, so no chart or question is in two splits.
 SPLIT_OFFSETS = {"train": 0, "test": 10_000_000, "val": 20_000_000}
-TOKEN_PIXELS = 28  # one merged vision token covers 28x28 pixels in Qwen2-VL
 
 
-def make_spec(index: int, seed: int, chart_types, question_types, layout: str, size: int) -> dict:
-    """Everything about one chart and its question, from (seed, index) alone."""
+def make_spec(index: int, seed: int, chart_types, question_types, layout: str, size: int, grid: int = 0) -> dict:
+    """Everything about one chart and its question, from (seed, index) alone; `grid`: pixels per vision-token
+    column, which an aligned chart's slots are as wide as."""
     rng = random.Random(f"{seed}:{index}")
     chart = rng.choice(list(chart_types))
     qtype = rng.choice(list(question_types))
-    slots = size // TOKEN_PIXELS if layout == "aligned" else 8
+    slots = size // grid if layout == "aligned" else 8
     count = rng.randint(2, min(slots, len(LABELS) if layout == "aligned" else slots))
     labels = LABELS[:count] if layout == "aligned" else rng.sample(CATEGORY_NAMES, count)
     while True:  # distinct values so that max/min have one right answer
@@ -47,7 +54,7 @@ def make_spec(index: int, seed: int, chart_types, question_types, layout: str, s
     answer = {"count": str(count), "max": labels[values.index(max(values))],
               "min": labels[values.index(min(values))], "value": str(values[target])}[qtype]
     return dict(chart=chart, qtype=qtype, labels=labels, values=values, question=question, answer=answer,
-                layout=layout, size=size)
+                layout=layout, size=size, slots=slots)
 
 
 def render(spec: dict, path: Path):
@@ -63,7 +70,7 @@ def render(spec: dict, path: Path):
         side = spec["size"]
         fig = plt.figure(figsize=(side / 100, side / 100), dpi=100)
         ax = fig.add_axes([0, 0, 1, 1])
-        slots = side // TOKEN_PIXELS
+        slots = spec["slots"]
         ax.set_xlim(0, slots)
         ax.set_ylim(-14, 100)  # the band below zero holds the labels
         ax.axis("off")
@@ -90,11 +97,12 @@ def render(spec: dict, path: Path):
 
 def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("bar", "line"),
              question_types=("count", "max", "min", "value"), layout: str = "aligned", size: int = 140,
-             cache: Path | None = None, progress: bool = True) -> list[dict]:
-    """`num` samples of `split`; each split draws from its own index range of the same seed."""
+             grid: int = 0, cache: Path | None = None, progress: bool = True) -> list[dict]:
+    """`num` samples of `split`; each split draws from its own index range of the same seed. The aligned layout
+    needs `grid`, the model's pixels per vision token (the recipe's synthetic_grid, filled in from the model)."""
     from tqdm import tqdm
 
-    from kit.model import cache_dir
+    from kit.paths import cache_dir, write_with
 
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"synthetic split must be one of {', '.join(SPLIT_OFFSETS)}, not {split!r}")
@@ -106,20 +114,24 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
                              f"not {', '.join(unknown) or 'none'}")
     if layout not in ("aligned", "chartqa"):
         raise ValueError(f"synthetic layout must be 'aligned' or 'chartqa', not {layout!r}")
-    if layout == "aligned" and (size % TOKEN_PIXELS or size < 2 * TOKEN_PIXELS):
-        raise ValueError(f"aligned charts need a size that is a multiple of {TOKEN_PIXELS} (>= 56), not {size}")
+    if layout == "aligned" and grid <= 0:
+        raise SyntheticError("aligned synthetic charts line up with the model's vision tokens: set synthetic_grid "
+                             "to its pixels per token (patch x merge, e.g. --set synthetic_grid=28), or use "
+                             "synthetic_layout=chartqa")
+    if layout == "aligned" and (size % grid or size < 2 * grid):
+        raise SyntheticError(f"aligned charts need a synthetic_size that is a multiple of the model's {grid}-pixel "
+                             f"grid (>= {2 * grid}), not {size}; e.g. --set synthetic_size={5 * grid}")
     offset = SPLIT_OFFSETS[split]
-    key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size], sort_keys=True)
+    slots = size // grid if layout == "aligned" else 0  # how many bars fit changes the pixels
+    key = json.dumps([seed, sorted(chart_types), sorted(question_types), layout, size, slots], sort_keys=True)
     folder = Path(cache or cache_dir() / "synthetic") / hashlib.sha1(key.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
     for i in tqdm(range(num), desc=f"synthetic {split}", disable=not progress, mininterval=2):
-        spec = make_spec(offset + i, seed, chart_types, question_types, layout, size)
+        spec = make_spec(offset + i, seed, chart_types, question_types, layout, size, grid)
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
-            tmp = path.with_suffix(".tmp.png")
-            render(spec, tmp)
-            tmp.rename(path)
+            write_with(path, lambda tmp: render(spec, tmp))
         samples.append({
             "id": f"synthetic-{split}-{i}",
             "images": [str(path)],

@@ -8,12 +8,14 @@ import importlib.util
 import os
 import sys
 
+from kit.errors import UserError
+
 # Tests only (make test-unsloth): lets the unsloth backend be chosen without a GPU, in Unsloth's own CPU mode
 # (UNSLOTH_ALLOW_CPU=1), where the tests stand in for the CUDA-only FastVisionModel.from_pretrained.
 TEST_UNSLOTH_ON_CPU = "QWEN2VL_KIT_TEST_UNSLOTH_ON_CPU"
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """The requested backend cannot run here; the message says what to do."""
 
 
@@ -56,7 +58,7 @@ def unsloth_compile_dir():
     in whatever folder the user runs from."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from kit.model import cache_dir
+    from kit.paths import cache_dir
 
     try:
         unsloth_version = version("unsloth")

@@ -1,23 +1,26 @@
 """Messages -> model inputs. The collator is ours and visible: which tokens carry loss is decided here.
 
-Labels are -100 on padding, on every vision token (<|vision_start|>, <|image_pad|>..., <|vision_end|>)
-and, with `train_on_responses_only`, on everything outside the assistant's answers. The answer's closing
-<|im_end|> keeps its label so the model learns to stop.
+Labels are -100 on padding, on every vision token (the family's vision start/end and image/video pads) and,
+with `train_on_responses_only`, on everything outside the assistant's answers. The answer's closing turn token
+(<|im_end|>) keeps its label so the model learns to stop. Tokens and chat markup come from the model's family
+(kit/families/), found from the processor unless given.
 """
 
 from pathlib import Path
 
 from PIL import Image
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+from kit import families
+from kit.errors import UserError
+
 IGNORE = -100
 
 
-class BadSample(ValueError):
+class BadSample(UserError, ValueError):
     """A sample the processor cannot turn into model inputs; the message names it and the fix."""
 
 
-class SampleTooLong(ValueError):
+class SampleTooLong(UserError, ValueError):
     """A sample whose tokens (image tokens included) exceed max_length; it is never cut inside an image."""
 
 
@@ -70,7 +73,7 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
 
 
 def set_pixels(processor, min_pixels: int, max_pixels: int):
-    """Qwen's resize rule: sides rounded to multiples of 28, area kept within [min_pixels, max_pixels].
+    """Qwen's resize rule: sides rounded to multiples of the family's grid, area within [min_pixels, max_pixels].
 
     Only `size` is written: it is what transformers 5 resizes by, and Unsloth turns `min_pixels`/`max_pixels`
     into read-only properties over it (assigning them raises AttributeError once unsloth is imported)."""
@@ -82,20 +85,21 @@ class VisionCollator:
     """Batches {"images", "messages"} samples for training (right padding, labels masked as above)."""
 
     def __init__(self, processor, max_length: int, train_on_responses_only: bool = True, system_prompt: str = "",
-                 packer=None):
+                 family: families.Family | None = None, packer=None):
         self.processor = processor
         self.packer = packer  # kit.packing.Packer: training batches packed into rows; `padded` never packs
         self.max_length = max_length
         self.train_on_responses_only = train_on_responses_only
         self.system_prompt = system_prompt
-        tokenizer = processor.tokenizer
-        self.vision_ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.assistant_header = tokenizer.encode("assistant\n", add_special_tokens=False)
+        self.family = family or families.of_processor(processor)
+        markup, tokenizer = self.family.markup, processor.tokenizer
+        self.vision_ids = [tokenizer.convert_tokens_to_ids(t) for t in markup.vision_tokens]
+        self.im_start = tokenizer.convert_tokens_to_ids(markup.im_start)
+        self.im_end = tokenizer.convert_tokens_to_ids(markup.im_end)
+        self.assistant_header = tokenizer.encode(markup.assistant_header, add_special_tokens=False)
 
     def texts(self, samples):
-        return [self.processor.apply_chat_template(with_system(s["messages"], self.system_prompt), tokenize=False)
+        return [self.family.chat_text(self.processor, with_system(s["messages"], self.system_prompt))
                 for s in samples]
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -112,7 +116,7 @@ class VisionCollator:
         except StopIteration:
             # Escaping a collator, a StopIteration reads to the trainer as "end of data": training would stop
             # early and look finished. It means more image slots in the text than images.
-            raise BadSample(mismatched_images(samples, texts)) from None
+            raise BadSample(mismatched_images(samples, texts, self.family.markup.image_pad)) from None
         lengths = batch["attention_mask"].sum(dim=1)
         for sample, length in zip(samples, lengths.tolist()):
             if length > self.max_length:
@@ -136,7 +140,7 @@ class VisionCollator:
         return labels
 
     def answer_spans(self, ids: list[int]):
-        """[start, end) of each assistant answer: after "<|im_start|>assistant\\n", through its <|im_end|>."""
+        """[start, end) of each assistant answer: after the turn start and assistant header, through the turn end."""
         header = [self.im_start, *self.assistant_header]
         i = 0
         while i <= len(ids) - len(header):
@@ -151,18 +155,19 @@ class VisionCollator:
                 i += 1
 
 
-def mismatched_images(samples: list[dict], texts: list[str]) -> str:
-    """The message for a batch whose text holds more <|image_pad|> slots than it has images."""
-    bad = [s for s, text in zip(samples, texts) if text.count("<|image_pad|>") != len(s["images"])] or samples
+def mismatched_images(samples: list[dict], texts: list[str], image_pad: str) -> str:
+    """The message for a batch whose text holds more image slots (`image_pad` tokens) than it has images."""
+    bad = [s for s, text in zip(samples, texts) if text.count(image_pad) != len(s["images"])] or samples
     names = ", ".join(str(s.get("source") or s.get("id", "?")) for s in bad[:5])
-    return (f"{names}: the text holds more image slots (<|image_pad|>) than the row has images; remove Qwen's "
+    return (f"{names}: the text holds more image slots ({image_pad}) than the row has images; remove Qwen's "
             "vision tokens from the text (python -m data.lint finds every such row)")
 
 
 def generation_inputs(processor, batch: list[dict], system_prompt: str = ""):
     """Left-padded inputs for model.generate from samples ({"images", "messages"}); answers are left out."""
     processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(with_system(prompt_messages(s["messages"]), system_prompt),
-                                           tokenize=False, add_generation_prompt=True) for s in batch]
+    family = families.of_processor(processor)
+    texts = [family.chat_text(processor, with_system(prompt_messages(s["messages"]), system_prompt),
+                              add_generation_prompt=True) for s in batch]
     images = [[load_image(i, processor) for i in s["images"]] for s in batch]
     return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")

@@ -1,9 +1,25 @@
-"""What the scripts share at the command line: --help with the examples, and reading a user's JSONL file."""
+"""What the scripts share at the command line: --help with the examples, errors as one line, and reading a user's
+JSONL file."""
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from kit.errors import UserError
+
+
+@contextlib.contextmanager
+def user_errors(*extra_types):
+    """A UserError (every error type the kit, data/ and recipes/ raise for the user subclasses it), a missing file,
+    or one of `extra_types` becomes `error: ...` on stderr and exit code 2."""
+    try:
+        yield
+    except (UserError, FileNotFoundError, *extra_types) as error:
+        from kit.distributed import report_error
+
+        report_error(f"error: {error}")  # under torchrun: one line, not one per rank
+        sys.exit(2)
 
 
 def help_with_examples(summary: str, module_doc: str) -> str:

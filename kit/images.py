@@ -13,13 +13,11 @@ HUGE_PIXELS = 16_000_000  # ~4000x4000; below this a decode costs less than read
 
 
 def target_size(width: int, height: int, processor) -> tuple[int, int]:
-    """(width, height) after Qwen's resize: sides multiples of patch*merge, area within the processor's bounds."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    """(width, height) after the processor's resize, by the model's family (Qwen's: sides multiples of the grid,
+    area within the processor's bounds)."""
+    from kit import families
 
-    ip = processor.image_processor
-    h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,
-                        min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
-    return w, h
+    return families.of_processor(processor).target_size(width, height, processor)
 
 
 def open_rgb(path, processor) -> Image.Image:
@@ -34,15 +32,13 @@ def open_rgb(path, processor) -> Image.Image:
             stat = Path(path).stat()
             size = target_size(width, height, processor)
             key = f"{Path(path).resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{size}"
-            from kit.model import cache_dir
+            from kit.paths import cache_dir, write_with
 
             cached = cache_dir() / "downscaled" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.png"
             if not cached.exists():
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 small = opened.convert("RGB").resize(size, Image.Resampling.BICUBIC)
-                tmp = cached.with_suffix(".tmp.png")
-                small.save(tmp)
-                tmp.replace(cached)
+                write_with(cached, small.save)
                 return small
     with Image.open(cached) as opened:
         return opened.convert("RGB")

@@ -9,6 +9,7 @@ import math
 
 import click
 
+from kit import families
 from kit.chat import with_system
 from kit.errors import UserError
 
@@ -17,7 +18,7 @@ CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9
 
 
 def image_tokens(image, processor) -> int:
-    """Merged vision tokens of one image after Qwen's resize (sides to multiples of 28, area in bounds)."""
+    """Merged vision tokens of one image after Qwen's resize (sides to multiples of the grid, area in bounds)."""
     from kit.chat import image_size
 
     return size_tokens(*image_size(image), processor)  # reads the header only
@@ -27,37 +28,38 @@ def size_tokens(width: int, height: int, processor) -> int:
     """Merged vision tokens of a width x height image after Qwen's resize."""
     from kit.images import target_size
 
-    ip = processor.image_processor
-    factor = ip.patch_size * ip.merge_size
+    grid = families.of_processor(processor).grid(processor)
     width, height = target_size(width, height, processor)
-    return (height // factor) * (width // factor)
+    return (height // grid) * (width // grid)
 
 
 def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int, int]]:
     """(image tokens, text tokens) per sample, as the collator will see them."""
-    tokenizer = processor.tokenizer
+    tokenizer, family = processor.tokenizer, families.of_processor(processor)
     counts = []
     for sample in samples:
         images = sum(image_tokens(image, processor) for image in sample["images"])
-        text = processor.apply_chat_template(with_system(sample["messages"], system_prompt), tokenize=False)
-        # Each <|image_pad|> placeholder becomes that image's tokens; count it as image, not text.
+        text = family.chat_text(processor, with_system(sample["messages"], system_prompt))
+        # Each image pad placeholder becomes that image's tokens; count it as image, not text.
         text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"])
         counts.append((images, text_tokens))
     return counts
 
 
 def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) -> int:
-    """The largest max_pixels (a multiple of 28x28) whose p95 image tokens stay within `budget`."""
+    """The largest max_pixels (a multiple of one token's grid x grid pixels) whose p95 image tokens stay within
+    `budget`."""
     from kit import scan
 
+    grid = families.of_processor(processor).grid(processor)
     # the sizes preflight read from the image headers (cached), not a second pass over the images
     sizes = [size for row in scan.check_rows(samples, progress=False) for size in row[2] if size]
     if not sizes:
         return processor.image_processor.size["longest_edge"]
     areas = sorted(w * h for w, h in sizes)
     p95_area = areas[min(len(areas) - 1, int(quantile * len(areas)))]
-    # image tokens ~ area / 28^2; cap the area so that the p95 image lands at the budget
-    return max(28 * 28 * 4, min(p95_area, budget * 28 * 28))
+    # image tokens ~ area / grid^2; cap the area so that the p95 image lands at the budget
+    return max(grid * grid * 4, min(p95_area, budget * grid * grid))
 
 
 def stats(values: list[int]) -> dict:
@@ -68,39 +70,74 @@ def stats(values: list[int]) -> dict:
     return {"min": ordered[0], "median": pick(0.5), "p95": pick(0.95), "max": ordered[-1]}
 
 
+def with_model_grid(recipe: dict, family, processor) -> dict:
+    """The recipe with synthetic_grid (0: the model's own) set to the model's pixels per vision token, so aligned
+    synthetic charts line up with this model's token columns (saved in run_config.json for eval and merge)."""
+    grid = family.grid(processor)
+    if recipe.get("synthetic_grid"):
+        if recipe["synthetic_grid"] != grid and recipe["dataset"] == "synthetic":
+            click.echo(f"note: synthetic_grid={recipe['synthetic_grid']} while the model's vision tokens are {grid} "
+                       "pixels a side: aligned charts will not line up with them")
+        return recipe
+    return {**recipe, "synthetic_grid": grid}
+
+
 def model_shape(path: str) -> dict:
-    """Parameter counts from config.json alone (no weights loaded)."""
+    """Parameter counts from config.json alone (no weights loaded), by the model's family."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    text, vision = config.text_config, config.vision_config
-    h, layers, inter = text.hidden_size, text.num_hidden_layers, text.intermediate_size
-    head_dim = h // text.num_attention_heads
-    kv = text.num_key_value_heads * head_dim
-    attn = h * h * 2 + h * kv * 2  # q, o + k, v
-    mlp = 3 * h * inter
-    embed = text.vocab_size * h
-    ve, depth = vision.embed_dim, vision.depth
-    vision_linear = depth * (ve * 3 * ve + ve * ve + 2 * ve * ve * vision.mlp_ratio)
-    merger = (ve * 4) ** 2 + ve * 4 * vision.hidden_size
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
-    return {"hidden": h, "layers": layers, "inter": inter, "kv": kv, "vocab": text.vocab_size,
-            "attn_linear": layers * attn, "mlp_linear": layers * mlp, "embed": embed * (1 if tied else 2),
-            "vision_linear": vision_linear + merger, "vision_embed": ve, "vision_depth": depth}
+    family = families.of_model_type(config.model_type, str(path))
+    shape = family.shape(config)
+    linears = shape.linears
+    total = lambda part, kind=None: sum(x.parameters for x in linears  # noqa: E731
+                                        if x.part == part and kind in (None, x.kind))
+    return {"family": family.name, "hidden": shape.hidden, "layers": shape.layers, "inter": shape.inter,
+            "kv": shape.kv, "vocab": shape.vocab, "attn_linear": total("language", "attention"),
+            "mlp_linear": total("language", "mlp"), "embed": shape.embed,
+            "vision_linear": total("vision") + total("merger"), "vision_embed": shape.vision_hidden,
+            "vision_depth": shape.vision_depth, "linears": linears}
 
 
 def lora_parameters(shape: dict, recipe: dict) -> int:
-    r, h, inter, kv, layers = recipe["lora_r"], shape["hidden"], shape["inter"], shape["kv"], shape["layers"]
-    count = 0
-    if recipe["finetune_language_layers"]:
-        if recipe["finetune_attention_modules"]:
-            count += layers * r * ((h + h) * 2 + (h + kv) * 2)
-        if recipe["finetune_mlp_modules"]:
-            count += layers * r * 3 * (h + inter)
-    if recipe["finetune_vision_layers"]:
-        ve = shape["vision_embed"]
-        count += shape["vision_depth"] * r * ((ve + 3 * ve) + 2 * ve + 2 * (ve + 4 * ve))
-    return count
+    """Adapter parameters: r x (d_in + d_out) for every Linear the recipe's finetune_* switches select."""
+    kinds = {"attention"} if recipe["finetune_attention_modules"] else set()
+    kinds |= {"mlp"} if recipe["finetune_mlp_modules"] else set()
+    parts = {"language"} if recipe["finetune_language_layers"] else set()
+    parts |= {"vision"} if recipe["finetune_vision_layers"] else set()
+    return sum(x.count * recipe["lora_r"] * (x.d_in + x.d_out) for x in shape["linears"]
+               if x.part in parts and x.kind in kinds)
+
+
+def module_names(shape: dict, part: str) -> str:
+    """The family's module names in one part ("language": "q_proj k_proj ..."), as the plan's parts show them."""
+    return " ".join(dict.fromkeys(x.name for x in shape["linears"] if x.part == part))
+
+
+def weight_parts(shape: dict, recipe: dict, precision: str) -> dict:
+    """The base weights' bytes by part, each named by the family's modules in it (what "base weights" holds)."""
+    half = 2 if precision in ("bf16", "fp16") else 4
+    per_parameter = 4.127 / 8 if recipe["load_in_4bit"] else half  # NF4 + double-quantised scales
+    parts = {}
+    for part in ("language", "vision", "merger"):
+        count = sum(x.parameters for x in shape["linears"] if x.part == part)
+        if count:
+            parts[f"{part} ({module_names(shape, part)})"] = count * per_parameter
+    parts["embeddings" + (" + output head" if shape["embed"] > shape["vocab"] * shape["hidden"] else "")] = \
+        shape["embed"] * half  # embeddings stay 16-bit under 4-bit loading
+    return parts
+
+
+def lora_targets(shape: dict, recipe: dict) -> str:
+    """Which of the family's modules get adapters, by part: "language q_proj ...; vision qkv ..."."""
+    kinds = {k for k, on in (("attention", recipe["finetune_attention_modules"]),
+                             ("mlp", recipe["finetune_mlp_modules"])) if on}
+    found = []
+    for part, on in (("language", recipe["finetune_language_layers"]), ("vision", recipe["finetune_vision_layers"])):
+        names = dict.fromkeys(x.name for x in shape["linears"] if on and x.part == part and x.kind in kinds)
+        if names:
+            found.append(f"{part} {' '.join(names)}")
+    return "; ".join(found) or "none"
 
 
 def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str) -> dict:
@@ -210,7 +247,8 @@ def preflight(samples, processor, recipe):
     return findings, counts
 
 
-def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor):
+def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape=None,
+               precision="bf16"):
     images, texts = [i for i, _ in counts], [t for _, t in counts]
     for name, values in (("image tokens", images), ("text tokens", texts), ("total tokens",
                                                                             [i + t for i, t in counts])):
@@ -230,6 +268,11 @@ def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, p
                f"{'4-bit' if recipe['load_in_4bit'] else '16-bit'}, batch {recipe['per_device_train_batch_size']}):")
     for part, value in memory.items():
         click.echo(f"  {part:<42} {gb(value)}")
+        if shape and part == "base weights":  # what they are, in the family's module names
+            for name, size in weight_parts(shape, recipe, precision).items():
+                click.echo(f"    {name:<40} {gb(size)}")
+        if shape and part.startswith("LoRA") and recipe["finetune"] == "lora":
+            click.echo(f"    adapters on: {lora_targets(shape, recipe)}")
     if gpu_bytes is None:
         click.echo("no GPU here: name one with --gpu 24GB to check the fit")
     elif memory["total"] <= gpu_bytes:

@@ -8,13 +8,13 @@ eval.py makes these rows from a model run, or (`--score`) from prediction files 
 import html
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 from kit.cli import jsonl_rows
 from kit.errors import UserError
 from kit.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, EXACT, METRICS, accuracy, bootstrap_interval,
                          exact_correct, mcnemar_exact, paired_counts, relaxed_correct)
+from kit.paths import build_dir, write_jsonl
 
 GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
 SHUFFLED = " (shuffled)"
@@ -252,28 +252,20 @@ def save(out: Path, rows: list[dict], names: list[str], metric: str, title: str,
     `extra_files`: {file name: rows} also written as JSONL. Returns the summary."""
     summary = summarize(rows, names, metric, seconds)
     changed = diff_rows(rows, summary)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_jsonl(tmp / "predictions.jsonl", rows)
-    for name, extra in (extra_files or {}).items():
-        write_jsonl(tmp / name, extra)
-    (tmp / "report.md").write_text(markdown(summary, title, source))
-    (tmp / "report.json").write_text(json.dumps({"title": title, "source": source, **summary}, indent=1) + "\n")
-    plot(summary, tmp / "report.png")
-    write_jsonl(tmp / "diff.jsonl", changed)
-    image_of = images or {str(row["id"]): row["image"] for row in rows if row.get("image")}
-    (tmp / "diff.html").write_text(diff_page(changed, summary["pairs"], image_of, tmp, title))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+
+    def write(tmp: Path):
+        write_jsonl(tmp / "predictions.jsonl", rows)
+        for name, extra in (extra_files or {}).items():
+            write_jsonl(tmp / name, extra)
+        (tmp / "report.md").write_text(markdown(summary, title, source))
+        (tmp / "report.json").write_text(json.dumps({"title": title, "source": source, **summary}, indent=1) + "\n")
+        plot(summary, tmp / "report.png")
+        write_jsonl(tmp / "diff.jsonl", changed)
+        image_of = images or {str(row["id"]): row["image"] for row in rows if row.get("image")}
+        (tmp / "diff.html").write_text(diff_page(changed, summary["pairs"], image_of, tmp, title))
+
+    build_dir(out, write, replace=True)
     return summary
-
-
-def write_jsonl(path: Path, rows: list[dict]):
-    with path.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 # --- prediction files from any tool (eval.py --score) -------------------------------------------------------

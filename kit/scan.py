@@ -13,13 +13,15 @@ import json
 import os
 from pathlib import Path
 
+from kit.paths import write_json
+
 CHUNK = 256  # rows per task: small enough for a smooth progress bar, large enough to amortise a task
 POOL_FROM = 2000  # fewer rows than this are checked in this process: starting workers costs ~2 s
 _memo: dict = {}  # id(samples) -> check_rows result, for samples with no fingerprint
 
 
 def _cache_file(kind: str, key: str) -> Path:
-    from kit.model import cache_dir
+    from kit.paths import cache_dir
 
     folder = cache_dir() / "preflight"
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,11 +38,8 @@ def _read(path: Path | None):
 
 
 def _write(path: Path | None, value):
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    if path is not None:
+        write_json(path, value)
 
 
 def _lint_version() -> str:
@@ -144,11 +143,13 @@ def text_tokens(samples, indices: list[int], processor, system_prompt: str, prog
     image, not text). Image pixels are never read."""
     from tqdm import tqdm
 
+    from kit import families
     from kit.chat import with_system
 
-    tokenizer = processor.tokenizer
+    tokenizer, family = processor.tokenizer, families.of_processor(processor)
     fingerprint = getattr(samples, "fingerprint", None)
-    identity = (tokenizer.name_or_path, len(tokenizer), hashlib.sha1(str(processor.chat_template).encode()).hexdigest())
+    template = f"{processor.chat_template}|{sorted(family.chat_template_kwargs.items())}"
+    identity = (tokenizer.name_or_path, len(tokenizer), hashlib.sha1(template.encode()).hexdigest())
     path = _cache_file("text", f"{fingerprint}|{system_prompt}|{identity}|{len(indices)}") if fingerprint else None
     cached = _read(path)
     if cached is not None and len(cached) == len(indices):
@@ -161,8 +162,7 @@ def text_tokens(samples, indices: list[int], processor, system_prompt: str, prog
         for sample in view:
             batch.append(sample)
             if len(batch) == CHUNK or len(counts) + len(batch) == len(indices):
-                texts = [processor.apply_chat_template(with_system(s["messages"], system_prompt), tokenize=False)
-                         for s in batch]
+                texts = [family.chat_text(processor, with_system(s["messages"], system_prompt)) for s in batch]
                 ids = tokenizer(texts)["input_ids"]
                 counts += [len(i) - len(s["images"]) for i, s in zip(ids, batch)]
                 bar.update(len(batch))

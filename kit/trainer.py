@@ -1,10 +1,11 @@
 """The one way train.py and bench.py turn a recipe into TRL's trainer, so the benchmark times the training
 that users run. Imports happen inside: transformers/trl only after the backend is chosen."""
 
-import json
 import os
 import random
 from pathlib import Path
+
+from kit.paths import write_jsonl
 
 # In-training accuracy uses eval.py's defaults, so the two agree on the same checkpoint and questions.
 EVAL_MAX_NEW_TOKENS = 32
@@ -173,9 +174,7 @@ def hold_out(recipe: dict, train_samples, eval_split_samples=None):
 
 
 def write_heldout(path: Path, rows: list[dict]):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    write_jsonl(path, rows)
 
 
 def eval_questions(recipe: dict, held, on_bad_row: str, run_dir: Path | None):

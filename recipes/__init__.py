@@ -7,6 +7,8 @@ import importlib
 import json
 from pathlib import Path
 
+from kit.errors import UserError
+
 CHOICES = {
     "backend": ("auto", "unsloth", "hf"),
     "finetune": ("lora", "full"),
@@ -24,10 +26,10 @@ POSITIVE = ("lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_siz
             "num_train_epochs", "logging_steps", "save_steps", "max_length", "min_pixels", "max_pixels",
             "synthetic_num_train", "synthetic_num_test", "synthetic_size", "max_grad_norm")
 NON_NEGATIVE = ("lora_dropout", "limit", "warmup_steps", "weight_decay", "save_total_limit", "dataloader_num_workers",
-                "eval_steps", "eval_samples", "eval_fraction")
+                "eval_steps", "eval_samples", "eval_fraction", "synthetic_grid")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A mistake in a recipe or an override; the message says which key and what to do."""
 
 

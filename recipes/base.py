@@ -1,5 +1,5 @@
 """Defaults for every recipe. Keys are the names of the library arguments they feed:
-peft.LoraConfig / FastVisionModel.get_peft_model, trl.SFTConfig, and the Qwen2-VL image processor.
+peft.LoraConfig / FastVisionModel.get_peft_model, trl.SFTConfig, and the model's image processor.
 
 Not run directly: a recipe is `RECIPE = {**BASE, ...}`. Any key can be changed from the command line:
     python train.py --recipe chartqa --set learning_rate=1e-4 --set max_steps=200
@@ -7,7 +7,9 @@ Not run directly: a recipe is `RECIPE = {**BASE, ...}`. Any key can be changed f
 
 BASE = {
     # --- model -----------------------------------------------------------------------------------
-    "model_name_or_path": "Qwen/Qwen2-VL-7B-Instruct",  # hub id, local folder, `tiny`, `random:qwen2-vl-2b|7b`
+    # hub id, local folder, or a model the kit builds: `tiny[:FAMILY]` (tiny:qwen2-vl, tiny:qwen2.5-vl) or
+    # `random:SHAPE` (random:qwen2-vl-7b, random:qwen2.5-vl-3b, ...: README "Models")
+    "model_name_or_path": "Qwen/Qwen2-VL-7B-Instruct",
     "backend": "auto",  # auto | unsloth | hf; auto = unsloth when CUDA is present and unsloth imports
     "load_in_4bit": True,  # QLoRA: the frozen base in NF4, the adapter in 16-bit
     "precision": "auto",  # auto | bf16 | fp16 | fp32; auto = bf16 where the GPU has it, fp16 (T4), fp32 on CPU
@@ -33,7 +35,7 @@ BASE = {
     "dataset_split": "train",
     "limit": 0,  # 0 = every row of the split
     "system_prompt": "",  # empty = the chat template's default system message
-    "min_pixels": 3136,  # 56x56: Qwen2-VL's own floor
+    "min_pixels": 3136,  # 56x56: the Qwen VL processors' own floor
     "max_pixels": 313600,  # 640x490 -> at most 400 image tokens a chart; ChartQA text stays readable
     "synthetic_seed": 0,
     "synthetic_num_train": 2000,
@@ -41,7 +43,10 @@ BASE = {
     "synthetic_chart_types": ["bar", "line"],
     "synthetic_question_types": ["count", "max", "min", "value"],
     "synthetic_layout": "chartqa",  # aligned = small token-aligned charts a tiny model can learn
-    "synthetic_size": 140,  # side of an aligned chart in pixels (a multiple of 28)
+    "synthetic_size": 140,  # side of an aligned chart in pixels (a multiple of synthetic_grid)
+    # pixels per vision token that aligned charts' bar slots line up with; 0 = the model's own (its family's
+    # patch x merge, filled in by train.py and saved in run_config.json)
+    "synthetic_grid": 0,
     # --- training (trl.SFTConfig names) -----------------------------------------------------------
     "per_device_train_batch_size": 2,
     "gradient_accumulation_steps": 4,

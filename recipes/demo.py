@@ -1,6 +1,7 @@
 """The laptop demo: the tiny random-initialised Qwen2-VL learns to read synthetic bar charts on the CPU.
 
     python train.py --recipe demo            # ~1 min of training on two cores; ~2 min the first time (draws charts)
+    python train.py --recipe demo --set model_name_or_path=tiny:qwen2.5-vl     # the tiny Qwen2.5-VL instead
     make demo                                 # train -> eval -> merge -> GGUF -> infer
 
 Settings measured to learn (docs/demo.md says why each is what it is): only full fine-tuning of the tiny
@@ -19,8 +20,8 @@ RECIPE = {
     "dataset": "synthetic",
     "synthetic_num_train": 3000,  # rendered once (~30 s) and cached
     "synthetic_num_test": 200,
-    "synthetic_layout": "aligned",  # bar slots on the 28-pixel token columns: the only layout it learned
-    "synthetic_size": 140,  # 5x5 = 25 image tokens
+    "synthetic_layout": "aligned",  # bar slots on the model's vision-token columns: the only layout it learned
+    "synthetic_size": 140,  # 5x5 = 25 image tokens on Qwen2-VL's and Qwen2.5-VL's grid (synthetic_grid: the model's)
     "synthetic_chart_types": ["bar"],
     "synthetic_question_types": ["count", "max"],  # learned in minutes; exact values are not
     "min_pixels": 3136,

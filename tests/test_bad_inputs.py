@@ -384,9 +384,10 @@ def test_printed_llama_cli_command_formats_the_chat_as_the_proof(full_run, tmp_p
     from gguf import GGUFReader
     from transformers import AutoProcessor
 
-    from kit import export
+    from kit import merging
+    from kit.converter import find_converter
 
-    monkeypatch.setenv("LLAMA_CPP_DIR", str(export.find_converter().parent))
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(find_converter().parent))
     out = tmp_path / "export"
     result = run("merge.py", full_run, "--to", "merged,gguf", "--quant", "f32", "--no-verify", "--out", out)
     assert result.returncode == 0, result.all
@@ -415,7 +416,7 @@ def test_printed_llama_cli_command_formats_the_chat_as_the_proof(full_run, tmp_p
     processor = AutoProcessor.from_pretrained(out / "merged")
     sample = {"images": [command[command.index("--image") + 1]], "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]}
-    proof_text = export.chat_text(processor, sample, recipe["system_prompt"])
+    proof_text = merging.chat_text(processor, sample, recipe["system_prompt"])
     assert rendered == proof_text.replace("<|vision_start|><|image_pad|><|vision_end|>", "<__media__>")
     assert "You are a helpful assistant." in rendered  # the default system turn the model was trained with
 

@@ -2,24 +2,30 @@ import pytest
 import torch
 
 from data.synthetic import generate
-from kit.chat import IGNORE, VISION_TOKENS, SampleTooLong, VisionCollator, set_pixels
+from kit import families
+from kit.chat import IGNORE, SampleTooLong, VisionCollator, set_pixels
 
 
-@pytest.fixture(scope="module")
-def processor():
+# The collator reads every token and the markup from the model's family: each family's tiny model is checked.
+@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
+def processor(request):
     from transformers import AutoProcessor
 
     from kit.model import tiny_model_dir
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir())
+    processor = AutoProcessor.from_pretrained(tiny_model_dir(request.param))
     set_pixels(processor, 3136, 19600)
     return processor
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    return generate("train", 4, seed=1, question_types=["count", "max", "value"],
+def samples(tmp_path_factory, processor):
+    return generate("train", 4, seed=1, question_types=["count", "max", "value"], grid=grid_of(processor),
                     cache=tmp_path_factory.mktemp("charts"), progress=False)
+
+
+def grid_of(processor) -> int:
+    return families.of_processor(processor).grid(processor)
 
 
 def test_only_the_answers_carry_loss(processor, samples):
@@ -36,7 +42,8 @@ def test_only_the_answers_carry_loss(processor, samples):
 
 def test_padding_and_vision_tokens_never_carry_loss(processor, samples):
     batch = VisionCollator(processor, max_length=256, train_on_responses_only=False)(samples)
-    vision_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS])
+    markup = families.of_processor(processor).markup
+    vision_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in markup.vision_tokens])
     is_vision = torch.isin(batch["input_ids"], vision_ids)
     is_padding = batch["attention_mask"] == 0
     assert is_vision.any() and is_padding.any()  # the batch really has both (charts of different lengths)
@@ -49,9 +56,11 @@ def test_padding_and_vision_tokens_never_carry_loss(processor, samples):
 
 def test_image_tokens_match_qwen_resize_rule(processor, samples):
     batch = VisionCollator(processor, max_length=256)(samples[:1])
-    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    # A 140x140 chart: sides are multiples of 28, so (140/28)^2 merged tokens.
-    assert int((batch["input_ids"] == image_pad).sum()) == (140 // 28) ** 2
+    image_pad = processor.tokenizer.convert_tokens_to_ids(families.of_processor(processor).markup.image_pad)
+    # A 140x140 chart whose sides are multiples of the grid (patch x merge, read from the image processor):
+    # (140/grid)^2 merged tokens.
+    grid = grid_of(processor)
+    assert int((batch["input_ids"] == image_pad).sum()) == (140 // grid) ** 2
 
 
 def test_every_assistant_turn_of_a_conversation_is_trained(processor, samples):

@@ -178,7 +178,7 @@ def test_eval_scores_a_model_folder_and_a_gguf_pair_like_the_run(full_run, tmp_p
 
     import eval as evaluate
     import merge
-    from kit.export import find_converter
+    from kit.converter import find_converter
 
     def score(target, out, *extra):
         result = CliRunner().invoke(evaluate.main, [str(target), "--data", "synthetic", "--limit", "6", "--compare",

