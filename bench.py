@@ -55,10 +55,8 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
 
     with user_errors():
         overrides = list(overrides) + ([f"model_name_or_path={model_name}"] if model_name else [])
-        if data_spec:
-            overrides.append(f"dataset={data_spec}")
         if worker:
-            print("BENCH " + json.dumps(measure(worker, recipe, overrides, steps, warmup, memory_cap, bool(data_spec))))
+            print("BENCH " + json.dumps(measure(worker, recipe, overrides, steps, warmup, memory_cap, data_spec)))
             return
         # (label, backend, extra overrides) per process
         runs = [(name, backends.split(",")[0], [f"packing={name == 'packed'}"]) for name in ("padded", "packed")] \
@@ -70,6 +68,8 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
                        "--warmup", str(warmup), *[a for o in [*overrides, *extra] for a in ("--set", o)]]
             if memory_cap:
                 command += ["--memory-cap", memory_cap]
+            if data_spec:
+                command += ["--data", data_spec]
             done = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
             if done.returncode or not lines:
@@ -78,7 +78,7 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
                 continue
             result = json.loads(lines[-1][6:])
             results.append({**result, "backend": label, "backend_used": result["backend"]})
-        table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing)
+        table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing, data_spec)
         click.echo(table)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2))
@@ -90,13 +90,13 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
             click.echo(packing_lines(results))
 
 
-def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, own_data=False):
+def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, data_spec=None):
     import recipes
     from kit import backend as backends
 
     recipe, _ = recipes.load(recipe_name, [*overrides, f"backend={backend_name}",
                                            f"max_steps={warmup + steps}", "logging_steps=1",
-                                           f"save_steps={10 ** 9}"])
+                                           f"save_steps={10 ** 9}", *([f"dataset={data_spec}"] if data_spec else [])])
     backend, _ = backends.select(recipe["backend"])
     import torch
 
@@ -109,13 +109,13 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, own
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     precision = backends.precision(recipe["precision"], backend)
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
-    if recipe["dataset"] != "synthetic" and not own_data:
+    if recipe["dataset"] != "synthetic" and not data_spec:
         # ChartQA-sized synthetic charts: no download, same pixel budget
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     path = models.resolve(recipe["model_name_or_path"])
     model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
     recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
-    if own_data:  # --data: the first rows of the spec, in the trainer's seeded order
+    if data_spec:  # the first rows of the spec, in the trainer's seeded order
         import data
 
         samples = data.load(recipe, recipe["dataset_split"], progress=False, limit=batch * (warmup + steps))
@@ -215,12 +215,13 @@ class TimedCollator:
         return batch
 
 
-def to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing=False) -> str:
+def to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing=False, data_spec=None) -> str:
     ok = [r for r in results if "error" not in r]
     backends = ok[0]["backend_used"] if packing and ok else ",".join(r["backend"] for r in results)
     command = f"python bench.py --recipe {recipe} --backends {backends} " \
               f"--steps {steps} --warmup {warmup}" + (f" --memory-cap {memory_cap}" if memory_cap else "") + \
-              " --packing" * packing + "".join(f" --set {o}" for o in overrides)
+              " --packing" * packing + (f" --data {data_spec}" if data_spec else "") + \
+              "".join(f" --set {o}" for o in overrides)
     lines = [f"Command: `{command}`", ""]
     if ok:
         first = ok[0]

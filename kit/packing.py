@@ -3,8 +3,11 @@ across samples and the same loss per token as the padded batch.
 
 What a step is does not change: the trainer's sampler still draws per_device_train_batch_size samples per
 micro-batch (seeded, shuffled), and the collator packs those samples into as few rows as fit, greedy first-fit
-in the sampler's order. So max_steps, num_train_epochs, warmup, checkpoints and the loss of each optimizer step
+by length. So max_steps, num_train_epochs, warmup, checkpoints and the loss of each optimizer step
 mean what they meant without packing; what goes is the padding of every sample up to the longest one.
+Within a micro-batch the order of samples changes nothing (its loss is one sum over all of them), so rows are
+filled first-fit decreasing (longest sample first: fewer, fuller rows), and each row keeps its samples in the
+sampler's order; the order across steps stays the sampler's random one.
 
 A packed row holds whole samples only (never part of an image or of an answer). Each sample keeps its own
 positions: the model's own rope-index function gives its 3-D (temporal, height, width) positions from 0, and a
@@ -47,6 +50,14 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `capacity` tokens: first-fit decreasing (the longest first, each into
+    the first row with room), then each row in index order and the rows by their first index."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows = [sorted(order[j] for j in row) for row in first_fit([lengths[i] for i in order], capacity)]
+    return sorted(rows)
+
+
 def rope_module(model):
     """The module of `model` (a bare model, a PeftModel, an Unsloth one) that computes its rope positions."""
     found = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
@@ -85,7 +96,7 @@ class Packer:
         extra = {k: batch[k] for _, _, g, more in MODALITIES for k in (g, *more) if k in batch}
         positions, _ = self.rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
                                        attention_mask=batch["attention_mask"], **extra)
-        rows = [list(range(len(lengths)))] if self.one_row else first_fit(lengths, self.max_length)
+        rows = [list(range(len(lengths)))] if self.one_row else pack_rows(lengths, self.max_length)
         width = max(sum(lengths[i] for i in row) for row in rows)
         out = {key: torch.full((len(rows), width), fill, dtype=batch[key].dtype)
                for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE), ("mm_token_type_ids", 0))}
@@ -153,7 +164,7 @@ def padding_fraction(lengths: list[int], batch_size: int, max_length: int, packe
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         if packed:
-            rows = first_fit(chunk, max_length)
+            rows = pack_rows(chunk, max_length)
             computed += len(rows) * max(sum(chunk[i] for i in row) for row in rows)
         else:
             computed += len(chunk) * max(chunk)

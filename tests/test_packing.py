@@ -174,12 +174,14 @@ def test_held_out_evaluation_and_generation_never_pack(tmp_path, spy, name):
     assert all(masked for _, masked, _ in held_out)
 
 
-def test_first_fit_keeps_whole_samples_in_order():
-    from kit.packing import first_fit, padding_fraction
+def test_rows_hold_whole_samples_longest_first():
+    from kit.packing import first_fit, pack_rows, padding_fraction
 
-    rows = first_fit([500, 700, 300, 600, 200], 1024)
-    assert rows == [[0, 2, 4], [1], [3]]
-    assert sorted(i for row in rows for i in row) == list(range(5))
+    assert first_fit([500, 700, 300, 600, 200], 1024) == [[0, 2, 4], [1], [3]]
+    lengths = [200, 500, 400, 700, 100, 300, 800]
+    rows = pack_rows(lengths, 1000)  # 800+200, 500+400+100, 700+300; first-fit in this order needs four rows
+    assert rows == [[0, 6], [1, 2, 4], [3, 5]] and len(first_fit(lengths, 1000)) == 4
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     lengths = [100, 1400, 300, 900, 120, 700, 1000, 250]
     assert padding_fraction(lengths, 4, 2048, packed=True) < padding_fraction(lengths, 4, 2048, packed=False)
 
