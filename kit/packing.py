@@ -16,7 +16,9 @@ fourth, text-only row restarting at 0 for each sample is put in front, as transf
 sample boundaries: a block-diagonal causal mask through sdpa/eager, varlen kernels for flash attention (which
 take one flat row, so for them every sample goes into a single row).
 
-The tail of a row shorter than the batch's longest is padding: its own sequence (text positions from 0), label
+A micro-batch whose rows, padded to the longest, would compute as many positions as padding its samples
+(samples too long to share a row) is left padded: the same loss either way. The tail of a row shorter than
+the batch's longest is padding: its own sequence (text positions from 0), label
 -100, and 3-D positions of -1, the mark `real_tokens` counts by. A sample's first label is -100 too: in a packed
 row the token before it is the previous sample's last, which must not learn to predict it.
 """
@@ -98,6 +100,10 @@ class Packer:
                                        attention_mask=batch["attention_mask"], **extra)
         rows = [list(range(len(lengths)))] if self.one_row else pack_rows(lengths, self.max_length)
         width = max(sum(lengths[i] for i in row) for row in rows)
+        if len(rows) * width >= mask.numel() and not self.one_row:
+            # rows padded to the longest would compute as many positions as the padded batch (samples too long
+            # to share a row): it is the same loss, so it goes as it is
+            return batch
         out = {key: torch.full((len(rows), width), fill, dtype=batch[key].dtype)
                for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE), ("mm_token_type_ids", 0))}
         position_ids = torch.full((4, len(rows), width), PAD_POSITION, dtype=positions.dtype)
@@ -163,15 +169,15 @@ def padding_fraction(lengths: list[int], batch_size: int, max_length: int, packe
     computed = 0
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        if packed:
-            rows = pack_rows(chunk, max_length)
-            computed += len(rows) * max(sum(chunk[i] for i in row) for row in rows)
-        else:
-            computed += len(chunk) * max(chunk)
+        padded = len(chunk) * max(chunk)
+        rows = pack_rows(chunk, max_length) if packed else [[i] for i in range(len(chunk))]
+        computed += min(padded, len(rows) * max(sum(chunk[i] for i in row) for row in rows))
     return 1 - sum(order) / computed if computed else 0.0
 
 
 def worst_rows(batch_size: int, max_tokens: int, max_length: int) -> tuple[int, int]:
     """(rows, row length) of the largest packed micro-batch: `batch_size` samples as long as the longest."""
     rows = first_fit([max_tokens] * batch_size, max_length)
-    return len(rows), max(len(row) for row in rows) * max_tokens
+    width = max(len(row) for row in rows) * max_tokens
+    # a packing that would compute more than the padded batch is not used (see Packer)
+    return (len(rows), width) if len(rows) * width < batch_size * max_tokens else (batch_size, max_tokens)
