@@ -3,7 +3,7 @@
     python bench.py --recipe chartqa --model random:qwen2-vl-7b --backends unsloth,hf       # on a GPU
     python bench.py --recipe kaggle_t4 --model random:qwen2-vl-7b --backends unsloth --memory-cap 16GB
     python bench.py --recipe demo --backends hf --steps 30                                   # CPU, tiny model
-    python bench.py --recipe chartqa --model tiny --backends hf --packing --data hf:runs/charts/chartqa-400
+    python bench.py --recipe chartqa --model tiny --backends hf --packing --data hf:runs/charts/chartqa-400-varied
 
 Each backend runs in its own process (unsloth patches transformers for the whole process) with the same
 recipe: batch, sequence lengths, LoRA targets, precision, synthetic charts at ChartQA size and the recipe's
