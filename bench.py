@@ -3,12 +3,18 @@
     python bench.py --recipe chartqa --model random:qwen2-vl-7b --backends unsloth,hf       # on a GPU
     python bench.py --recipe kaggle_t4 --model random:qwen2-vl-7b --backends unsloth --memory-cap 16GB
     python bench.py --recipe demo --backends hf --steps 30                                   # CPU, tiny model
+    python bench.py --recipe chartqa --model tiny --backends hf --packing --data hf:runs/charts/chartqa-400-varied
 
 Each backend runs in its own process (unsloth patches transformers for the whole process) with the same
 recipe: batch, sequence lengths, LoRA targets, precision, synthetic charts at ChartQA size and the recipe's
 max_pixels. After warm-up steps, N timed steps report samples/s, tokens/s, ms/step, peak allocated and
 reserved memory, model FLOPs utilisation, and the share of step time spent loading and collating data.
 Results are printed as a markdown table and saved as JSON; --markdown appends the table to a file.
+
+--packing runs the first backend twice, padded and packed (packing=false / true), on the same samples in
+the same seeded order and the same steps, and ends with the padding share and tokens/s of each and their
+ratio. --data takes a dataset spec (hf:FOLDER, jsonl:FILE, ...) instead of the synthetic charts, e.g. the
+ChartQA-shaped parquet that `python bench_data.py --build-only --varied-sizes` writes.
 """
 
 import json
@@ -38,31 +44,41 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 6
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("runs/bench.json"),
               help="Where to write the results as JSON.")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Append the results table to this file.")
+@click.option("--packing", is_flag=True, help="Padded against packed (the first backend), each in its own process.")
+@click.option("--data", "data_spec", help="Train on this dataset spec (hf:FOLDER, jsonl:FILE) instead of synthetic "
+              "ChartQA-sized charts.")
 @click.option("--worker", hidden=True, help="Internal: run one backend in this process and print JSON.")
-def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, json_path, markdown, worker):
+def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, json_path, markdown, packing, data_spec,
+         worker):
     """Benchmark training throughput and peak memory per backend."""
     from kit.cli import user_errors
 
     with user_errors():
         overrides = list(overrides) + ([f"model_name_or_path={model_name}"] if model_name else [])
         if worker:
-            print("BENCH " + json.dumps(measure(worker, recipe, overrides, steps, warmup, memory_cap)))
+            print("BENCH " + json.dumps(measure(worker, recipe, overrides, steps, warmup, memory_cap, data_spec)))
             return
+        # (label, backend, extra overrides) per process
+        runs = [(name, backends.split(",")[0], [f"packing={name == 'packed'}"]) for name in ("padded", "packed")] \
+            if packing else [(backend, backend, []) for backend in backends.split(",")]
         results = []
-        for backend in backends.split(","):
-            click.echo(f"--- {backend}: {warmup} warm-up + {steps} timed steps ...")
+        for label, backend, extra in runs:
+            click.echo(f"--- {label}: {warmup} warm-up + {steps} timed steps ...")
             command = [sys.executable, __file__, "--worker", backend, "--recipe", recipe, "--steps", str(steps),
-                       "--warmup", str(warmup), *[a for o in overrides for a in ("--set", o)]]
+                       "--warmup", str(warmup), *[a for o in [*overrides, *extra] for a in ("--set", o)]]
             if memory_cap:
                 command += ["--memory-cap", memory_cap]
+            if data_spec:
+                command += ["--data", data_spec]
             done = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
             if done.returncode or not lines:
-                click.echo(f"{backend} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", err=True)
-                results.append({"backend": backend, "error": (done.stderr or done.stdout)[-500:]})
+                click.echo(f"{label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", err=True)
+                results.append({"backend": label, "error": (done.stderr or done.stdout)[-500:]})
                 continue
-            results.append(json.loads(lines[-1][6:]))
-        table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap)
+            result = json.loads(lines[-1][6:])
+            results.append({**result, "backend": label, "backend_used": result["backend"]})
+        table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing, data_spec)
         click.echo(table)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2))
@@ -70,37 +86,47 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
             with markdown.open("a") as handle:
                 handle.write("\n" + table + "\n")
         click.echo(f"results in {json_path}" + (f" and {markdown}" if markdown else ""))
+        if packing:
+            click.echo(packing_lines(results))
 
 
-def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
+def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, data_spec=None):
     import recipes
     from kit import backend as backends
 
     recipe, _ = recipes.load(recipe_name, [*overrides, f"backend={backend_name}",
                                            f"max_steps={warmup + steps}", "logging_steps=1",
-                                           f"save_steps={10 ** 9}"])
+                                           f"save_steps={10 ** 9}", *([f"dataset={data_spec}"] if data_spec else [])])
     backend, _ = backends.select(recipe["backend"])
     import torch
 
     from data.synthetic import generate
-    from kit import chat, families, model as models, plan, progress, sft, trainer as training
+    from kit import chat, families, model as models, packing, plan, progress, sft, trainer as training
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
         cap = float(memory_cap.upper().rstrip("GB")) * 1024**3
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     precision = backends.precision(recipe["precision"], backend)
-    if recipe["dataset"] != "synthetic":  # ChartQA-sized synthetic charts: no download, same pixel budget
-        recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    if recipe["dataset"] != "synthetic" and not data_spec:
+        # ChartQA-sized synthetic charts: no download, same pixel budget
+        recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     path = models.resolve(recipe["model_name_or_path"])
     model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
     recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
-    samples = generate("train", batch * (warmup + steps), seed=0, chart_types=recipe["synthetic_chart_types"],
-                       question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
-                       size=recipe["synthetic_size"], grid=recipe["synthetic_grid"], progress=False)
+    if data_spec:  # the first rows of the spec, in the trainer's seeded order
+        import data
+
+        samples = data.load(recipe, recipe["dataset_split"], progress=False, limit=batch * (warmup + steps))
+    else:
+        samples = generate("train", batch * (warmup + steps), seed=0, chart_types=recipe["synthetic_chart_types"],
+                           question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
+                           size=recipe["synthetic_size"], grid=recipe["synthetic_grid"], progress=False)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"]))
+    packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)
+    collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"],
+                                                 packer=packer))
     counter = progress.CountingCollator(collator)
 
     from transformers import TrainerCallback
@@ -109,12 +135,13 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
         # Timed from one step's end to the next: the trainer fetches (and collates) a step's batches
         # before on_step_begin, so a begin-to-end timer would miss the data time.
         def __init__(self):
-            self.times, self.tokens, self.data_seconds = [], [], []
+            self.times, self.tokens, self.data_seconds, self.positions = [], [], [], []
 
         def mark(self):
             if cuda:
                 torch.cuda.synchronize()
             self.last, self.last_tokens, self.last_data = time.perf_counter(), counter.tokens, collator.seconds
+            self.last_positions = collator.positions
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.mark()
@@ -125,6 +152,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
             self.times.append(time.perf_counter() - self.last)
             self.tokens.append(counter.tokens - self.last_tokens)
             self.data_seconds.append(collator.seconds - self.last_data)
+            self.positions.append(collator.positions - self.last_positions)
             if state.global_step == warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
             self.mark()
@@ -147,6 +175,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
     result = {"backend": backend, "model": recipe["model_name_or_path"], "precision": precision,
               "load_in_4bit": recipe["load_in_4bit"], "batch": batch, "steps": steps,
               "samples_per_s": batch * steps / seconds, "tokens_per_s": tokens / seconds,
+              "packing": recipe["packing"], # over every batch collated (loader workers run ahead of the timed steps)
+              "padding": 1 - counter.tokens / max(collator.positions, 1),
               "ms_per_step": 1000 * seconds / steps,
               "data_share": sum(timer.data_seconds[timed]) / seconds, "params": n_params,
               "device": torch.cuda.get_device_name(0) if cuda else "CPU", "date": date.today().isoformat(),
@@ -162,44 +192,69 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap):
 
 
 class TimedCollator:
-    """Adds up the seconds spent turning samples into tensors (image decoding, resizing, tokenising)."""
+    """Adds up the seconds spent turning samples into tensors (image decoding, resizing, tokenising), and the
+    positions the model will compute (padding included)."""
 
     def __init__(self, collator):
-        self.collator, self.seconds = collator, 0.0
+        import multiprocessing
+
+        # shared memory: with dataloader_num_workers > 0 the collator runs in worker processes
+        self.collator, self._seconds, self._positions = collator, multiprocessing.Value("d", 0.0), \
+            multiprocessing.Value("q", 0)
+
+    seconds = property(lambda self: self._seconds.value)
+    positions = property(lambda self: self._positions.value)
 
     def __call__(self, samples):
         start = time.perf_counter()
         batch = self.collator(samples)
-        self.seconds += time.perf_counter() - start
+        with self._seconds.get_lock():
+            self._seconds.value += time.perf_counter() - start
+        with self._positions.get_lock():
+            self._positions.value += batch["input_ids"].numel()
         return batch
 
 
-def to_markdown(results, recipe, overrides, steps, warmup, memory_cap) -> str:
+def to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing=False, data_spec=None) -> str:
     ok = [r for r in results if "error" not in r]
-    command = f"python bench.py --recipe {recipe} --backends {','.join(r['backend'] for r in results)} " \
+    backends = ok[0]["backend_used"] if packing and ok else ",".join(r["backend"] for r in results)
+    command = f"python bench.py --recipe {recipe} --backends {backends} " \
               f"--steps {steps} --warmup {warmup}" + (f" --memory-cap {memory_cap}" if memory_cap else "") + \
+              " --packing" * packing + (f" --data {data_spec}" if data_spec else "") + \
               "".join(f" --set {o}" for o in overrides)
     lines = [f"Command: `{command}`", ""]
     if ok:
         first = ok[0]
         lines += [f"Device: {first['device']}, driver/CUDA {first.get('driver', '-')}, {first['date']}, "
                   + ", ".join(f"{k} {v}" for k, v in first["versions"].items()), ""]
-    lines += ["| backend | samples/s | tokens/s | ms/step | peak alloc GB | peak reserved GB | MFU | data share |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| backend | samples/s | tokens/s | ms/step | peak alloc GB | peak reserved GB | MFU | data share "
+              "| padding |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['backend']} | failed: {r['error'].splitlines()[-1][:80] if r['error'] else '?'} "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         allocated, reserved = (f"{r[k]:.2f}" if k in r else "-" for k in ("peak_allocated_gb", "peak_reserved_gb"))
         lines.append(f"| {r['backend']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['ms_per_step']:,.0f} | {allocated} | {reserved} | {mfu} | {r['data_share']:.0%} |")
+                     f"{r['ms_per_step']:,.0f} | {allocated} | {reserved} | {mfu} | {r['data_share']:.0%} "
+                     f"| {r['padding']:.1%} |")
     by_name = {r["backend"]: r for r in ok}
     if "unsloth" in by_name and "hf" in by_name:
         u, h = by_name["unsloth"], by_name["hf"]
         lines += ["", f"unsloth/hf: throughput {u['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
                       f"peak memory {u['peak_allocated_gb'] / h['peak_allocated_gb']:.2f}x"]
+    return "\n".join(lines)
+
+
+def packing_lines(results) -> str:
+    """The three closing lines of --packing: each run's padding share and tokens/s, then their ratio."""
+    by_name = {r["backend"]: r for r in results if "error" not in r}
+    lines = [f"{name}: padding {100 * r['padding']:.1f} %, {r['tokens_per_s']:,.0f} tok/s"
+             for name, r in by_name.items()]
+    if len(by_name) == 2:
+        ratio = by_name["packed"]["tokens_per_s"] / by_name["padded"]["tokens_per_s"]
+        lines.append(f"packed/padded tokens/s: {ratio:.2f} x")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ ChartQA's size, mostly RGBA PNGs), the tiny model, and for each size the peak ho
     python bench_data.py                          # 1,000 / 10,000 / 28,299 rows
     python bench_data.py --rows 1000,10000 --markdown BENCHMARKS.md
     python bench_data.py --build-only --rows 500 --out /tmp/charts   # just write the parquet folders
+    python bench_data.py --build-only --rows 400 --varied-sizes --out runs/charts   # data for bench.py --packing
 
 Each size runs with fresh caches (the parquet -> Arrow conversion and the preflight checks start from
 nothing), then `--plan` again on the warm cache. Peak memory is the largest sum of PSS over the process and
@@ -26,11 +27,14 @@ from pathlib import Path
 import click
 
 SIZES = [(800, 557), (800, 600), (850, 600), (620, 800), (800, 500)]  # ChartQA's common chart shapes
+# --varied-sizes: small to large charts, so that samples differ in length as much as they do for padding to
+# matter (with the chartqa recipe's max_pixels: about 70 to 400 image tokens)
+VARIED_SIZES = [(300, 200), (800, 557), (420, 300), (620, 800), (360, 480), (1200, 900), (560, 350), (850, 600)]
 WORDS = ["Apples", "Pears", "Kiwis", "Plums", "Figs", "Norway", "Chile", "Japan", "Kenya", "Peru", "Spain",
          "Retail", "Energy", "Health", "Transport", "Other"]
 
 
-def chart_png(index: int) -> bytes:
+def chart_png(index: int, sizes=SIZES) -> bytes:
     """One ChartQA-like chart: bars or lines with value labels, a title, a legend, an RGBA PNG."""
     import random
 
@@ -40,7 +44,7 @@ def chart_png(index: int) -> bytes:
     import matplotlib.pyplot as plt
 
     rng = random.Random(index)
-    width, height = SIZES[index % len(SIZES)]
+    width, height = sizes[index % len(sizes)]
     fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
     labels = rng.sample(WORDS, rng.randint(4, 9))
     for series in range(rng.randint(1, 3)):
@@ -63,14 +67,14 @@ def chart_png(index: int) -> bytes:
     return buffer.getvalue()
 
 
-def build_parquet(folder: Path, rows: int, pool: int = 64, eval_rows: int = 0, file_rows: int = 2000):
+def build_parquet(folder: Path, rows: int, pool: int = 64, eval_rows: int = 0, file_rows: int = 2000, sizes=SIZES):
     """train-*.parquet (and val-*.parquet with eval_rows) with ChartQA's columns: image {bytes, path},
     query, label (a list), human_or_machine. Images come from a pool of `pool` distinct charts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
-    charts = [chart_png(i) for i in range(pool)]
+    charts = [chart_png(i, sizes) for i in range(pool)]
     features = {"image": {"_type": "Image"}, "query": {"dtype": "string", "_type": "Value"},
                 "label": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"},
                 "human_or_machine": {"dtype": "int64", "_type": "Value"}}
@@ -153,7 +157,9 @@ def fresh_caches(root: Path) -> dict:
 @click.option("--out", type=click.Path(path_type=Path), help="Where the parquet folders go. Default: a temp folder.")
 @click.option("--build-only", is_flag=True, help="Write the parquet folders and stop.")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Also append the table to this file.")
-def main(rows, pool, out, build_only, markdown):
+@click.option("--varied-sizes", is_flag=True, help="Charts from 300x200 to 1200x900 px instead of ChartQA's common "
+              "~800x600 (folders chartqa-N-varied), e.g. for bench.py --packing.")
+def main(rows, pool, out, build_only, markdown, varied_sizes):
     """Build ChartQA-shaped parquet data sets and measure --plan and a 5-step run on each."""
     sizes = [int(n) for n in rows.split(",") if n.strip()]
     out = out or Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -161,10 +167,11 @@ def main(rows, pool, out, build_only, markdown):
     lines = ["| rows | parquet MB | plan: peak memory (first) | plan: time (first) | cached re-plan "
              "| 5-step run: peak memory | time to first step |", "|---|---|---|---|---|---|---|"]
     for size in sizes:
-        folder = out / f"chartqa-{size}"
+        folder = out / (f"chartqa-{size}-varied" if varied_sizes else f"chartqa-{size}")
         if not (folder / ".done").exists():
             started = time.time()
-            build_parquet(folder, size, pool=pool, eval_rows=1920)  # a val split, as ChartQA has
+            build_parquet(folder, size, pool=pool, eval_rows=1920,  # a val split, as ChartQA has
+                          sizes=VARIED_SIZES if varied_sizes else SIZES)
             (folder / ".done").touch()
             click.echo(f"built {folder} in {time.time() - started:.0f} s")
         if build_only:

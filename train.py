@@ -136,7 +136,7 @@ def run(options: Options):
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, families, model as models, plan, progress, trainer as training, video
+    from kit import chat, families, model as models, packing, plan, progress, trainer as training, video
 
     from transformers import AutoProcessor
 
@@ -211,8 +211,10 @@ def run(options: Options):
                    f"global batch {recipe['per_device_train_batch_size']} per device x "
                    f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = "
                    f"{launch['global_batch']}")
+    packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)  # None unless packing=true
     collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
-                                                    recipe["train_on_responses_only"], recipe["system_prompt"]))
+                                                    recipe["train_on_responses_only"], recipe["system_prompt"],
+                                                    packer=packer))
 
     # --- run ---------------------------------------------------------------------------------------
     from kit import callbacks, checkpoints, sft

@@ -88,8 +88,9 @@ class VisionCollator:
     """Batches {"images", "messages"} samples for training (right padding, labels masked as above)."""
 
     def __init__(self, processor, max_length: int, train_on_responses_only: bool = True, system_prompt: str = "",
-                 family: families.Family | None = None):
+                 family: families.Family | None = None, packer=None):
         self.processor = processor
+        self.packer = packer  # kit.packing.Packer: training batches packed into rows; `padded` never packs
         self.max_length = max_length
         self.train_on_responses_only = train_on_responses_only
         self.system_prompt = system_prompt
@@ -108,6 +109,10 @@ class VisionCollator:
                 for s in samples]
 
     def __call__(self, samples: list[dict]) -> dict:
+        batch = self.padded(samples)
+        return batch if self.packer is None else self.packer(batch)
+
+    def padded(self, samples: list[dict]) -> dict:
         self.processor.tokenizer.padding_side = "right"
         images = [[load_image(i, self.processor) for i in s["images"]] or None for s in samples]
         texts = self.texts(samples)

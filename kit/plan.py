@@ -157,7 +157,10 @@ def lora_targets(shape: dict, recipe: dict) -> str:
 
 
 def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str) -> dict:
-    """Peak GPU bytes by part, for the largest sample in a batch of per_device_train_batch_size."""
+    """Peak GPU bytes by part, for the largest sample in a batch of per_device_train_batch_size (with packing:
+    that many samples as long as the largest, packed into rows of up to max_length)."""
+    from kit.packing import worst_rows
+
     half = 2 if precision in ("bf16", "fp16") else 4
     linear = shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"]
     if recipe["load_in_4bit"]:
@@ -168,13 +171,15 @@ def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens
     optimizer_bytes = 2 if "8bit" in recipe["optim"] else 8
     adapter = trainable * (4 + 4 + optimizer_bytes)  # fp32 weights + grads + optimizer states
     batch, h, tokens = recipe["per_device_train_batch_size"], shape["hidden"], max_tokens
+    # the language model runs on rows: a batch of padded samples, or fewer, longer packed rows
+    rows, tokens = worst_rows(batch, tokens, recipe["max_length"]) if recipe["packing"] else (batch, tokens)
     per_token_layer = h * half  # one checkpointed hidden state per layer
     recompute = tokens * (h * 8 + shape["inter"] * 3 + shape["kv"] * 2) * half  # one layer live again
     if recipe["gradient_checkpointing"]:
-        activations = batch * (tokens * per_token_layer * shape["layers"] + recompute)
+        activations = rows * (tokens * per_token_layer * shape["layers"] + recompute)
     else:
-        activations = batch * shape["layers"] * (tokens * (h * 8 + shape["inter"] * 3) * half)
-    logits = batch * tokens * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
+        activations = rows * shape["layers"] * (tokens * (h * 8 + shape["inter"] * 3) * half)
+    logits = rows * tokens * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
     patches = max_image_tokens * 4  # 2x2 patches merge into one token
     vision = batch * patches * shape["vision_embed"] * half * 12  # one block's forward, frozen tower
     parts = {"base weights": weights, "LoRA/trained weights + grads + optimizer": adapter,
@@ -275,6 +280,7 @@ def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, p
     click.echo(f"suggested max_pixels for p95 under {budget} image tokens: "
                f"{suggest_max_pixels(samples, processor, budget)} (now {recipe['max_pixels']})")
     click.echo(f"steps per epoch: {steps_per_epoch(len(samples), recipe)}")
+    print_padding(counts, recipe)
     click.echo(f"peak GPU memory estimate ({recipe['model_name_or_path']}, "
                f"{'4-bit' if recipe['load_in_4bit'] else '16-bit'}, batch {recipe['per_device_train_batch_size']}):")
     for part, value in memory.items():
@@ -292,6 +298,19 @@ def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, p
         click.echo(f"does not fit: {gb(memory['total'])} > {gb(gpu_bytes)} on {gpu_name}; lower "
                    "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
                    "max_pixels, or lora_r")
+
+
+def print_padding(counts, recipe):
+    """The share of computed positions that would be padding, padded and packed (same seeded batches)."""
+    from kit.packing import padding_fraction, worst_rows
+
+    lengths, batch = [i + t for i, t in counts], recipe["per_device_train_batch_size"]
+    padded, packed = (padding_fraction(lengths, batch, recipe["max_length"], p, recipe["seed"]) for p in (False, True))
+    rows, width = worst_rows(batch, max(lengths, default=0), recipe["max_length"])
+    click.echo(f"expected padding: {100 * padded:.1f} % padded, {100 * packed:.1f} % packed (micro-batches of "
+               f"{batch}, packed rows of up to {recipe['max_length']} tokens); packing={str(recipe['packing']).lower()}"
+               + (f": memory below for the largest micro-batch packed, {rows} row(s) x {width} tokens"
+                  if recipe["packing"] else ""))
 
 
 def gpu_count(named: str | None) -> tuple[int, str | None]:

@@ -27,9 +27,11 @@ class CountingCollator:
         return self._tokens.value
 
     def __call__(self, samples):
+        from kit.packing import real_tokens
+
         batch = self.collator(samples)
         with self._tokens.get_lock():
-            self._tokens.value += int(batch["attention_mask"].sum())
+            self._tokens.value += real_tokens(batch)
         return batch
 
 

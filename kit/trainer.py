@@ -22,14 +22,16 @@ def indexed_dataset(samples, collator):
 
 def indexed_datasets(samples, eval_samples, collator):
     """indexed_dataset for a training set and an evaluation set sharing one collator: eval rows are looked
-    up in `eval_samples` and bypass the token counter (tokens/s is about training)."""
+    up in `eval_samples` and bypass the token counter (tokens/s is about training) and packing (held-out
+    loss is computed on padded batches, as eval.py sees the model)."""
     from datasets import Dataset
 
     plain = getattr(collator, "collator", collator)
+    unpacked = getattr(plain, "padded", plain)
 
     def collate(rows):
         if "eval_row" in rows[0]:
-            return plain([eval_samples[row["eval_row"]] for row in rows])
+            return unpacked([eval_samples[row["eval_row"]] for row in rows])
         return collator([samples[row["row"]] for row in rows])
 
     eval_dataset = Dataset.from_dict({"eval_row": list(range(len(eval_samples)))}) if eval_samples else None

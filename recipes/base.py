@@ -74,6 +74,10 @@ BASE = {
     # decode ~50 ms); 0 = in the training process
     "dataloader_num_workers": 2,
     "max_length": 2048,  # tokens, image tokens included; a longer sample is an error, never cut in an image
+    # Pack each micro-batch's samples into rows of up to max_length tokens (whole samples, attention kept within
+    # each) instead of padding them to the longest: the same loss and steps, less compute on padding. Off until
+    # a recipe has measured it on its data (bench.py --packing); eval and generation never pack.
+    "packing": False,
     "train_on_responses_only": True,
     # --- held-out evaluation during training ------------------------------------------------------
     "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
