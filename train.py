@@ -81,6 +81,9 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         recipe, changes, recipe_name = recipes.load_config(config, overrides, config_label)
     else:
         recipe, changes = recipes.load(recipe_name, overrides)
+    from kit import grpo
+
+    recipe, inherited = grpo.inherit(recipe)  # method=grpo: the model keys of the run it starts from
     if gpu:
         from kit.plan import gpu_count, named_gpu
 
@@ -97,6 +100,8 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         click.echo(f"  {key} = {value!r}")
     for key, old, new in changes:
         click.echo(f"Overriding: {key} = {new!r} (recipe: {old!r})")
+    for key, old, new in inherited:
+        click.echo(f"init_from: {key} = {new!r} (recipe: {old!r}), as {recipe['init_from']} was trained")
     for note in recipes.notes(recipe):
         click.echo(f"note: {note}")
 
@@ -162,7 +167,10 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
 
     dtype = backends.torch_dtype(precision)
-    model, processor = models.load_for_training(base_path, recipe, backend, dtype)
+    if recipe["method"] == "grpo":
+        model, processor = grpo.load_start(recipe, backend, dtype)
+    else:
+        model, processor = models.load_for_training(base_path, recipe, backend, dtype)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -174,14 +182,14 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
                    f"global batch {recipe['per_device_train_batch_size']} per device x "
                    f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = "
                    f"{launch['global_batch']}")
-    collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
-                                                    recipe["train_on_responses_only"], recipe["system_prompt"]))
+    collator = None if recipe["method"] == "grpo" else progress.CountingCollator(chat.VisionCollator(
+        processor, recipe["max_length"], recipe["train_on_responses_only"], recipe["system_prompt"]))
 
     # --- run ---------------------------------------------------------------------------------------
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import rotate_checkpoints
 
-    class KitTrainer(training.sft_trainer_class()):
+    class KitTrainer(grpo.trainer_class() if recipe["method"] == "grpo" else training.sft_trainer_class()):
         def _save_checkpoint(self, model, trial):
             # Write the checkpoint beside its final name, then rename: a crash never leaves half a checkpoint.
             final_root = self.args.output_dir
@@ -213,12 +221,16 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
             reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
             model.load_state_dict(reloaded.state_dict())
 
-    args = training.sft_config(recipe, precision, backend, str(run_dir / "checkpoints"))
-    train_dataset, eval_dataset, collate = training.indexed_datasets(train_samples, eval_questions, collator)
-    trainer = KitTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate,
-                            processing_class=processor, eval_dataset=eval_dataset)
-    trainer.eval_questions, trainer.eval_system_prompt, trainer.eval_backend = \
-        eval_questions, recipe["system_prompt"], backend
+    if recipe["method"] == "grpo":  # Qwen2-VL does not think: no think block to read the answer after
+        trainer = KitTrainer(**grpo.trainer_arguments(recipe, precision, backend, str(run_dir / "checkpoints"),
+                                                      model, processor, train_samples, think_end=None))
+    else:
+        args = training.sft_config(recipe, precision, backend, str(run_dir / "checkpoints"))
+        train_dataset, eval_dataset, collate = training.indexed_datasets(train_samples, eval_questions, collator)
+        trainer = KitTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate,
+                             processing_class=processor, eval_dataset=eval_dataset)
+        trainer.eval_questions, trainer.eval_system_prompt, trainer.eval_backend = \
+            eval_questions, recipe["system_prompt"], backend
     trainer.remove_callback(PrinterCallback)
     checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume_dir else None
     if resume_dir:

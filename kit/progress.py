@@ -35,8 +35,15 @@ class CountingCollator:
         return batch
 
 
-def progress_line(path: Path, counter: CountingCollator, keep_until: int):
-    """A callback printing one fixed-field line per logging step, the same fields in metrics.jsonl."""
+# GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the KL to the
+# starting model and the answers' length; each reward's own mean is added as reward_<name>.
+GRPO_FIELDS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl",
+               "completions/mean_length": "completion_length"}
+
+
+def progress_line(path: Path, counter: CountingCollator | None, keep_until: int):
+    """A callback printing one fixed-field line per logging step, the same fields in metrics.jsonl. Without a
+    counter (GRPO builds its own batches) tokens are the trainer's count of prompt and completion tokens."""
     from transformers import TrainerCallback
 
     class ProgressLine(TrainerCallback):
@@ -61,14 +68,18 @@ def progress_line(path: Path, counter: CountingCollator, keep_until: int):
                 return
             now, steps = time.time(), max(state.global_step - self.last_step, 1)
             seconds = max(now - self.last_time, 1e-9)
-            tokens = total(counter.tokens)  # every rank logs the same steps: all of them count their tokens
+            # every rank logs the same steps: all of them count their tokens
+            tokens = total(counter.tokens) if counter else state.num_input_tokens_seen
             row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
                    "ms_per_step": 1000 * seconds / steps,
                    "tokens_per_s": (tokens - self.last_tokens) / seconds,
                    "peak_mem_gb": peak_memory_gb(), "time": now}
+            row.update(grpo_values(logs))
+            rewards = f" | reward {row['reward']:.3f} ± {row['reward_std']:.3f} | kl {row.get('kl', 0):.4f} | " \
+                      f"len {row['completion_length']:.1f}" if "reward" in row else ""
             click.echo(f"step {row['step']:05d}/{state.max_steps:05d} | loss {row['loss']:.4f} | "
                        f"lr {row['lr']:.1e} | {row['ms_per_step']:,.0f} ms | {row['tokens_per_s']:,.0f} tok/s | "
-                       f"mem {row['peak_mem_gb']:.1f} GB")
+                       f"mem {row['peak_mem_gb']:.1f} GB{rewards}")
             if is_main():
                 with path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
@@ -76,6 +87,15 @@ def progress_line(path: Path, counter: CountingCollator, keep_until: int):
             self.last_loss = row["loss"]
 
     return ProgressLine()
+
+
+def grpo_values(logs: dict) -> dict:
+    """The GRPO fields of one logging step (none for SFT): GRPO_FIELDS, and reward_<name> per reward function."""
+    values = {field: logs[key] for key, field in GRPO_FIELDS.items() if logs.get(key) is not None}
+    for key, value in logs.items():
+        if key.startswith("rewards/") and key.endswith("/mean") and value is not None:
+            values[f"reward_{key.split('/')[1]}"] = value
+    return values
 
 
 def summary(path: Path, resumed_at: int = 0) -> tuple[float, float]:
@@ -136,7 +156,9 @@ def plot_loss(metrics_path: Path, png_path: Path):
 
     every = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     rows, evals = [r for r in every if "loss" in r], [r for r in every if "eval_loss" in r]
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), dpi=100, squeeze=False)
+    rewarded = [r for r in rows if "reward" in r]
+    panels = 1 + bool(evals) + bool(rewarded)
+    fig, axes = plt.subplots(1, panels, figsize=(6 + 5 * (panels - 1), 3.5), dpi=100, squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
     ax.set_xlabel("step")
@@ -155,9 +177,28 @@ def plot_loss(metrics_path: Path, png_path: Path):
             right.plot([r["step"] for r in scored], [100 * r["eval_relaxed_accuracy"] for r in scored],
                        marker="s", color="tab:green")
             right.set_ylabel(f"relaxed accuracy % ({scored[-1].get('eval_questions')} questions)", color="tab:green")
+    if rewarded:
+        plot_rewards(axes[0][-1], rewarded)
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+def plot_rewards(ax, rows: list[dict]):
+    """The GRPO panel: mean reward with its spread over the group's answers, and each reward function's mean."""
+    steps = [r["step"] for r in rows]
+    mean = [r["reward"] for r in rows]
+    spread = [r.get("reward_std", 0.0) for r in rows]
+    ax.plot(steps, mean, marker=".", color="tab:purple", label="reward (weighted sum)")
+    ax.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                    color="tab:purple", alpha=0.15, label="± std")
+    for key in sorted({k for r in rows for k in r if k.startswith("reward_") and k != "reward_std"}):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], linestyle="--",
+                label=key.removeprefix("reward_"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("GRPO reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def peak_memory_gb() -> float:
