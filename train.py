@@ -83,7 +83,7 @@ def run(recipe_name, overrides, output, backend_name, resume_dir, force, plan_on
         recipe, changes = recipes.load(recipe_name, overrides)
     from kit import grpo
 
-    recipe, inherited = grpo.inherit(recipe)  # method=grpo: the model keys of the run it starts from
+    recipe, inherited = grpo.prepare(recipe)  # method=grpo: the model keys of the run it starts from
     if gpu:
         from kit.plan import gpu_count, named_gpu
 

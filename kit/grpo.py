@@ -91,14 +91,34 @@ def start_run(init_from: str) -> tuple[Path, Path]:
     return folder, config
 
 
-def inherit(recipe: dict) -> tuple[dict, list[tuple[str, object, object]]]:
-    """The recipe with the model keys (INHERITED) of the run it starts from; returns it and the (key, old, new)
-    values that changed. A recipe without method=grpo is returned as it is."""
+def prepare(recipe: dict) -> tuple[dict, list[tuple[str, object, object]]]:
+    """Before anything loads: the recipe with the model keys (INHERITED) of the run it starts from, and the
+    (key, old, new) values that changed; on a machine without CUDA, Triton switched to its interpreter (see
+    trainer_class). A recipe without method=grpo is returned as it is."""
     if recipe["method"] != "grpo":
         return recipe, []
     saved = json.loads(start_run(recipe["init_from"])[1].read_text())["recipe"]
     changed = [(key, recipe[key], saved[key]) for key in INHERITED if key in saved and saved[key] != recipe[key]]
+    use_triton_interpreter_without_cuda()
     return {**recipe, **{key: saved[key] for key in INHERITED if key in saved}}, changed
+
+
+def use_triton_interpreter_without_cuda():
+    """TRL 1.15 computes GRPO's log-probabilities only through its Triton kernel (trl.kernels), and Triton has no
+    CPU driver; its interpreter runs the same kernel on CPU tensors (slow, equal to float32 rounding). Triton
+    reads the switch as it defines each kernel, its own included, so this runs before it is first imported
+    (transformers' model classes import it)."""
+    import os
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules:
+        raise RuntimeError("internal: triton was imported before kit.grpo could switch it to its CPU interpreter; "
+                           "call kit.grpo.prepare first, or set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def load_start(recipe: dict, backend: str, dtype):
@@ -155,9 +175,9 @@ def prompt_dataset(samples, processor, system_prompt: str):
         Prompts(samples, processor, system_prompt))
 
 
-def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str):
+def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, suppress_tokens=()):
     """trl.GRPOConfig from the recipe: the training keys as kit/trainer.sft_config reads them, then the GRPO keys
-    (named after GRPOConfig's fields)."""
+    (named after GRPOConfig's fields). `suppress_tokens`: ids never sampled in an answer."""
     import torch
     from trl import GRPOConfig
 
@@ -181,34 +201,32 @@ def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str):
         beta=recipe["beta"], temperature=recipe["temperature"], top_p=recipe["top_p"],
         num_iterations=recipe["num_iterations"], epsilon=recipe["epsilon"], loss_type=recipe["loss_type"],
         scale_rewards=recipe["scale_rewards"], reward_weights=[float(w) for w in recipe["reward_weights"]],
+        generation_kwargs={"suppress_tokens": list(suppress_tokens)} if suppress_tokens else None,
     )
 
 
 def trainer_arguments(recipe: dict, precision: str, backend: str, output_dir: str, model, processor, samples,
                       think_end: str | None = None) -> dict:
     """Keyword arguments for trl.GRPOTrainer (or a subclass of it)."""
+    from kit.chat import VISION_TOKENS
+
     processor.tokenizer.padding_side = "left"  # prompts end where generation starts
+    # A sampled image pad would make the trainer's forward pass find more image tokens than the chart has
+    # features (an error); no answer holds one, so vision tokens are never sampled.
+    vision_ids = [processor.tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS]
     return {"model": model, "reward_funcs": reward_functions(think_end),
-            "args": grpo_config(recipe, precision, backend, output_dir),
+            "args": grpo_config(recipe, precision, backend, output_dir, vision_ids),
             "train_dataset": prompt_dataset(samples, processor, recipe["system_prompt"]), "processing_class": processor}
 
 
 def trainer_class():
-    """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first).
-
-    TRL 1.15 computes GRPO's log-probabilities only through its Triton kernel (trl.kernels), which has no CPU
-    driver; without CUDA the kernel runs in Triton's interpreter, the same code on CPU tensors (slow, exact to
-    float32 rounding). Triton reads the switch when a kernel is defined, so it is set before trl loads them."""
+    """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first)."""
     import os
-    import sys
 
     import torch
 
-    if not torch.cuda.is_available():
-        if "trl.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("internal: trl's kernels were loaded before kit.grpo could switch Triton to its CPU "
-                               "interpreter; set TRITON_INTERPRET=1 in the environment")
-        os.environ["TRITON_INTERPRET"] = "1"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("internal: GRPO on the CPU needs Triton's interpreter; call kit.grpo.prepare first")
     from trl import GRPOTrainer
 
     return GRPOTrainer
