@@ -81,8 +81,9 @@ BASE = {
     "epsilon": 0.2,  # PPO clip range of the probability ratio
     "loss_type": "dapo",  # TRL's default: token losses averaged over the batch's tokens, no length bias
     "scale_rewards": "group",  # advantages divided by each group's reward std (GRPO as published)
-    # relaxed_accuracy, short_answer: being right counts; no extra words only breaks ties between right answers
-    "reward_weights": [1.0, 0.2],
+    # relaxed_accuracy, short_answer: being right counts; no extra words only breaks ties between right answers.
+    # Text, as every list key is kept (--set reward_weights=1,0.5 and a config file give the same values)
+    "reward_weights": ["1.0", "0.2"],
     # --- held-out evaluation during training ------------------------------------------------------
     "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
     "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)
