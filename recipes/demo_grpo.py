@@ -1,5 +1,5 @@
 """GRPO after the laptop demo: the tiny model, fine-tuned by `--recipe demo`, keeps training on the same synthetic
-charts with TRL's GRPOTrainer, rewarded by ChartQA's relaxed accuracy (what eval.py reports); CPU, a few minutes.
+charts with TRL's GRPOTrainer, rewarded by ChartQA's relaxed accuracy (what eval.py reports); CPU, slow (see max_steps).
 
     python train.py --recipe demo --output runs/demo                  # the SFT run it starts from (make demo)
     python train.py --recipe demo_grpo --output runs/demo-grpo        # init_from=runs/demo
@@ -21,7 +21,9 @@ RECIPE = {
     "max_completion_length": 8,  # the SFT model answers "A" or "3" and stops; 8 leaves room to ramble
     "learning_rate": 1e-3,  # a third of the SFT rate: the policy gradient is noisier than the SFT loss
     "beta": 0.04,  # KL to the SFT model, so counting is not forgotten while "highest" moves
-    "max_steps": 400,  # ~2-4 min on two shared cores
+    # Measured on two cores shared with five other jobs: 30-70 s a step (TRL's log-prob kernel runs in Triton's
+    # interpreter on a CPU), so 400 steps are hours there; BENCHMARKS.md has what 65 steps did
+    "max_steps": 400,
     "warmup_steps": 10,
     "lr_scheduler_type": "constant_with_warmup",  # a short run: no decay to waste its last steps
     "logging_steps": 10,
