@@ -101,6 +101,9 @@ def run(options: Options):
         recipe, changes, recipe_name = recipes.load_config(config, overrides, config_label)
     else:
         recipe, changes = recipes.load(recipe_name, overrides)
+    from kit import grpo
+
+    recipe, inherited = grpo.prepare(recipe)  # method=grpo: the model keys of the run it starts from
     if gpu:
         from kit.plan import gpu_count, named_gpu
 
@@ -121,6 +124,8 @@ def run(options: Options):
         click.echo(f"  {key} = {value!r}")
     for key, old, new in changes:
         click.echo(f"Overriding: {key} = {new!r} (recipe: {old!r})")
+    for key, old, new in inherited:
+        click.echo(f"init_from: {key} = {new!r} (recipe: {old!r}), as {recipe['init_from']} was trained")
     for note in recipes.notes(recipe):
         click.echo(f"note: {note}")
 
@@ -198,7 +203,10 @@ def run(options: Options):
         training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
 
     dtype = backends.torch_dtype(precision)
-    model, processor = models.load_for_training(base_path, recipe, backend, dtype)
+    if recipe["method"] == "grpo":
+        model, processor = grpo.load_start(recipe, backend, dtype)
+    else:
+        model, processor = models.load_for_training(base_path, recipe, backend, dtype)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -211,10 +219,12 @@ def run(options: Options):
                    f"global batch {recipe['per_device_train_batch_size']} per device x "
                    f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = "
                    f"{launch['global_batch']}")
-    packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)  # None unless packing=true
-    collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
-                                                    recipe["train_on_responses_only"], recipe["system_prompt"],
-                                                    packer=packer))
+    collator = None  # method=grpo: TRL's GRPOTrainer batches its own prompts and completions
+    if recipe["method"] == "sft":
+        packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)  # None unless packing=true
+        collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
+                                                        recipe["train_on_responses_only"], recipe["system_prompt"],
+                                                        packer=packer))
 
     # --- run ---------------------------------------------------------------------------------------
     from kit import callbacks, checkpoints, sft
@@ -223,9 +233,13 @@ def run(options: Options):
     if resume_dir:
         click.echo(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting over")
     resumed_at = checkpoints.step_of(checkpoint) if checkpoint else 0
-    # The trainer for the recipe's method (SFT) is built here; checkpoints and progress are the same for any.
-    trainer = sft.build_trainer(recipe, precision, backend, run_dir / "checkpoints", model, processor, collator,
-                                train_samples, eval_questions)
+    # The trainer for the recipe's method is built here; checkpoints and progress are the same for both.
+    if recipe["method"] == "grpo":
+        trainer = grpo.build_trainer(recipe, precision, backend, run_dir / "checkpoints", model, processor,
+                                     train_samples, family)
+    else:
+        trainer = sft.build_trainer(recipe, precision, backend, run_dir / "checkpoints", model, processor, collator,
+                                    train_samples, eval_questions)
     trainer.add_callback(checkpoints.CompleteCheckpoints(keep=recipe["save_total_limit"]))
     trainer.add_callback(callbacks.ProgressLine(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
     trainer.add_callback(callbacks.StopOnSignal())

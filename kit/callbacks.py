@@ -15,13 +15,14 @@ from transformers import TrainerCallback
 
 from kit import runfolder
 from kit.distributed import any_rank, is_main, total
-from kit.progress import CountingCollator, log_eval, peak_memory_gb
+from kit.progress import CountingCollator, grpo_values, log_eval, peak_memory_gb
 
 
 class ProgressLine(TrainerCallback):
-    """One fixed-field line per logging step, the same fields in metrics.jsonl."""
+    """One fixed-field line per logging step, the same fields in metrics.jsonl. Without a counter (GRPO builds its
+    own batches) tokens are the trainer's count of prompt and completion tokens."""
 
-    def __init__(self, path: Path, counter: CountingCollator, keep_until: int):
+    def __init__(self, path: Path, counter: CountingCollator | None, keep_until: int):
         self.path, self.counter = path, counter
         # On resume, rows logged after the checkpoint are logged again; keep the curve single-valued.
         rows = path.read_text().splitlines() if keep_until and path.exists() else []
@@ -43,14 +44,18 @@ class ProgressLine(TrainerCallback):
             return
         now, steps = time.time(), max(state.global_step - self.last_step, 1)
         seconds = max(now - self.last_time, 1e-9)
-        tokens = total(self.counter.tokens)  # every rank logs the same steps: all of them count their tokens
+        # every rank logs the same steps: all of them count their tokens
+        tokens = total(self.counter.tokens) if self.counter else state.num_input_tokens_seen
         row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
                "ms_per_step": 1000 * seconds / steps,
                "tokens_per_s": (tokens - self.last_tokens) / seconds,
                "peak_mem_gb": peak_memory_gb(), "time": now}
+        row.update(grpo_values(logs))
+        rewards = f" | reward {row['reward']:.3f} ± {row['reward_std']:.3f} | kl {row.get('kl', 0):.4f} | " \
+                  f"len {row['completion_length']:.1f}" if "reward" in row else ""
         click.echo(f"step {row['step']:05d}/{state.max_steps:05d} | loss {row['loss']:.4f} | "
                    f"lr {row['lr']:.1e} | {row['ms_per_step']:,.0f} ms | {row['tokens_per_s']:,.0f} tok/s | "
-                   f"mem {row['peak_mem_gb']:.1f} GB")
+                   f"mem {row['peak_mem_gb']:.1f} GB{rewards}")
         if is_main():
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")

@@ -35,6 +35,21 @@ class CountingCollator:
         return batch
 
 
+# GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the KL to the
+# starting model and the answers' length; each reward's own mean is added as reward_<name>.
+GRPO_FIELDS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl",
+               "completions/mean_length": "completion_length"}
+
+
+def grpo_values(logs: dict) -> dict:
+    """The GRPO fields of one logging step (none for SFT): GRPO_FIELDS, and reward_<name> per reward function."""
+    values = {field: logs[key] for key, field in GRPO_FIELDS.items() if logs.get(key) is not None}
+    for key, value in logs.items():
+        if key.startswith("rewards/") and key.endswith("/mean") and value is not None:
+            values[f"reward_{key.split('/')[1]}"] = value
+    return values
+
+
 def summary(path: Path, resumed_at: int = 0) -> tuple[float, float]:
     """(the last logged loss, seconds spent training up to step `resumed_at` in earlier sessions), from
     metrics.jsonl, so that a resumed run reports the whole run and not only its last part."""
@@ -69,7 +84,9 @@ def plot_loss(metrics_path: Path, png_path: Path):
 
     every = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     rows, evals = [r for r in every if "loss" in r], [r for r in every if "eval_loss" in r]
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), dpi=100, squeeze=False)
+    rewarded = [r for r in rows if "reward" in r]
+    panels = 1 + bool(evals) + bool(rewarded)
+    fig, axes = plt.subplots(1, panels, figsize=(6 + 5 * (panels - 1), 3.5), dpi=100, squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
     ax.set_xlabel("step")
@@ -88,9 +105,28 @@ def plot_loss(metrics_path: Path, png_path: Path):
             right.plot([r["step"] for r in scored], [100 * r["eval_relaxed_accuracy"] for r in scored],
                        marker="s", color="tab:green")
             right.set_ylabel(f"relaxed accuracy % ({scored[-1].get('eval_questions')} questions)", color="tab:green")
+    if rewarded:
+        plot_rewards(axes[0][-1], rewarded)
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+def plot_rewards(ax, rows: list[dict]):
+    """The GRPO panel: mean reward with its spread over the group's answers, and each reward function's mean."""
+    steps = [r["step"] for r in rows]
+    mean = [r["reward"] for r in rows]
+    spread = [r.get("reward_std", 0.0) for r in rows]
+    ax.plot(steps, mean, marker=".", color="tab:purple", label="reward (weighted sum)")
+    ax.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                    color="tab:purple", alpha=0.15, label="± std")
+    for key in sorted({k for r in rows for k in r if k.startswith("reward_") and k != "reward_std"}):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], linestyle="--",
+                label=key.removeprefix("reward_"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("GRPO reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def peak_memory_gb() -> float:

@@ -10,6 +10,9 @@ from pathlib import Path
 from kit.errors import UserError
 
 CHOICES = {
+    "method": ("sft", "grpo"),
+    "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"),  # TRL's, less those needing other keys
+    "scale_rewards": ("group", "batch", "none"),
     "backend": ("auto", "unsloth", "hf"),
     "finetune": ("lora", "full"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
@@ -24,9 +27,10 @@ LIST_CHOICES = {
 }
 POSITIVE = ("lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
             "num_train_epochs", "logging_steps", "save_steps", "max_length", "min_pixels", "max_pixels",
-            "synthetic_num_train", "synthetic_num_test", "synthetic_size", "max_grad_norm")
+            "synthetic_num_train", "synthetic_num_test", "synthetic_size", "max_grad_norm", "max_completion_length",
+            "temperature", "top_p", "num_iterations")
 NON_NEGATIVE = ("lora_dropout", "limit", "warmup_steps", "weight_decay", "save_total_limit", "dataloader_num_workers",
-                "eval_steps", "eval_samples", "eval_fraction", "synthetic_grid")
+                "eval_steps", "eval_samples", "eval_fraction", "synthetic_grid", "beta", "epsilon")
 
 
 class RecipeError(UserError, ValueError):
@@ -94,10 +98,42 @@ def check(recipe: dict, name: str = "recipe"):
     if recipe["finetune"] == "full" and recipe["load_in_4bit"]:
         raise RecipeError(f"{name}: finetune=full cannot train 4-bit weights; set load_in_4bit=false or "
                           "finetune=lora")
+    check_grpo(recipe, name)
     if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic")
             or recipe["dataset"].startswith(("jsonl:", "hf:", "llamafactory:"))):
         raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: chartqa, latex_ocr, synthetic, "
                           "jsonl:PATH, hf:HUB_ID_OR_FOLDER, llamafactory:DIR#NAME")
+
+
+def check_grpo(recipe: dict, name: str):
+    """The GRPO keys: a run to start from, groups that fit the batch, one weight per reward."""
+    if recipe["method"] != "grpo":
+        if recipe["init_from"]:
+            raise RecipeError(f"{name}: init_from={recipe['init_from']!r} is for method=grpo; set method=grpo or "
+                              "init_from=")
+        return
+    if not recipe["init_from"]:
+        raise RecipeError(f"{name}: method=grpo continues a trained run; name it with init_from=RUN_DIR "
+                          "(e.g. --set init_from=runs/demo)")
+    if recipe["num_generations"] < 2:
+        raise RecipeError(f"{name}: num_generations={recipe['num_generations']}: GRPO ranks a group of at least 2 "
+                          "answers per question")
+    batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    if batch % recipe["num_generations"]:
+        raise RecipeError(f"{name}: per_device_train_batch_size x gradient_accumulation_steps = {batch} completions "
+                          f"is not a multiple of num_generations={recipe['num_generations']}; every question's "
+                          "group must be in one batch")
+    weights = recipe["reward_weights"]
+    try:
+        numbers = [float(weight) for weight in weights]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 2:
+        raise RecipeError(f"{name}: reward_weights={weights!r}: give two numbers, for relaxed_accuracy and "
+                          "short_answer, e.g. --set reward_weights=1.0,0.2")
+    if recipe["eval_steps"] or recipe["load_best_model_at_end"]:
+        raise RecipeError(f"{name}: method=grpo does not evaluate during training; set eval_steps=0 and "
+                          "load_best_model_at_end=false, and score the run with eval.py")
 
 
 def notes(recipe: dict) -> list[str]:

@@ -1,11 +1,19 @@
 """Defaults for every recipe. Keys are the names of the library arguments they feed:
-peft.LoraConfig / FastVisionModel.get_peft_model, trl.SFTConfig, and the model's image processor.
+peft.LoraConfig / FastVisionModel.get_peft_model, trl.SFTConfig (trl.GRPOConfig for method=grpo), and the
+model's image processor.
 
 Not run directly: a recipe is `RECIPE = {**BASE, ...}`. Any key can be changed from the command line:
     python train.py --recipe chartqa --set learning_rate=1e-4 --set max_steps=200
 """
 
 BASE = {
+    # --- method --------------------------------------------------------------------------------------
+    "method": "sft",  # sft | grpo; grpo continues the run named by init_from with TRL's GRPOTrainer
+    # The run method=grpo starts from: a finished run folder (e.g. runs/demo) or one of its checkpoints/checkpoint-N.
+    # Its adapter or weights are the start, and its model keys (model_name_or_path, finetune, load_in_4bit, LoRA
+    # shape, system_prompt, pixel limits) replace this recipe's, so eval.py, merge.py and infer.py load the GRPO
+    # run as they loaded that one.
+    "init_from": "",
     # --- model -----------------------------------------------------------------------------------
     # hub id, local folder, or a model the kit builds: `tiny[:FAMILY]` (tiny:qwen2-vl, tiny:qwen2.5-vl) or
     # `random:SHAPE` (random:qwen2-vl-7b, random:qwen2.5-vl-3b, ...: README "Models")
@@ -79,6 +87,20 @@ BASE = {
     # a recipe has measured it on its data (bench.py --packing); eval and generation never pack.
     "packing": False,
     "train_on_responses_only": True,
+    # --- GRPO (method=grpo; trl.GRPOConfig names) ----------------------------------------------------
+    # per_device_train_batch_size counts completions there: batch / num_generations questions a step
+    "num_generations": 8,  # answers sampled per question; the group they are ranked in (TRL's default)
+    "max_completion_length": 32,  # tokens; chart answers are short, as eval.py's 32-token answers
+    "beta": 0.04,  # KL to the starting model: keeps it near what SFT taught (DeepSeekMath's 0.04; TRL's default 0)
+    "temperature": 1.0,  # sample from the model as it is: the group needs different answers to rank
+    "top_p": 1.0,
+    "num_iterations": 1,  # updates per generated batch (1: always on-policy)
+    "epsilon": 0.2,  # PPO clip range of the probability ratio
+    "loss_type": "dapo",  # TRL's default: token losses averaged over the batch's tokens, no length bias
+    "scale_rewards": "group",  # advantages divided by each group's reward std (GRPO as published)
+    # relaxed_accuracy, short_answer: being right counts; no extra words only breaks ties between right answers.
+    # Text, as every list key is kept (--set reward_weights=1,0.5 and a config file give the same values)
+    "reward_weights": ["1.0", "0.2"],
     # --- held-out evaluation during training ------------------------------------------------------
     "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
     "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)
