@@ -101,7 +101,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
     import torch
 
     from data.synthetic import generate
-    from kit import chat, families, model as models, packing, plan, progress, sft, trainer as training
+    from kit import callbacks, chat, families, model as models, packing, plan, progress, sft, trainer as training
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
@@ -129,39 +129,11 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
                                                  packer=packer))
     counter = progress.CountingCollator(collator)
 
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        # Timed from one step's end to the next: the trainer fetches (and collates) a step's batches
-        # before on_step_begin, so a begin-to-end timer would miss the data time.
-        def __init__(self):
-            self.times, self.tokens, self.data_seconds, self.positions = [], [], [], []
-
-        def mark(self):
-            if cuda:
-                torch.cuda.synchronize()
-            self.last, self.last_tokens, self.last_data = time.perf_counter(), counter.tokens, collator.seconds
-            self.last_positions = collator.positions
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.mark()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.last)
-            self.tokens.append(counter.tokens - self.last_tokens)
-            self.data_seconds.append(collator.seconds - self.last_data)
-            self.positions.append(collator.positions - self.last_positions)
-            if state.global_step == warmup and cuda:
-                torch.cuda.reset_peak_memory_stats()
-            self.mark()
-
     # The training train.py runs, only without logging and checkpoints.
     args = sft.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
                                logging_steps=10**9, logging_first_step=False, save_strategy="no",
                                eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
-    timer = StepTimer()
+    timer = callbacks.StepTimer(counter, collator, warmup)
     dataset, collate = training.indexed_dataset(samples, counter)
     trainer = sft.trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collate,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import click
+import torch
 from transformers import TrainerCallback
 
 from kit import runfolder
@@ -86,3 +87,34 @@ class CommitAfterFirstStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         runfolder.commit()
+
+
+class StepTimer(TrainerCallback):
+    """bench.py's clock: each step timed from one step's end to the next, since the trainer fetches (and collates)
+    a step's batches before on_step_begin and a begin-to-end timer would miss the data time. `counter` and
+    `collator` are bench.py's CountingCollator and TimedCollator; peak memory is reset after `warmup` steps."""
+
+    def __init__(self, counter, collator, warmup: int):
+        self.counter, self.collator, self.warmup = counter, collator, warmup
+        self.cuda = torch.cuda.is_available()
+        self.times, self.tokens, self.data_seconds, self.positions = [], [], [], []
+
+    def mark(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.last, self.last_tokens, self.last_data = time.perf_counter(), self.counter.tokens, self.collator.seconds
+        self.last_positions = self.collator.positions
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.last)
+        self.tokens.append(self.counter.tokens - self.last_tokens)
+        self.data_seconds.append(self.collator.seconds - self.last_data)
+        self.positions.append(self.collator.positions - self.last_positions)
+        if state.global_step == self.warmup and self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.mark()

@@ -140,9 +140,9 @@ class LlamaCppPair:
 
     def answer(self, text: str, images: list, max_new_tokens: int, temperature: float = 0.0, min_p: float = 0.0,
                seed: int = 0, on_piece=None) -> str:
-        """The reply to chat `text` (the model's template, the family's image slot per image, ending in the assistant's turn),
-        sampled by llama.cpp until an end-of-generation token: greedy at temperature 0, else min-p then
-        temperature. `on_piece(text)` gets each piece of it as it comes."""
+        """The reply to chat `text` (the model's template, the family's image slot per image, ending in the
+        assistant's turn), sampled by llama.cpp until an end-of-generation token: greedy at temperature 0, else
+        min-p then temperature. `on_piece(text)` gets each piece of it as it comes."""
         llama_cpp = self.llama_cpp
         _, _, position = self._prompt(text, images, every_logit=False)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())

@@ -86,7 +86,7 @@ BASE = {
     # each) instead of padding them to the longest: the same loss and steps, less compute on padding. Off until
     # a recipe has measured it on its data (bench.py --packing); eval and generation never pack.
     "packing": False,
-    "train_on_responses_only": True,
+    "train_on_responses_only": True,  # loss only on the assistant's answers, not on the question
     # --- GRPO (method=grpo; trl.GRPOConfig names) ----------------------------------------------------
     # per_device_train_batch_size counts completions there: batch / num_generations questions a step
     "num_generations": 8,  # answers sampled per question; the group they are ranked in (TRL's default)
@@ -108,5 +108,5 @@ BASE = {
     # 0 = never; nothing either without held-out rows
     "eval_samples": 0,  # the first N held-out questions (a fixed, seeded order) are scored; 0 = all
     "load_best_model_at_end": False,  # keep the checkpoint with the best held-out accuracy as the final model
-    "report_to": "none",  # none | tensorboard | wandb | trackio (transformers' integrations; logs in <run>/logs)  # loss only on the assistant's answers, not on the question
+    "report_to": "none",  # none | tensorboard | wandb | trackio (transformers' integrations; logs in <run>/logs)
 }
