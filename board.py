@@ -192,7 +192,7 @@ def train_tab(board, root: Path):
         overrides, updates, note = checked(start_name, values)
         if overrides is None:
             return *updates, note, gr.update()
-        if (root / name).exists() and any(p.name != "plan.json" for p in (root / name).iterdir()):
+        if runs.holds_run(root / name):
             return *updates, f"**runs/{name} already holds a run**: Resume it or pick another name", name
         try:
             cmd = train_command(root, start_name, name, config, overrides)

@@ -46,7 +46,12 @@ def log_path(run_dir: Path) -> Path:
             waiting.unlink()
         else:
             waiting.replace(inside)
-    return inside if inside.exists() or run_dir.is_dir() and not waiting.exists() else waiting
+    return inside if inside.exists() or holds_run(run_dir) and not waiting.exists() else waiting
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a run is in the folder: anything but the plan.json that train.py --plan writes there first."""
+    return run_dir.is_dir() and any(p.name != "plan.json" for p in run_dir.iterdir())
 
 
 def start_training(cmd: list[str], run_dir: Path) -> int:

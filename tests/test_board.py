@@ -338,3 +338,15 @@ def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch
     assert f"llama.cpp run-f16.gguf, image prompt: same {image['prompt_tokens']} prompt tokens" in proven
     assert commands.splitlines()[0].startswith(f"llama-mtmd-cli -m {root / 'run-gguf' / 'run-f16.gguf'}")
     assert (root / "run-gguf" / "run-f16.gguf").is_file()
+
+
+def test_a_folder_holding_only_a_plan_is_no_run_yet(tmp_path):
+    """Plan writes plan.json into the run folder; Start must still find it free (its log waits beside it)."""
+    from kit import board_runs
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "plan.json").write_text("{}")
+    assert not board_runs.holds_run(run) and board_runs.log_path(run) == tmp_path / "runs" / ".r1.train.log"
+    (run / "run_config.json").write_text("{}")
+    assert board_runs.holds_run(run) and board_runs.log_path(run) == run / "train.log"
