@@ -25,6 +25,8 @@ row the token before it is the previous sample's last, which must not learn to p
 
 import torch
 
+from kit.errors import UserError
+
 IGNORE = -100
 PAD_POSITION = -1  # the 3-D rope position of row padding: never attended by a real token, never in the loss
 # What the processor puts beside each image / video, in the order of their tokens: (token type in
@@ -73,6 +75,12 @@ def for_model(model, recipe: dict, pad_token_id: int):
     """The Packer for this model when the recipe packs, else None."""
     if not recipe["packing"]:
         return None
+    from kit import families
+
+    family = families.of_model_type(model.config.model_type)
+    if not family.packs:
+        raise UserError(f"packing=true: {family.name} carries state across a packed row's samples (its linear "
+                        "attention), so packed samples would see each other; set packing=false for this model")
     module = rope_module(model)
     attention = str(getattr(model.config, "_attn_implementation", "") or "")
     return Packer(module.get_rope_index, module.config.vision_config.spatial_merge_size, recipe["max_length"],

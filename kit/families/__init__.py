@@ -199,6 +199,10 @@ class Family:
     # (processor) -> bool, for families that share a processor class (Qwen3-VL and Qwen3.5): True when the
     # processor is this family's. None: the class name decides.
     claims_processor: Callable | None = None
+    # Whether samples packed into one row stay apart (packing=true): attention is kept per sample by the packed
+    # position_ids, but a layer that carries state along the row (Qwen3.5's Gated DeltaNet) would let one sample
+    # see the one before it. Such a family refuses packing rather than train on what it never sees at inference.
+    packs: bool = True
 
     def chat_text(self, processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as this family's chat template writes it (with its chat_template_kwargs)."""
