@@ -44,24 +44,14 @@ def build_tokenizer(template: str, regex: str = _tiny.QWEN2_PRETOKENIZE_REGEX, q
     """A byte-level BPE trained on the kit's corpus with the family's split regex, Qwen2-VL's special tokens, the
     Qwen3 plain added tokens (<think>, </think>, ...) and the family's chat template; Qwen3.5 uses its own
     tokenizer class (Qwen3_5Tokenizer), as its checkpoints do."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken
 
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_tiny.corpus(), trainers.BpeTrainer(
-        vocab_size=640, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    vocab, merges = _tiny.train_bpe(regex)
     if qwen3_5:
         from transformers import Qwen3_5Tokenizer as tokenizer_class
     else:
         from transformers import Qwen2Tokenizer as tokenizer_class
-    tokenizer = tokenizer_class(vocab=state["vocab"], merges=merges, unk_token=None, bos_token=None,
+    tokenizer = tokenizer_class(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
                                 eos_token=MARKUP.im_end, pad_token=MARKUP.end_of_text)
     tokenizer.add_special_tokens({"additional_special_tokens": list(_tiny.QWEN2_VL_SPECIAL_TOKENS)})
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_TOKENS])
@@ -132,3 +122,22 @@ def save_model(cls, config, folder, processor, weights: bool = True, bf16: bool 
         generation["eos_token_id"] = [config.text_config.eos_token_id, config.text_config.pad_token_id]
         path.write_text(json.dumps(generation, indent=2) + "\n")
 
+
+def builders(tokenizer, config, model_class, moe: bool, tiny: dict, text_shapes: dict, vision_shapes: dict,
+             rope: dict):
+    """(build_tiny, build_random) of a Qwen3 family file's dense or MoE variant: `tokenizer()`, `config(...)` and
+    `model_class(moe)` are the file's own; `tiny` holds its tiny model's text, experts, vision, rope and init."""
+    def build_tiny(folder):
+        chosen = tokenizer()
+        text = dict(tiny["text"], vocab_size=len(chosen), **(tiny["experts"] if moe else {}))
+        made = config(chosen, text, tiny["vision"], tiny["rope"], moe, initializer_range=tiny["init"])
+        save_model(model_class(moe), made, folder, build_processor(chosen))
+
+    def build_random(name: str, folder, weights: bool):
+        chosen = tokenizer()
+        full = config(chosen, text_shapes[name], vision_shapes[name], rope, moe)
+        # the checkpoints' pixel bounds (preprocessor_config.json: shortest_edge 65536, longest_edge 16777216)
+        processor = build_processor(chosen, min_pixels=256 * 256, max_pixels=16777216)
+        save_model(model_class(moe), full, folder, processor, weights, bf16=True)
+
+    return build_tiny, build_random

@@ -51,16 +51,14 @@ def corpus():
         yield f"{i} {i * 3 % 101}.{i % 10} {i * 17 % 1000}% {1990 + i % 35}"
 
 
-def build_tokenizer(special_tokens=QWEN2_VL_SPECIAL_TOKENS, chat_template: str = QWEN2_VL_CHAT_TEMPLATE,
-                    eos: str = "<|im_end|>", pad: str = "<|endoftext|>", vocab_size: int = 640):
-    """A Qwen2Tokenizer with a BPE vocabulary trained on corpus(), the family's special tokens and template."""
+def train_bpe(regex: str = QWEN2_PRETOKENIZE_REGEX, vocab_size: int = 640) -> tuple[dict, list]:
+    """(vocab, merges) of a byte-level BPE trained on corpus(), splitting with a family's pre-tokenizer regex."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     bpe.decoder = decoders.ByteLevel()
@@ -68,8 +66,16 @@ def build_tokenizer(special_tokens=QWEN2_VL_SPECIAL_TOKENS, chat_template: str =
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus(), trainer)
     state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, errors="replace",
+    return state["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+
+
+def build_tokenizer(special_tokens=QWEN2_VL_SPECIAL_TOKENS, chat_template: str = QWEN2_VL_CHAT_TEMPLATE,
+                    eos: str = "<|im_end|>", pad: str = "<|endoftext|>", vocab_size: int = 640):
+    """A Qwen2Tokenizer with a BPE vocabulary trained on corpus(), the family's special tokens and template."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = train_bpe(vocab_size=vocab_size)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace",
                                unk_token=None, bos_token=None, eos_token=eos, pad_token=pad)
     tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     tokenizer.chat_template = chat_template

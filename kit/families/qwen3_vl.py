@@ -95,21 +95,8 @@ def tokenizer():
 
 def builders(moe: bool):
     """(build_tiny, build_random) for the dense or the MoE variant."""
-
-    def build_tiny(folder):
-        chosen = tokenizer()
-        text = dict(TINY_TEXT, vocab_size=len(chosen), **(TINY_EXPERTS if moe else {}))
-        tiny = config(chosen, text, TINY_VISION, TINY_ROPE, moe, initializer_range=TINY_INIT)
-        _qwen3.save_model(model_class(moe), tiny, folder, _qwen3.build_processor(chosen))
-
-    def build_random(name: str, folder, weights: bool):
-        chosen = tokenizer()
-        full = config(chosen, TEXT_SHAPES[name], VISION_SHAPES[name], ROPE, moe)
-        # the checkpoints' pixel bounds (preprocessor_config.json: shortest_edge 65536, longest_edge 16777216)
-        processor = _qwen3.build_processor(chosen, min_pixels=256 * 256, max_pixels=16777216)
-        _qwen3.save_model(model_class(moe), full, folder, processor, weights, bf16=True)
-
-    return build_tiny, build_random
+    tiny = dict(text=TINY_TEXT, experts=TINY_EXPERTS, vision=TINY_VISION, rope=TINY_ROPE, init=TINY_INIT)
+    return _qwen3.builders(tokenizer, config, model_class, moe, tiny, TEXT_SHAPES, VISION_SHAPES, ROPE)
 
 
 def claims(processor) -> bool:
