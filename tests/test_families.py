@@ -51,6 +51,7 @@ def exported(family_run):
     return run.parent / "export"
 
 
+@pytest.mark.slow
 def test_train_records_the_family_and_learns(family_run):
     name, run = family_run
     config = json.loads((run / "run_config.json").read_text())
@@ -63,6 +64,7 @@ def test_train_records_the_family_and_learns(family_run):
     assert losses[-1] < losses[0] / 2
 
 
+@pytest.mark.slow
 def test_eval_scores_the_run(family_run):
     import eval as evaluate
 
@@ -76,6 +78,7 @@ def test_eval_scores_the_run(family_run):
     assert report["systems"]["finetuned"]["relaxed"]["right"] == right
 
 
+@pytest.mark.slow
 def test_merge_parity_and_gguf_proof(family_run, exported):
     from gguf import GGUFReader
 
@@ -95,6 +98,7 @@ def test_merge_parity_and_gguf_proof(family_run, exported):
         assert proof["agree"] and proof["llama_cpp_tokens"] == proof["hf_tokens"], proof
 
 
+@pytest.mark.slow
 def test_infer_answers_alike_from_run_merged_and_gguf(family_run, exported):
     import infer
 
@@ -175,6 +179,7 @@ def test_qwen3_recipes_fit_24gb_on_their_true_shapes(recipe, shape, modules, tmp
     assert ("16-bit" in result.output) == ("qwen35" in recipe)  # Qwen3.5 trains 16-bit LoRA, Qwen3-VL QLoRA
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3-vl", "qwen3.5"])
 def test_a_think_block_is_in_the_loss_only_when_the_answer_has_one(name):
     """Qwen3.5's template writes an empty think block before every answer (and its thinking-off prompt ends with
@@ -259,6 +264,7 @@ def test_finetune_experts_on_a_dense_model_is_one_line():
         add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen3-vl")), recipe, "hf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family_run", ["qwen3.5"], indirect=True)
 def test_hybrid_model_answers_alike_with_and_without_a_reused_context(family_run, exported):
     """llama-cpp-python reuses a cached prefix by removing the rest of the KV cache, which a recurrent (Gated

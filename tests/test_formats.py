@@ -102,6 +102,7 @@ def test_each_format_reads_to_the_same_samples(tmp_path, charts, tool, suffix):
     assert len({s["source"] for s in samples}) == len(rows)  # every row has its own file:line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["llamafactory-sharegpt", "llamafactory-alpaca", "llava", "trl-chat"])
 def test_each_format_lints_trains_and_evaluates(tmp_path, charts, tool):
     rows = [WRITERS[tool](*chart) for chart in charts]
@@ -128,6 +129,7 @@ def test_each_format_lints_trains_and_evaluates(tmp_path, charts, tool):
     assert all(isinstance(row["prediction"], str) for row in written)
 
 
+@pytest.mark.slow
 def test_jsonl_with_byte_order_mark_trains(tmp_path, charts):
     path = write_jsonl(tmp_path / "bom.jsonl", [ours(*chart) for chart in charts], bom=True)
     result = train_on(f"jsonl:{path}", tmp_path / "run")
@@ -306,6 +308,7 @@ def test_every_turn_and_image_of_a_conversation_reaches_the_batch(tmp_path, char
     assert int(batch["image_grid_thw"].shape[0]) == 2 * len(samples)  # images in row order, none dropped
 
 
+@pytest.mark.slow
 def test_conversations_train_lint_and_evaluate_on_their_last_turn(tmp_path, charts):
     rows = conversation_rows(charts)
     train_file = write_json(tmp_path / "chats.json", rows)
@@ -320,6 +323,7 @@ def test_conversations_train_lint_and_evaluate_on_their_last_turn(tmp_path, char
     assert [p["question"] for p in predictions] == ["And this one?", "And this one?"]
 
 
+@pytest.mark.slow
 def test_hf_messages_and_images_columns_are_read_lazily_and_train(tmp_path, charts):
     import datasets
     from PIL import Image

@@ -71,6 +71,7 @@ def test_bad_grpo_settings_name_the_key(overrides, words):
         assert word in str(error.value)
 
 
+@pytest.mark.slow
 def test_init_from_must_be_a_finished_run(tmp_path):
     import train
 
@@ -103,6 +104,7 @@ def grpo_run(sft_run, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_grpo_run_folder(sft_run, grpo_run):
     import torch
     from safetensors.torch import load_file
@@ -128,6 +130,7 @@ def test_grpo_run_folder(sft_run, grpo_run):
     assert any(not torch.equal(before[key], after[key]) for key in before)  # it trained
 
 
+@pytest.mark.slow
 def test_eval_scores_a_grpo_run_like_any_other(grpo_run):
     import eval as evaluate
 
@@ -139,6 +142,7 @@ def test_eval_scores_a_grpo_run_like_any_other(grpo_run):
     assert report["pairs"][0]["baseline"] == "base" and report["pairs"][0]["candidate"] == "finetuned"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(sft_run, grpo_run, tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen(grpo_command(sft_run, killed), cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -152,6 +152,7 @@ def run(folder, overrides):
     return read_jsonl(folder / "metrics.jsonl")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_steps_and_epochs_are_counted_in_samples(tmp_path, spy, name):
     calls, packed = spy
@@ -175,6 +176,7 @@ def test_steps_and_epochs_are_counted_in_samples(tmp_path, spy, name):
     assert packed_calls and set(packed_calls) == {4}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_held_out_evaluation_and_generation_never_pack(tmp_path, spy, name):
     calls, packed = spy

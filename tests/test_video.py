@@ -73,6 +73,7 @@ def test_plan_counts_the_video_tokens_the_collator_makes(tmp_path, clips, proces
     assert grids[0][1:] == [84 // 14, 112 // 14] and grids[1][1:] == [112 // 14, 84 // 14]
 
 
+@pytest.mark.slow
 def test_video_rows_train_lint_evaluate_and_answer(tmp_path, clips):
     import eval as evaluate
     import infer
