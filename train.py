@@ -11,9 +11,7 @@ for finetune=full) with the processor, checkpoints/, metrics.jsonl and loss.png.
 """
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -197,7 +195,7 @@ def run(options: Options):
             "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
                                                       if not (resume_dir and k == "backend")],
             "config": config, "recipe": recipe, "family": family.name, "backend": backend, "precision": precision,
-            "versions": _versions(), "code_version": _git_version(), "command": " ".join(sys.argv),
+            "versions": runfolder.versions(), "code_version": runfolder.code_version(), "command": " ".join(sys.argv),
             "launch": distributed.describe(recipe)})
     if heldout_rows and distributed.is_main():
         training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
@@ -296,26 +294,6 @@ def _require(path: Path, why: str) -> Path:
 
 def _as_text(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "datasets"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
-def _git_version() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _duration(seconds: float) -> str:

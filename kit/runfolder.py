@@ -4,6 +4,8 @@ if the new run fails before its first training step; it is deleted only once tha
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -51,3 +53,25 @@ def restore_on_failure():
             restore()
         raise
     commit()  # finished (a run that took no step at all is still a finished run)
+
+
+def versions() -> dict:
+    """The versions run_config.json records: Python and the libraries whose behaviour the run depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "datasets"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def code_version() -> str:
+    """The kit's own version as git describes its checkout ("unknown" outside one)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
