@@ -154,6 +154,18 @@ def spy(monkeypatch):
 VARIED = ["synthetic_question_types=count,max,value", "max_length=1024"]
 
 
+def demo_charts(name: str) -> list[str]:
+    """The demo's charts on the model's own grid: 5 x 5 tokens (140 px on the 28-pixel grid, 160 on Qwen3's 32),
+    never resized."""
+    from transformers import AutoProcessor
+
+    from kit import model as models
+
+    processor = AutoProcessor.from_pretrained(models.resolve(name))
+    side = 5 * families.of_processor(processor).grid(processor)
+    return [f"synthetic_size={side}", f"max_pixels={side * side}"]
+
+
 def run(folder, overrides):
     args = ["--recipe", "demo", "--output", str(folder)]
     for item in overrides:
@@ -171,7 +183,7 @@ def test_steps_and_epochs_are_counted_in_samples(tmp_path, spy, name):
     common = [f"model_name_or_path={name}", f"synthetic_num_train={rows}", "synthetic_num_test=8", "max_steps=-1",
               "num_train_epochs=1", f"per_device_train_batch_size={batch}",
               f"gradient_accumulation_steps={accumulation}", "logging_steps=1", "save_steps=1000", "warmup_steps=1",
-              *VARIED]
+              *VARIED, *demo_charts(name)]
     padded = run(tmp_path / "padded", [*common, "packing=false"])
     assert not packed and all(masked for _, masked, _ in calls)
     del calls[:]
@@ -193,7 +205,8 @@ def test_held_out_evaluation_and_generation_never_pack(tmp_path, spy, name):
     calls, packed = spy
     rows = run(tmp_path / "run", [f"model_name_or_path={name}", "packing=true", "synthetic_num_train=40",
                                   "eval_fraction=0.2", "eval_steps=3", "eval_samples=4", "max_steps=3",
-                                  "logging_steps=1", "save_steps=1000", "warmup_steps=1", *VARIED])
+                                  "logging_steps=1", "save_steps=1000", "warmup_steps=1", *VARIED,
+                                  *demo_charts(name)])
     assert any("eval_loss" in r for r in rows)
     assert (tmp_path / "run" / "heldout_answers" / "step-3.jsonl").exists()  # generation ran
     training = [c for c in calls if c[0]]
