@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from kit import paths
 from kit.errors import UserError
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the version the Makefile builds: its vendored llama.cpp both writes and runs our files
@@ -71,10 +72,9 @@ def download_sdist() -> Path:
 
 
 def unpack_converter(tarball: Path, target: Path):
-    """Only the converter's parts of the sdist's vendor/llama.cpp (2 MB of the 77), renamed into place whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    """Only the converter's parts of the sdist's vendor/llama.cpp (2 MB of the 77), renamed into place whole (a
+    concurrent fetch that won keeps its copy, as good as ours)."""
+    def extract(staging: Path):
         with tarfile.open(tarball) as archive:
             prefix = tarball.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
             members = []
@@ -86,9 +86,9 @@ def unpack_converter(tarball: Path, target: Path):
             archive.extractall(staging, members=members, filter="data")
         if not (staging / "convert_hf_to_gguf.py").is_file():
             raise OSError(f"{tarball.name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
-        if not target.exists():  # a concurrent fetch may have won; its copy is as good as ours
-            staging.rename(target)
+
+    try:
+        paths.build_dir(target, extract)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(tarball.parent, ignore_errors=True)
     click.echo(f"converter unpacked into {target}")
