@@ -23,7 +23,7 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
 # Three blocks (llama.cpp's mmproj converter wants at least that many), window attention in the first two and full
 # attention in the last: llama.cpp's converter accepts only evenly spaced full-attention blocks (its n_wa_pattern,
 # the first index + 1). A 112-pixel window is 4x4 merged tokens, so a 140-pixel chart (5x5) spans four windows.
-TINY_VISION = dict(VISION, depth=3, hidden_size=32, intermediate_size=128, num_heads=2, fullatt_block_indexes=[2])
+TINY_VISION = dict(VISION, depth=3, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[2])
 
 
 def shape(config) -> Shape:
@@ -61,7 +61,7 @@ FAMILY = replace(
     lora=LoraNames(vision_mlp=("gate_proj", "up_proj", "down_proj")),
     shape=shape,
     build_tiny=build_tiny,
-    tiny_version="v1",
+    tiny_version="v2",
     random_shapes=TEXT_SHAPES,
     build_random=build_random,
     llama=LlamaNames(text_arch="qwen2vl", projector="qwen2.5vl_merger"),
