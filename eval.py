@@ -71,11 +71,13 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="chartqa",
               help="Relaxed accuracy rule. chartqa: ChartQA's reference (pix2struct; \"45%\" is 0.45), comparable "
                    "with published numbers. lenient: the kit's earlier rule (\"%\" dropped, so \"45%\" = \"45\").")
+@click.option("--question-types", help="Synthetic data only: ask these question types instead of the run's, e.g. "
+              "--question-types count,max for what the base was trained on after an adapter taught another.")
 @click.option("--score", "score_files", multiple=True, type=click.Path(path_type=Path),
               help="Score a predictions JSONL file instead of running a model (no TARGET), e.g. "
                    "--score questions.answers.jsonl; repeat to compare systems.")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-         on_bad_row, metric, score_files):
+         on_bad_row, metric, question_types, score_files):
     """Score TARGET: a run folder made by train.py, one of its checkpoints/checkpoint-N, a merged folder, a model
     folder or hub id, or a GGUF pair (TARGET is then the `finetuned` system); or score --score FILE."""
     with user_errors():
@@ -87,7 +89,7 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
             raise UserError("give TARGET (a run folder made by train.py), or --score FILE.jsonl; see --help")
         else:
             run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-                on_bad_row, metric)
+                on_bad_row, metric, question_types)
 
 
 def score(files, metric, out, force):
@@ -111,7 +113,7 @@ def check_out(out: Path, force: bool, inputs=()):
 
 
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
-        force, on_bad_row, metric="chartqa"):
+        force, on_bad_row, metric="chartqa", question_types=None):
     from kit.noise import silence_known_noise
 
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
@@ -119,6 +121,8 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     # --- options -----------------------------------------------------------------------------------
     kind, run_dir, weights_dir = locate_target(run_dir)
     recipe = target_recipe(run_dir, data_spec)
+    if question_types:  # a run's held-out rows ask its own types: the test split asks the chosen ones
+        recipe, split = with_question_types(recipe, question_types, data_spec), split or "test"
     systems = [name.strip() for name in compare.split(",") if name.strip()]
     unknown = [name for name in systems if name not in SYSTEMS]
     if unknown or not systems:
@@ -193,6 +197,18 @@ def target_recipe(run_dir: Path | None, data_spec: str | None) -> dict:
     name = data_spec if data_spec in recipes.names() else "chartqa"
     click.echo(f"no run folder: recipe {name}'s pixel limits and system prompt apply")
     return recipes.load(name)[0]
+
+
+def with_question_types(recipe: dict, question_types: str, data_spec: str | None) -> dict:
+    """--question-types: the synthetic test charts asking these types instead of the recipe's."""
+    from data.synthetic import QUESTION_TEMPLATES
+
+    chosen = [name.strip() for name in question_types.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in QUESTION_TEMPLATES]
+    if (data_spec or recipe["dataset"]) != "synthetic" or unknown or not chosen:
+        raise UserError(f"--question-types {question_types}: for synthetic data only, types among "
+                        f"{', '.join(QUESTION_TEMPLATES)}")
+    return {**recipe, "synthetic_question_types": chosen}
 
 
 def default_out(kind: str, run_dir: Path | None, weights_dir: Path | None) -> Path:

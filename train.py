@@ -160,13 +160,13 @@ def run(options: Options):
     planned = plan.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
     shape = plan.model_shape(base_path)
     memory = plan.estimate_memory(shape, recipe, max(i + t for i, t in counts or [(0, 0)]),
-                                  max((i for i, _ in counts), default=0), planned)
+                                  max((i for i, _ in counts), default=0), planned, backend)
     if plan_only:
         from kit import plan_file
 
         click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
         plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape,
-                        planned)
+                        planned, backend)
         per_gpu = plan.per_gpu_memory(shape, recipe, memory, gpus, planned) if gpus > 1 else None
         if per_gpu:
             plan.print_multi_gpu(len(train_samples), recipe, per_gpu, gpus, gpu_name, gpu_bytes)

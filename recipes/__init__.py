@@ -23,7 +23,7 @@ CHOICES = {
 # List keys whose every item must be one of these (data/synthetic.py draws exactly these).
 LIST_CHOICES = {
     "synthetic_chart_types": ("bar", "line"),
-    "synthetic_question_types": ("count", "max", "min", "value"),
+    "synthetic_question_types": ("count", "max", "min", "value", "last"),
 }
 POSITIVE = ("lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
             "num_train_epochs", "logging_steps", "save_steps", "max_length", "min_pixels", "max_pixels",

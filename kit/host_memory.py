@@ -1,0 +1,52 @@
+"""Host (CPU) memory of this process, as Linux counts it: resident set now, its peak since a reset, and a way to
+hand freed heap back first, so a reading is what the process holds rather than what malloc keeps cached.
+
+bench.py --memory reads these around the phases of a few LoRA steps (model loaded, optimizer step, peak) to set
+the plan's parts beside measured ones on a machine without a GPU.
+"""
+
+import ctypes
+import gc
+from pathlib import Path
+
+GIB = 1024**3
+STATUS = Path("/proc/self/status")
+
+
+def available() -> bool:
+    """Whether this system reports the figures (Linux /proc); elsewhere bench.py --memory says it cannot run."""
+    return STATUS.exists() and Path("/proc/self/clear_refs").exists()
+
+
+def _status_bytes(field: str) -> int:
+    for line in STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # the kernel writes kB
+    raise RuntimeError(f"{field} missing from {STATUS}")
+
+
+def settle():
+    """Collect garbage and give free heap pages back to the system (glibc keeps them otherwise), so the resident
+    set reflects live objects."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: readings include malloc's cache
+        pass
+
+
+def resident() -> int:
+    """Bytes resident now (VmRSS), after settle()."""
+    settle()
+    return _status_bytes("VmRSS")
+
+
+def peak() -> int:
+    """The largest resident set since the last reset_peak() (VmHWM)."""
+    return _status_bytes("VmHWM")
+
+
+def reset_peak():
+    """Start a new peak from the resident set now (writing 5 to clear_refs resets VmHWM)."""
+    settle()
+    Path("/proc/self/clear_refs").write_text("5")

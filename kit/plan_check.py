@@ -1,0 +1,62 @@
+"""bench.py --memory: train.py --plan's memory model set against host memory measured over a few LoRA steps on
+the CPU (kit/host_memory.py), part by part, for the same model, samples, batch and precision.
+"""
+
+from kit import plan
+
+GIB = 1024**3
+
+# The parts the memory table sets side by side, in the order printed; plan.estimate_memory's names.
+PARTS = ("base weights", "adapter + grads + optimizer", "activations + logits")
+
+
+def measured_parts(model, baseline, loaded, at_step, peak) -> dict:
+    """Measured bytes by part: the base = resident after loading (LoRA attached) less the adapter's own fp32
+    weights (counted, not measured); adapter + grads + optimizer = resident at the optimizer step less that;
+    activations + logits = the peak of the steps above the optimizer step's resident set."""
+    adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    weights = loaded - baseline - adapter
+    state = at_step - baseline - weights
+    return dict(zip(PARTS, (weights, state, peak - at_step)), total=peak - baseline, process_baseline=baseline)
+
+
+def planned_parts(path, recipe, samples, processor, backend) -> dict:
+    """train.py --plan's parts in bf16 for the same samples, without its CUDA overhead and fragmentation margin
+    (neither exists in host memory)."""
+    counts = plan.token_counts(samples, processor, recipe["system_prompt"])
+    memory = plan.estimate_memory(plan.model_shape(path), recipe, max(i + t for i, t in counts),
+                                  max(i for i, _ in counts), "bf16", backend)
+    parts = (memory["base weights"], memory["LoRA/trained weights + grads + optimizer"],
+             memory["activations (largest sample)"] + memory["logits"])
+    return dict(zip(PARTS, parts), total=sum(parts), tokens=max(i + t for i, t in counts))
+
+
+def table(results, recipe, overrides, steps, warmup) -> str:
+    """--memory: plan against measured by part for each base, then the two goals' figures."""
+    command = f"python bench.py --recipe {recipe} --memory --steps {steps} --warmup {warmup}" + \
+              "".join(f" --set {o}" for o in overrides)
+    lines = [f"Command: `{command}`", "", "| base | part | plan GB | measured GB | measured / plan |",
+             "|---|---|---|---|---|"]
+    ok = {r["backend"]: r for r in results if "error" not in r}
+    for r in results:
+        if r["backend"] not in ok:
+            lines.append(f"| {r['backend']} | failed: {r['error'].splitlines()[-1][:80] if r['error'] else '?'} "
+                         "| | | |")
+            continue
+        for part in (*PARTS, "total"):
+            planned, measured = r["plan"][part] / GIB, r["host"][part] / GIB
+            lines.append(f"| {r['backend']} | {part} | {planned:.2f} | {measured:.2f} | "
+                         f"{measured / planned:.2f} |")
+    if ok:
+        first = next(iter(ok.values()))
+        lines += ["", f"{first['model']}, batch {first['batch']}, {first['plan']['tokens']} tokens a sample, "
+                      f"{first['device']}, {first['date']}; measured: resident host memory (VmRSS/VmHWM) above "
+                      f"the process before loading ({first['host']['process_baseline'] / GIB:.2f} GB)."]
+    if len(ok) == 2:
+        four, sixteen = ok["4-bit"], ok["16-bit"]
+        lines.append(f"4-bit / 16-bit base weights, measured: {four['host'][PARTS[0]] / sixteen['host'][PARTS[0]]:.2f}x")
+    for label, r in ok.items():
+        state = lambda f: f[PARTS[0]] + f[PARTS[1]]  # noqa: E731
+        error = state(r["plan"]) / state(r["host"]) - 1
+        lines.append(f"{label}: plan's weights + adapter + optimizer {error:+.1%} against measured")
+    return "\n".join(lines)
