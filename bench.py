@@ -138,6 +138,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     dtype = torch.bfloat16 if memory else backends.torch_dtype(precision)
     baseline = host_memory.resident() if memory else 0
     model, processor = models.load_for_training(path, recipe, backend, dtype)
+    if memory:
+        host_memory.touch(model)
     loaded = host_memory.resident() if memory else 0
     recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]

@@ -50,3 +50,15 @@ def reset_peak():
     """Start a new peak from the resident set now (writing 5 to clear_refs resets VmHWM)."""
     settle()
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def touch(model):
+    """Read one element of every page of the model's weights. transformers maps a safetensors file whose dtype is
+    the one asked for and reads its pages only on first use, so right after loading a 16-bit base is not yet
+    resident; a GPU copies it whole."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.detach().reshape(-1)[::512].float().sum()  # 512 elements: at most 2 KB apart
