@@ -94,7 +94,7 @@ $(DEMO)/config.json: | $(VENV)/.installed
 
 demo-qlora: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) train.py --recipe demo_qlora --set model_name_or_path=$(DEMO) --output $(DEMO_QLORA) --force
-	$(PY) eval.py $(DEMO_QLORA) --compare base,finetuned --force
+	$(PY) eval.py $(DEMO_QLORA) --compare base,finetuned --question-types last --force
 	$(PY) eval.py $(DEMO_QLORA) --compare base,finetuned --question-types count,max --out $(DEMO_QLORA)/eval-old --force
 
 board: $(VENV)/.installed

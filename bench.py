@@ -119,8 +119,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     backend, _ = backends.select(recipe["backend"])
     import torch
 
-    from kit import callbacks, chat, families, host_memory, model as models, packing, plan, plan_check, progress
-    from kit import sft, trainer as training
+    from kit import callbacks, chat, families, host_memory, packing, plan, plan_check, progress, sft
+    from kit import model as models, trainer as training
 
     cuda = torch.cuda.is_available()
     if memory and (cuda or not host_memory.available()):
@@ -134,13 +134,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
         # ChartQA-sized synthetic charts: no download, same pixel budget
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     path = models.resolve(recipe["model_name_or_path"])
-    # --memory: the base in bf16, as a GPU holds it (a CPU run would otherwise load it in fp32)
-    dtype = torch.bfloat16 if memory else backends.torch_dtype(precision)
-    baseline = host_memory.resident() if memory else 0
-    model, processor = models.load_for_training(path, recipe, backend, dtype)
-    if memory:
-        host_memory.touch(model)
-    loaded = host_memory.resident() if memory else 0
+    model, processor, baseline, loaded = load_model(path, recipe, backend, backends.torch_dtype(precision), memory)
     recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
     samples = bench_samples(recipe, batch * (warmup + steps), data_spec)
@@ -166,6 +160,21 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
         result["host"] = plan_check.measured_parts(model, baseline, loaded, at_step.at_step, host_memory.peak())
         result["plan"] = plan_check.planned_parts(path, recipe, samples, processor, backend)
     return result
+
+
+def load_model(path, recipe, backend, dtype, memory):
+    """(model ready to train, processor, resident bytes before loading, after): with --memory the base is loaded
+    in bf16, as a GPU holds it (a CPU run would load it in fp32), and read in whole before the reading."""
+    import torch
+
+    from kit import host_memory, model as models
+
+    if not memory:
+        return (*models.load_for_training(path, recipe, backend, dtype), 0, 0)
+    baseline = host_memory.resident()
+    model, processor = models.load_for_training(path, recipe, backend, torch.bfloat16)
+    host_memory.touch(model)
+    return model, processor, baseline, host_memory.resident()
 
 
 def bench_samples(recipe, count, data_spec):

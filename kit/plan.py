@@ -126,6 +126,9 @@ def lora_parameters(shape: dict, recipe: dict) -> int:
 
 # --- the memory model's arithmetic: every figure of estimate_memory and per_gpu_memory comes from here ----------
 NF4_BYTES = 4.127 / 8  # NF4 codes (4 bits) + double-quantised absmax scales, per parameter
+# fp32 tensors of tokens x vocab at the peak of the loss (activation_parts says which), by backend: measured on
+# hf; Unsloth's loss works through the vocabulary in chunks (not measured here: logits and their gradient)
+LOGIT_COPIES = {"hf": 6, "unsloth": 2}
 
 
 def element_bytes(precision: str) -> int:
@@ -197,13 +200,14 @@ def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens
     that many samples as long as the largest, packed into rows of up to max_length)."""
     parts = {"base weights": sum(weight_parts(shape, recipe, precision, backend).values()),
              "LoRA/trained weights + grads + optimizer": trained_state_bytes(shape, recipe),
-             **activation_parts(shape, recipe, max_tokens, max_image_tokens, precision),
+             **activation_parts(shape, recipe, max_tokens, max_image_tokens, precision, backend),
              "CUDA overhead": CUDA_OVERHEAD}
     parts["total"] = sum(parts.values()) * 1.1  # allocator fragmentation, seen at 5-15 %
     return parts
 
 
-def activation_parts(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str) -> dict:
+def activation_parts(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str,
+                     backend: str = "hf") -> dict:
     """{"activations (largest sample)", "logits"}: bytes live at the peak of the backward pass."""
     from kit.packing import worst_rows
 
@@ -217,7 +221,10 @@ def activation_parts(shape: dict, recipe: dict, max_tokens: int, max_image_token
         activations = rows * (tokens * per_token_layer * shape["layers"] + recompute)
     else:
         activations = rows * shape["layers"] * (tokens * (h * 8 + shape["inter"] * 3) * half)
-    logits = rows * tokens * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
+    # hf: fp32 tensors of tokens x vocab live at once: the logits, the loss's log-softmax, TRL's shifted copy for
+    # its token accuracy, and in the backward pass the softmax and the gradients. bench.py --memory measured 6.5 on
+    # random:qwen2-vl-2b (371 tokens, 4-bit base); the earlier 2 (logits and their gradient) was a third of it
+    logits = rows * tokens * shape["vocab"] * 4 * LOGIT_COPIES.get(backend, LOGIT_COPIES["hf"])
     patches = max_image_tokens * 4  # 2x2 patches merge into one token
     vision = batch * patches * shape["vision_embed"] * half * 12  # one block's forward, frozen tower
     return {"activations (largest sample)": activations + vision, "logits": logits}

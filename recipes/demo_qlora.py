@@ -3,7 +3,7 @@ through a LoRA adapter; the base stays frozen, as in every GPU recipe.
 
     python train.py --recipe demo --output runs/demo                    # the base: reads "how many bars", "highest"
     python train.py --recipe demo_qlora --output runs/demo-qlora        # 4-bit base + adapter: "the last bar"
-    python eval.py runs/demo-qlora --compare base,finetuned              # 200 new questions, 4-bit base vs adapter
+    python eval.py runs/demo-qlora --compare base,finetuned --question-types last   # 200 new questions, paired
     python eval.py runs/demo-qlora --compare base,finetuned --question-types count,max --out runs/demo-qlora/eval-old
     make demo-qlora                                                      # all of the above
 

@@ -149,6 +149,20 @@ def test_out_holding_the_run_is_refused(full_run):
     assert (full_run / "run_config.json").exists()
 
 
+def test_question_types_ask_other_synthetic_questions(full_run, tmp_path):
+    """--question-types: the test charts ask the chosen types (what make demo-qlora scores the base's own skills
+    with); an unknown type or non-synthetic data is one line."""
+    out = tmp_path / "eval-last"
+    result = eval_cli([full_run, "--question-types", "last", "--limit", 6, "--compare", "finetuned", "--out", out])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {row["qtype"] for row in rows} == {"last"}
+    assert all(row["question"].endswith("What is the label of the last bar?") for row in rows)
+    for extra in (["--question-types", "lowest"], ["--question-types", "count", "--data", "chartqa"]):
+        result = eval_cli([full_run, *extra, "--compare", "finetuned", "--out", tmp_path / "x"])
+        assert result.exit_code == 2 and "--question-types" in result.output, result.output
+
+
 @pytest.fixture
 def questions_with_missing_image(full_run, tmp_path):
     """Three questions on two real charts; the second row names an image that is not there."""
