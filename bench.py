@@ -4,6 +4,7 @@
     python bench.py --recipe kaggle_t4 --model random:qwen2-vl-7b --backends unsloth --memory-cap 16GB
     python bench.py --recipe demo --backends hf --steps 30                                   # CPU, tiny model
     python bench.py --recipe chartqa --model tiny --backends hf --packing --data hf:runs/charts/chartqa-400-varied
+    python bench.py --recipe demo --backends hf --memory --steps 2 --set finetune=lora   # CPU: plan vs host memory
 
 Each backend runs in its own process (unsloth patches transformers for the whole process) with the same
 recipe: batch, sequence lengths, LoRA targets, precision, synthetic charts at ChartQA size and the recipe's
@@ -13,7 +14,9 @@ Results are printed as a markdown table and saved as JSON; --markdown appends th
 
 --packing runs the first backend twice, padded and packed (packing=false / true), on the same samples in
 the same seeded order and the same steps, and ends with the padding share and tokens/s of each and their
-ratio. --data takes a dataset spec (hf:FOLDER, jsonl:FILE, ...) instead of the synthetic charts, e.g. the
+ratio. --memory (a CPU machine) runs the first backend twice, base in 4-bit and in 16-bit, and prints the host
+memory of each part (base weights, adapter + gradients + optimizer, activations + logits) beside train.py --plan's
+estimate for the same sample, batch and bf16 (BENCHMARKS.md, "QLoRA memory", has it for the 2B shapes). --data takes a dataset spec (hf:FOLDER, jsonl:FILE, ...) instead of the synthetic charts, e.g. the
 ChartQA-shaped parquet that `python bench_data.py --build-only --varied-sizes` writes.
 """
 
