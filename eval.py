@@ -2,6 +2,7 @@
 
     python eval.py runs/chartqa --compare base,base+prompt,finetuned
     python eval.py runs/demo --compare base,finetuned --control shuffled
+    python eval.py runs/demo-qlora --compare base,finetuned --question-types count,max --out runs/demo-qlora/eval-old
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
     python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
     python eval.py --score runs/demo/eval/predictions.jsonl --metric lenient --out runs/demo/eval-lenient
