@@ -43,7 +43,7 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 CONVERTER := $(CACHE)/llama.cpp-src/llama-cpp-python-$(LLAMA_CPP_PYTHON)/convert_hf_to_gguf.py
 
 $(CONVERTER): $(VENV)/.installed
-	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.converter import find_converter; print(find_converter())"
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.export.converter import find_converter; print(find_converter())"
 
 # --durations: the slowest tests and their seconds, so the suite's cost is seen at every run.
 test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)

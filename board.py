@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 
 import recipes
-from kit import board_runs as runs
-from kit.board_form import SECTIONS, as_text, read_form, start_recipe
-from kit.gguf import CONVERTER_TYPES, QUANTIZER_TYPES
+from kit.board import runs
+from kit.board.form import SECTIONS, as_text, read_form, start_recipe
+from kit.export.gguf import CONVERTER_TYPES, QUANTIZER_TYPES
 from recipes.base import BASE
 
 SYSTEMS = ("base", "base+prompt", "finetuned")

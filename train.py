@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from kit import distributed, runfolder
+from kit.train import distributed, runfolder
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 from kit.paths import write_json
@@ -99,11 +99,11 @@ def run(options: Options):
         recipe, changes, recipe_name = recipes.load_config(config, overrides, config_label)
     else:
         recipe, changes = recipes.load(recipe_name, overrides)
-    from kit import grpo
+    from kit.train import grpo
 
     recipe, inherited = grpo.prepare(recipe)  # method=grpo: the model keys of the run it starts from
     if gpu:
-        from kit.plan import gpu_count, named_gpu
+        from kit.plan.estimate import gpu_count, named_gpu
 
         card = gpu_count(gpu)[1]
         if card:
@@ -139,46 +139,49 @@ def run(options: Options):
 
     # --- load: data, preflight, model, collator ---------------------------------------------------
     import data
-    from kit import chat, families, model as models, packing, plan, progress, trainer as training, video
+    from kit import families, model as models
+    from kit.inputs import chat, packing, video
+    from kit.plan import estimate
+    from kit.train import heldout, progress
 
     from transformers import AutoProcessor
 
     with distributed.main_first():  # rank 0 fills the caches, then the others read them
         base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
         family, processor = families.of_model(base_path), AutoProcessor.from_pretrained(base_path)
-        recipe = plan.with_model_grid(recipe, family, processor)  # aligned synthetic charts need the model's grid
+        recipe = estimate.with_model_grid(recipe, family, processor)  # aligned synthetic charts need the model's grid
         train_samples = data.load(recipe, recipe["dataset_split"], limit=options.plan_samples if plan_only else 0,
                                   progress=distributed.is_main())
         eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
-    train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
+    train_samples, eval_samples, heldout_rows = heldout.hold_out(recipe, train_samples, eval_split)
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}; model family {family.name}")
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
-    findings, counts = plan.preflight(train_samples, processor, recipe)
-    gpus, gpu = plan.gpu_count(gpu)
-    gpu_name, gpu_bytes = plan.gpu_memory(gpu)
-    planned = plan.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
-    shape = plan.model_shape(base_path)
-    memory = plan.estimate_memory(shape, recipe, max(i + t for i, t in counts or [(0, 0)]),
+    findings, counts = estimate.preflight(train_samples, processor, recipe)
+    gpus, gpu = estimate.gpu_count(gpu)
+    gpu_name, gpu_bytes = estimate.gpu_memory(gpu)
+    planned = estimate.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
+    shape = estimate.model_shape(base_path)
+    memory = estimate.estimate_memory(shape, recipe, max(i + t for i, t in counts or [(0, 0)]),
                                   max((i for i, _ in counts), default=0), planned)
     if plan_only:
-        from kit import plan_file
+        from kit.plan import plan_json
 
         click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
-        plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape,
+        estimate.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape,
                         planned)
-        per_gpu = plan.per_gpu_memory(shape, recipe, memory, gpus, planned) if gpus > 1 else None
+        per_gpu = estimate.per_gpu_memory(shape, recipe, memory, gpus, planned) if gpus > 1 else None
         if per_gpu:
-            plan.print_multi_gpu(len(train_samples), recipe, per_gpu, gpus, gpu_name, gpu_bytes)
+            estimate.print_multi_gpu(len(train_samples), recipe, per_gpu, gpus, gpu_name, gpu_bytes)
         if distributed.is_main():
-            plan_file.write(run_dir / "plan.json", plan_file.record(
+            plan_json.write(run_dir / "plan.json", plan_json.record(
                 train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, planned, gpus,
                 per_gpu))
             click.echo(f"plan: {run_dir / 'plan.json'}")
         return
     if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
-        raise UserError(f"the plan estimates {plan.gb(memory['total'])} peak on {gpu_name} "
-                        f"({plan.gb(gpu_bytes)}); run with --plan to see the parts and what to change, "
+        raise UserError(f"the plan estimates {estimate.gb(memory['total'])} peak on {gpu_name} "
+                        f"({estimate.gb(gpu_bytes)}); run with --plan to see the parts and what to change, "
                         "or --force to try anyway")
     from data.lint import split_bad_rows
 
@@ -187,7 +190,7 @@ def run(options: Options):
     distributed.barrier()
     train_samples = split_bad_rows(train_samples, findings, options.on_bad_row,
                                    run_dir / "skipped.jsonl" if distributed.is_main() else None)
-    eval_questions = training.eval_questions(recipe, eval_samples, options.on_bad_row,
+    eval_questions = heldout.eval_questions(recipe, eval_samples, options.on_bad_row,
                                              run_dir if distributed.is_main() else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():  # one writer under torchrun
@@ -198,7 +201,7 @@ def run(options: Options):
             "versions": runfolder.versions(), "code_version": runfolder.code_version(), "command": " ".join(sys.argv),
             "launch": distributed.describe(recipe)})
     if heldout_rows and distributed.is_main():
-        training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
+        heldout.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
 
     dtype = backends.torch_dtype(precision)
     if recipe["method"] == "grpo":
@@ -225,7 +228,7 @@ def run(options: Options):
                                                         packer=packer))
 
     # --- run ---------------------------------------------------------------------------------------
-    from kit import callbacks, checkpoints, sft
+    from kit.train import callbacks, checkpoints, sft
 
     checkpoint = checkpoints.resume_point(run_dir / "checkpoints") if resume_dir else None
     if resume_dir:
@@ -274,7 +277,7 @@ def run(options: Options):
 
 def _stopped_early(state, run_dir: Path) -> str:
     """What to say when training ended before max_steps: a checkpoint is named only if it is complete."""
-    from kit import checkpoints
+    from kit.train import checkpoints
 
     saved = checkpoints.last_complete(run_dir / "checkpoints")
     if saved and checkpoints.step_of(saved) == state.global_step:

@@ -8,7 +8,7 @@ Local files come in the formats of the tools people used before (data/formats.py
 sharegpt / alpaca, LLaVA, TRL chat); `llamafactory:DIR#NAME` reads a LLaMA-Factory folder by its
 dataset_info.json (data/llamafactory.py).
 
-The recipe's system prompt and pixel limits apply to all sources later, in kit/chat.py. Hugging Face
+The recipe's system prompt and pixel limits apply to all sources later, in kit/inputs/chat.py. Hugging Face
 sources (chartqa, latex_ocr, hf:NAME_OR_PATH) return lazy samples (data/hf.py): Arrow-backed, one sample
 built per access, images decoded only by the collator.
 """

@@ -22,7 +22,7 @@ What every family provides (the fields of `Family` below):
 - `random_shapes`: {"qwen2.5-vl-7b": ...} the true shapes behind `random:NAME`, and `build_random(shape, folder,
   weights)` that writes config + processor (+ random bf16 weights when `weights`);
 - `llama`: its llama.cpp names (LlamaNames: text arch, `clip.projector_type`); llama.cpp is prompted with the
-  chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs` (kit/llama.py).
+  chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs` (kit/export/llama.py).
 
 How a family is found:
 - from a model folder or hub id: `of_model(path)` reads its config.json (`of_model_type(config.model_type)`);
@@ -61,7 +61,7 @@ class Markup:
     end_of_text: str = "<|endoftext|>"
     assistant_header: str = "assistant\n"  # what follows im_start where an answer begins
     # ("<think>", "</think>") for families whose template writes a thinking block; None for none. Such a block
-    # stays out of the loss unless the data's answer has one (kit/chat.py's answer spans skip `empty_think`).
+    # stays out of the loss unless the data's answer has one (kit/inputs/chat.py's answer spans skip `empty_think`).
     think: tuple[str, str] | None = None
 
     @property

@@ -13,7 +13,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from kit.trainer import indexed_datasets, write_heldout
+from kit.train.heldout import indexed_datasets, write_heldout
 
 # In-training accuracy uses eval.py's defaults, so the two agree on the same checkpoint and questions.
 EVAL_MAX_NEW_TOKENS = 32
@@ -82,8 +82,8 @@ class HeldOutAccuracy(SFTTrainer):
         return output
 
     def relaxed_accuracy(self) -> float:
-        from kit.generate import generate_answers, prepare_for_inference
-        from kit.metrics import relaxed_correct
+        from kit.evaluate.generate import generate_answers, prepare_for_inference
+        from kit.evaluate.scoring import relaxed_correct
 
         model, training = self.model, self.model.training
         prepare_for_inference(model, self.eval_backend)
@@ -120,7 +120,7 @@ def trainer_class() -> type[HeldOutAccuracy]:
 def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path, model, processor, collator,
                   train_samples, eval_questions) -> HeldOutAccuracy:
     """TRL's SFTTrainer on the run's data, checkpointing into `checkpoints`, printing nothing of its own (the
-    progress line does). Its rotation is off: kit.checkpoints.CompleteCheckpoints rotates once a save is whole."""
+    progress line does). Its rotation is off: kit.train.checkpoints.CompleteCheckpoints rotates once a save is whole."""
     args = sft_config(recipe, precision, backend, str(checkpoints), save_total_limit=None)
     train_dataset, eval_dataset, collate = indexed_datasets(train_samples, eval_questions, collator)
     trainer = trainer_class()(model=model, args=args, train_dataset=train_dataset, data_collator=collate,

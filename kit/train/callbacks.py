@@ -1,4 +1,4 @@
-"""The trainer callbacks of a training run (besides the checkpoints' own, in kit/checkpoints.py): the progress
+"""The trainer callbacks of a training run (besides the checkpoints' own, in kit/train/checkpoints.py): the progress
 line, the checkpoint-then-stop on Ctrl-C or SIGTERM, and the commit of a run that --force replaces.
 
 This module imports transformers at its top: import it only after kit.backend.select has chosen the backend
@@ -14,9 +14,9 @@ import click
 import torch
 from transformers import TrainerCallback
 
-from kit import runfolder
-from kit.distributed import any_rank, is_main, total
-from kit.progress import CountingCollator, grpo_values, log_eval, peak_memory_gb
+from kit.train import runfolder
+from kit.train.distributed import any_rank, is_main, total
+from kit.train.progress import CountingCollator, grpo_values, log_eval, peak_memory_gb
 
 
 class ProgressLine(TrainerCallback):

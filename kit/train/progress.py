@@ -1,5 +1,5 @@
 """What a training run shows: the token counter behind tokens/s, the evaluation rows of metrics.jsonl, a run's
-summary from metrics.jsonl and the loss curve. kit/callbacks.py holds the trainer callbacks that use them.
+summary from metrics.jsonl and the loss curve. kit/train/callbacks.py holds the trainer callbacks that use them.
 
 No transformers here: the board draws loss curves with this module.
 """
@@ -27,7 +27,7 @@ class CountingCollator:
         return self._tokens.value
 
     def __call__(self, samples):
-        from kit.packing import real_tokens
+        from kit.inputs.packing import real_tokens
 
         batch = self.collator(samples)
         with self._tokens.get_lock():

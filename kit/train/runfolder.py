@@ -72,6 +72,6 @@ def code_version() -> str:
     """The kit's own version as git describes its checkout ("unknown" outside one)."""
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent.parent, timeout=10).stdout.strip()
+                              cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from kit.errors import UserError
-from kit.metrics import relaxed_correct
+from kit.evaluate.scoring import relaxed_correct
 
 # What the GRPO run takes from the run it starts from: the weights only make sense on the same model, loaded the
 # same way, shown charts at the same size and prompted the same way (eval.py's `finetuned` uses these keys too).
@@ -116,8 +116,8 @@ def use_triton_interpreter_without_cuda():
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return
     if "triton" in sys.modules:
-        raise RuntimeError("internal: triton was imported before kit.grpo could switch it to its CPU interpreter; "
-                           "call kit.grpo.prepare first, or set TRITON_INTERPRET=1")
+        raise RuntimeError("internal: triton was imported before kit.train.grpo could switch it to its CPU interpreter; "
+                           "call kit.train.grpo.prepare first, or set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 
 
@@ -158,7 +158,7 @@ class Prompts:
         self.samples, self.processor, self.system_prompt = samples, processor, system_prompt
 
     def __call__(self, batch: dict) -> dict:
-        from kit.chat import load_image, prompt_messages, with_system
+        from kit.inputs.chat import load_image, prompt_messages, with_system
 
         samples = [self.samples[row] for row in batch["row"]]
         return {"prompt": [with_system(prompt_messages(s["messages"]), self.system_prompt) for s in samples],
@@ -192,7 +192,7 @@ def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, sup
         max_steps=recipe["max_steps"], warmup_steps=recipe["warmup_steps"],
         lr_scheduler_type=recipe["lr_scheduler_type"], optim=recipe["optim"], weight_decay=recipe["weight_decay"],
         max_grad_norm=recipe["max_grad_norm"], logging_steps=recipe["logging_steps"], logging_first_step=True,
-        # rotation off: kit.checkpoints.CompleteCheckpoints rotates once a save is whole
+        # rotation off: kit.train.checkpoints.CompleteCheckpoints rotates once a save is whole
         save_steps=recipe["save_steps"], save_total_limit=None, seed=recipe["seed"],
         data_seed=recipe["seed"], bf16=precision == "bf16", fp16=precision == "fp16",
         gradient_checkpointing=recipe["gradient_checkpointing"] and backend == "hf",
@@ -212,7 +212,7 @@ def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, sup
 def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path, model, processor, samples,
                   family):
     """TRL's GRPOTrainer on the run's questions, checkpointing into `checkpoints`, printing nothing of its own (the
-    progress line does). Its rotation is off: kit.checkpoints.CompleteCheckpoints rotates once a save is whole.
+    progress line does). Its rotation is off: kit.train.checkpoints.CompleteCheckpoints rotates once a save is whole.
     A thinking family's answer is read after its think block."""
     from transformers.trainer_callback import PrinterCallback
 
@@ -236,7 +236,7 @@ def trainer_class():
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("internal: GRPO on the CPU needs Triton's interpreter; call kit.grpo.prepare first")
+        raise RuntimeError("internal: GRPO on the CPU needs Triton's interpreter; call kit.train.grpo.prepare first")
     from trl import GRPOTrainer
 
     return GRPOTrainer

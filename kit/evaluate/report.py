@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kit.cli import jsonl_rows
 from kit.errors import UserError
-from kit.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, EXACT, METRICS, accuracy, bootstrap_interval,
+from kit.evaluate.scoring import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, EXACT, METRICS, accuracy, bootstrap_interval,
                          exact_correct, mcnemar_exact, paired_counts, relaxed_correct, split_think)
 from kit.paths import build_dir, write_jsonl
 

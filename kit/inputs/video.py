@@ -85,7 +85,7 @@ def probe(video, processor, recipe: dict | None = None) -> tuple[int, int, int]:
 def video_tokens(video, processor, recipe: dict | None = None) -> int:
     """Merged tokens of one video after sampling (the recipe's fps / max_frames, else the processor's) and the
     per-frame resize."""
-    from kit.images import target_size
+    from kit.inputs.images import target_size
 
     frames, width, height = probe(video, processor, recipe)
     vp = processor.video_processor
