@@ -151,7 +151,7 @@ class Page:
 @pytest.mark.slow
 @needs_chromium
 def test_the_demo_through_every_tab(board, browser, tmp_path):
-    from kit.board import runs
+    from kit.board import runs as board_runs
 
     url, runs = board
     page = Page(browser, tmp_path)
@@ -171,7 +171,7 @@ def test_the_demo_through_every_tab(board, browser, tmp_path):
         page.type(f"field-{key}", value)
     page.button("Plan")
     plan_file = runs / "board-demo" / "plan.json"
-    page.wait(lambda: plan_file.exists() and page.text("plan") == runs.plan_text(json.loads(
+    page.wait(lambda: plan_file.exists() and page.text("plan") == board_runs.plan_text(json.loads(
         plan_file.read_text())), "the plan, from plan.json", 180)
     assert json.loads(plan_file.read_text())["rows"] == 240 and "whole number" not in \
         page.css("#field-max_steps").text
@@ -188,7 +188,7 @@ def test_the_demo_through_every_tab(board, browser, tmp_path):
     page.button("Stop")  # as soon as training runs, so that it stops before the end even on a fast machine
     page.wait(lambda: "stopped (checkpoint)" in page.css("#runs").text, "the run to stop with a checkpoint", 120)
     train_log = runs / "board-demo" / "train.log"
-    page.wait(lambda: page.text("train-log") == runs.tail(train_log, 14), "train.log's tail on the page", 30)
+    page.wait(lambda: page.text("train-log") == board_runs.tail(train_log, 14), "train.log's tail on the page", 30)
     [checkpoint] = (runs / "board-demo" / "checkpoints").glob("checkpoint-*/complete.json")
     assert json.loads(checkpoint.read_text())["global_step"] < 40
     page.wait(lambda: page.css("#loss-plot img").get_attribute("src"), "the loss plot", 30)
@@ -258,43 +258,43 @@ def test_the_demo_through_every_tab(board, browser, tmp_path):
 
 # --- the run-folder helpers the board uses; no browser needed ------------------------------------------------
 def test_a_run_is_found_by_its_folder_and_stopped_with_sigterm(tmp_path):
-    from kit.board import runs
+    from kit.board import runs as board_runs
 
     fake = tmp_path / "train.py"  # stands in for train.py: waits for SIGTERM, as a run between steps does
     fake.write_text("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\n"
                     "print('step 1', flush=True)\ntime.sleep(120)\n")
     run = tmp_path / "runs" / "r1"
-    pid = runs.start_training([sys.executable, "-u", str(fake), "--output", str(run)], run)
+    pid = board_runs.start_training([sys.executable, "-u", str(fake), "--output", str(run)], run)
     waiting = tmp_path / "runs" / ".r1.train.log"
     deadline = time.time() + 30
     while "step 1" not in waiting.read_text():
         assert time.time() < deadline
         time.sleep(0.1)
-    assert runs.training_pid(run) == pid and runs.state(run) == "running"
-    assert [row["run"] for row in runs.runs(tmp_path / "runs")] == ["r1"]
+    assert board_runs.training_pid(run) == pid and board_runs.state(run) == "running"
+    assert [row["run"] for row in board_runs.runs(tmp_path / "runs")] == ["r1"]
 
     run.mkdir()
     (run / "run_config.json").write_text(json.dumps({"recipe": {"max_steps": 9}}))
     assert board_runs.log_path(run) == run / "train.log" and not waiting.exists()  # moved in, still written to
-    assert runs.stop_training(run)
+    assert board_runs.stop_training(run)
     deadline = time.time() + 30
-    while runs.training_pid(run):
+    while board_runs.training_pid(run):
         assert time.time() < deadline
         time.sleep(0.1)
-    assert runs.state(run) == "failed"  # stopped before any checkpoint
+    assert board_runs.state(run) == "failed"  # stopped before any checkpoint
     (run / "checkpoints" / "checkpoint-4").mkdir(parents=True)
-    (run / "checkpoints" / "checkpoint-4" / runs.CHECKPOINT_MARKER).write_text("{}")
-    assert runs.state(run) == "stopped (checkpoint)"
+    (run / "checkpoints" / "checkpoint-4" / board_runs.CHECKPOINT_MARKER).write_text("{}")
+    assert board_runs.state(run) == "stopped (checkpoint)"
     (run / "model.safetensors").write_text("")
-    assert runs.state(run) == "done"
-    assert runs.tail(run / "train.log").splitlines()[0].startswith("$ python train.py --output")
+    assert board_runs.state(run) == "done"
+    assert board_runs.tail(run / "train.log").splitlines()[0].startswith("$ python train.py --output")
 
 
 def test_the_checkpoint_marker_is_the_one_train_py_writes():
-    from kit.board import runs
+    from kit.board import runs as board_runs
     from kit.train import checkpoints
 
-    assert runs.CHECKPOINT_MARKER == checkpoints.MARKER
+    assert board_runs.CHECKPOINT_MARKER == checkpoints.MARKER
 
 
 # Every line the scripts print through click changes its wording (case swapped, a prefix): the board must not care.
@@ -309,7 +309,7 @@ click.echo = echo
 @pytest.mark.slow
 def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch):
     import board
-    from kit.board import runs
+    from kit.board import runs as board_runs
     from kit.board.form import start_recipe
     from recipes.base import BASE
 
@@ -325,14 +325,14 @@ def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch
     *_, status, shown = board.plan_run(root, "demo", "planned", str(root / "planned.yaml"), *[form[k] for k in BASE])
     assert status.endswith("exit 0"), status
     plan = json.loads((root / "planned" / "plan.json").read_text())
-    assert plan["rows"] == 16 and shown["value"] == runs.plan_text(plan)
+    assert plan["rows"] == 16 and shown["value"] == board_runs.plan_text(plan)
     assert f"{plan['rows']} rows, {plan['steps_per_epoch']} steps per epoch" in shown["value"]
 
     # Export: merge.py's printed lines are reworded; what the board shows comes from export.json
     log, proven, commands = list(board.export_run(root, "run", ["merged", "gguf"], ["f16"], False))[-1]
     assert "~ PARITY PROMPTS" in log and "parity prompts" not in log  # the rewording reached merge.py
     export = json.loads((root / "run" / "export.json").read_text())
-    assert (proven, commands) == runs.export_view(export)
+    assert (proven, commands) == board_runs.export_view(export)
     parity = export["parity"]
     assert f"identical greedy answers {parity['identical_answers']}/{parity['num_samples']}" in proven
     image = export["gguf"]["verification"]["f16"]["image"]
@@ -343,11 +343,11 @@ def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch
 
 def test_a_folder_holding_only_a_plan_is_no_run_yet(tmp_path):
     """Plan writes plan.json into the run folder; Start must still find it free (its log waits beside it)."""
-    from kit.board import runs
+    from kit.board import runs as board_runs
 
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     (run / "plan.json").write_text("{}")
-    assert not runs.holds_run(run) and board_runs.log_path(run) == tmp_path / "runs" / ".r1.train.log"
+    assert not board_runs.holds_run(run) and board_runs.log_path(run) == tmp_path / "runs" / ".r1.train.log"
     (run / "run_config.json").write_text("{}")
-    assert runs.holds_run(run) and board_runs.log_path(run) == run / "train.log"
+    assert board_runs.holds_run(run) and board_runs.log_path(run) == run / "train.log"
