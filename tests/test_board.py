@@ -308,7 +308,7 @@ click.echo = echo
 
 @pytest.mark.slow
 def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch):
-    import board
+    from kit.board import actions
     from kit.board import runs as board_runs
     from kit.board.form import start_recipe
     from recipes.base import BASE
@@ -322,14 +322,14 @@ def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch
 
     # Plan: the form's values through train.py --plan, shown from plan.json
     form = {**start_recipe("demo"), "synthetic_num_train": 16}
-    *_, status, shown = board.plan_run(root, "demo", "planned", str(root / "planned.yaml"), *[form[k] for k in BASE])
+    *_, status, shown = actions.plan_run(root, "demo", "planned", str(root / "planned.yaml"), *[form[k] for k in BASE])
     assert status.endswith("exit 0"), status
     plan = json.loads((root / "planned" / "plan.json").read_text())
     assert plan["rows"] == 16 and shown["value"] == board_runs.plan_text(plan)
     assert f"{plan['rows']} rows, {plan['steps_per_epoch']} steps per epoch" in shown["value"]
 
     # Export: merge.py's printed lines are reworded; what the board shows comes from export.json
-    log, proven, commands = list(board.export_run(root, "run", ["merged", "gguf"], ["f16"], False))[-1]
+    log, proven, commands = list(actions.export_run(root, "run", ["merged", "gguf"], ["f16"], False))[-1]
     assert "~ PARITY PROMPTS" in log and "parity prompts" not in log  # the rewording reached merge.py
     export = json.loads((root / "run" / "export.json").read_text())
     assert (proven, commands) == board_runs.export_view(export)
