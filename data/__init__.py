@@ -13,6 +13,20 @@ sources (chartqa, latex_ocr, hf:NAME_OR_PATH) return lazy samples (data/hf.py): 
 built per access, images decoded only by the collator.
 """
 
+# Every name `dataset=` takes, here only: recipes check against it and load() dispatches on it.
+PRESETS = ("chartqa", "latex_ocr")  # hub data sets by short name (data/hf.py knows their ids and columns)
+NAMES = ("synthetic", *PRESETS)
+PREFIXES = {"jsonl:": "jsonl:PATH", "hf:": "hf:HUB_ID_OR_FOLDER", "llamafactory:": "llamafactory:DIR#NAME"}
+
+
+def known(name: str) -> bool:
+    return name in NAMES or name.startswith(tuple(PREFIXES))
+
+
+def choices() -> str:
+    """The names and forms `dataset=` takes, for messages."""
+    return ", ".join([*NAMES, *PREFIXES.values()])
+
 
 def load(recipe: dict, split: str | None = None, progress: bool = True, limit: int = 0):
     """Samples of the recipe's dataset (a list, or lazy samples for Hugging Face sources); `split` defaults
@@ -34,7 +48,7 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
                            question_types=recipe["synthetic_question_types"],
                            layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
                            grid=recipe.get("synthetic_grid", 0), progress=progress)
-    elif name in ("chartqa", "latex_ocr") or name.startswith("hf:"):
+    elif name in PRESETS or name.startswith("hf:"):
         from data.hf import load as load_hf
 
         samples = load_hf(name.split(":", 1)[-1], split, limit, recipe.get("dataset_columns"),
@@ -48,7 +62,7 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
 
         samples = load_llamafactory(name.split(":", 1)[1], limit)
     else:
-        raise ValueError(f"unknown dataset {name!r}")
+        raise ValueError(f"unknown dataset {name!r}; one of: {choices()}")
     if len(samples) == 0:  # an empty split or folder: one line here, not a StopIteration deep in training
         from data.jsonl import EmptyData
 
