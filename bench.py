@@ -104,7 +104,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
     from kit import families, model as models
     from kit.inputs import chat, packing
     from kit.plan import estimate
-    from kit.train import callbacks, heldout, progress, sft
+    from kit.train import heldout, progress, sft
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
@@ -136,7 +136,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
     args = sft.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
                                logging_steps=10**9, logging_first_step=False, save_strategy="no",
                                eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
-    timer = callbacks.StepTimer(counter, collator, warmup)
+    timer = progress.StepTimer(counter, collator, warmup)
     dataset, collate = heldout.indexed_dataset(samples, counter)
     trainer = sft.trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collate,

@@ -235,7 +235,7 @@ def load_model(method, setup: Setup, loaded: dict):
 
 def train(trainer, collator, setup: Setup, options: Options) -> tuple[int, int]:
     """Runs the trainer from the last complete checkpoint (--resume) to max_steps; (steps done, resumed at)."""
-    from kit.train import callbacks, checkpoints
+    from kit.train import checkpoints, progress
 
     recipe, run_dir = setup.recipe, setup.run_dir
     checkpoint = checkpoints.resume_point(run_dir / "checkpoints") if options.resume_dir else None
@@ -243,9 +243,9 @@ def train(trainer, collator, setup: Setup, options: Options) -> tuple[int, int]:
         click.echo(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting over")
     resumed_at = checkpoints.step_of(checkpoint) if checkpoint else 0
     trainer.add_callback(checkpoints.CompleteCheckpoints(keep=recipe["save_total_limit"]))
-    trainer.add_callback(callbacks.ProgressLine(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
-    trainer.add_callback(callbacks.StopOnSignal())
-    trainer.add_callback(callbacks.CommitAfterFirstStep())
+    trainer.add_callback(progress.ProgressLine(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
+    trainer.add_callback(progress.StopOnSignal())
+    trainer.add_callback(progress.CommitAfterFirstStep())
     steps_done = checkpoints.finished_at(checkpoint, recipe["max_steps"])
     if steps_done:  # stopped after its last checkpoint, before the final save: that checkpoint is the result
         checkpoints.load_final_weights(trainer.model, checkpoint, recipe["finetune"])
@@ -259,12 +259,12 @@ def train(trainer, collator, setup: Setup, options: Options) -> tuple[int, int]:
 
 def save(trainer, processor, run_dir: Path, steps_done: int, resumed_at: int, this_session: float):
     """The final weights and processor into the run folder, the loss curve, and the closing line."""
-    from kit.train import progress
+    from kit.train import progress, training_log
 
     if not runfolder.save_final(trainer, processor, run_dir):
         return  # another rank's process: rank 0 writes
-    progress.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    final_loss, earlier = progress.summary(run_dir / "metrics.jsonl", resumed_at)
+    training_log.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    final_loss, earlier = training_log.summary(run_dir / "metrics.jsonl", resumed_at)
     click.echo(f"done: {steps_done} steps in {_duration(earlier + this_session)}"
                + (f" ({_duration(this_session)} of it since resuming at step {resumed_at})" if resumed_at else "")
                + f" | final loss {final_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "

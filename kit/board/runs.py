@@ -182,7 +182,7 @@ def loss_plot(run_dir: Path) -> str | None:
         return None
     import tempfile
 
-    from kit.train.progress import plot_loss
+    from kit.train.training_log import plot_loss
 
     stamp = (run_dir / "metrics.jsonl").stat().st_mtime_ns
     png = Path(tempfile.gettempdir()) / "qwen2vl-board" / f"{run_dir.name}-{stamp}-loss-{len(rows)}.png"
