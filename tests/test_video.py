@@ -1,6 +1,6 @@
 """Videos in rows (a file, or a list of frame files): decoded per batch through the processor's video path,
 counted by the plan as the collator makes them, trained, linted, evaluated and asked about (infer.py --video).
-The tests make their own small videos (kit/video.write_test_video); nothing is downloaded."""
+The tests make their own small videos (tests/conftest.write_test_video); nothing is downloaded."""
 
 import json
 
@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from data.lint import lint
-from kit.inputs.video import write_test_video
+from tests.conftest import write_test_video
 from tests.conftest import train_cli
 
 
