@@ -28,7 +28,7 @@ How a family is found:
 - from a model folder or hub id: `of_model(path)` reads its config.json (`of_model_type(config.model_type)`);
 - from a built name: `tiny:qwen2.5-vl` and `random:qwen2.5-vl-7b` (`of_name`); plain `tiny` is `tiny:qwen2-vl`;
 - from a run folder: run_config.json's "family" (`of_run(run_config)`), which train.py writes as `family.name`;
-  runs from before the seam have none and were all Qwen2-VL;
+  a run_config.json without it is Qwen2-VL, the only family such runs could hold;
 - from a processor: `of_processor(processor)` (the collator, the plan and image resizing get one without a model);
 - from a GGUF pair: what merge.py wrote beside it (gguf_report.json "family"), else `of_llama_arch(arch)`.
 A model_type or name no family serves is a UnknownFamily (a UserError) that names the families there are.
