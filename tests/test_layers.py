@@ -115,3 +115,11 @@ def test_every_module_imports_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_kit_sub_packages_are_empty_at_import():
+    # an eager re-export in a package's __init__ would import transformers before Unsloth can patch it
+    packages = [path for path in (ROOT / "kit").glob("*/__init__.py") if path.parent.name != "families"]
+    assert len(packages) >= 6  # inputs, train, plan, evaluate, export, board
+    filled = [str(path.relative_to(ROOT)) for path in packages if path.read_text().strip()]
+    assert not filled, filled
