@@ -206,8 +206,9 @@ def classify(target: str) -> tuple[str, Path | None]:
 
 def saved_recipe(folder: Path) -> dict | None:
     """The recipe of the run in `folder` (a run, or a merged/GGUF folder given its run_config.json), if any."""
-    config = folder / "run_config.json"
-    return json.loads(config.read_text())["recipe"] if config.exists() else None
+    from kit.run_checks import read_run_config
+
+    return read_run_config(folder)["recipe"] if (folder / "run_config.json").exists() else None
 
 
 def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_new_tokens, temperature, min_p,

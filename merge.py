@@ -16,7 +16,6 @@ appear under their names only once complete. RUN_DIR/export.json then says what 
 figures, every llama.cpp proof and the llama.cpp commands (the board reads it; nothing needs the printed lines).
 """
 
-import json
 import shlex
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from kit import families, gguf, llama, merging
+from kit import families, gguf, llama, merging, run_checks
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 
@@ -63,9 +62,8 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
 
     # --- options: what to write, where, and with which tools -------------------------------------------------
-    if not (run_dir / "run_config.json").is_file():
-        raise UserError(f"{run_dir} is not a run folder (no run_config.json): give the folder train.py wrote")
-    run_config = json.loads((run_dir / "run_config.json").read_text())
+    run_config = run_checks.read_run_config(run_dir)
+    run_checks.check(run_dir, run_config, run_checks.run_fix(run_dir))  # before any slow work, in one line
     recipe = run_config["recipe"]
     targets = _choices(targets, ("merged", "gguf"), "--to")
     quants = _choices(quants, QUANTS, "--quant") if "gguf" in targets else []

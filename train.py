@@ -10,7 +10,6 @@ Writes into the run folder: run_config.json (resolved recipe, versions), the ada
 for finetune=full) with the processor, checkpoints/, metrics.jsonl and loss.png.
 """
 
-import json
 import shutil
 import sys
 import time
@@ -82,7 +81,9 @@ def run(options: Options):
     recipe_name, overrides, config, resume_dir = options.recipe, options.overrides, options.config, options.resume_dir
     plan_only, force, gpu = options.plan_only, options.force, options.gpu
     if resume_dir:
-        saved = json.loads(_require(resume_dir / "run_config.json", "--resume needs a run folder").read_text())
+        from kit.run_checks import read_run_config
+
+        saved = read_run_config(resume_dir)
         recipe_name, overrides = saved["recipe_name"], list(saved["overrides"]) + list(overrides)
         config, config_label = saved.get("config"), f"{resume_dir / 'run_config.json'} (config)"
         run_dir = resume_dir
@@ -284,12 +285,6 @@ def _stopped_early(state, run_dir: Path) -> str:
     kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
     return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
             f"python train.py --plan (or python -m data.lint)")
-
-
-def _require(path: Path, why: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{path} not found: {why}")
-    return path
 
 
 def _as_text(value) -> str:
