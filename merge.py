@@ -134,7 +134,8 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
     # --- save: the folders are in place now; say what is where and how to run it ------------------------------
     for target, folder in folders.items():
         click.echo(f"{target}: {folder}")
-    commands = llama_commands(folders["gguf"], report, samples[0], system_prompt) if "gguf" in targets else {}
+    commands = llama_commands(folders["gguf"], report, samples[0], system_prompt,
+                              merged_processor.chat_template) if "gguf" in targets else {}
     if commands:
         click.echo("run it in llama.cpp:")
         for command in commands.values():
@@ -252,19 +253,23 @@ def describe(result: dict) -> str:
             f"(llama.cpp {result['llama_cpp_tokens'][at]}, merged model {result['hf_tokens'][at]})")
 
 
-def llama_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str) -> dict[str, list[str]]:
-    """llama-mtmd-cli asked the first parity question, and llama-server, on the first --quant's file."""
+def llama_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str,
+                   chat_template: str) -> dict[str, list[str]]:
+    """llama-mtmd-cli asked the first parity question, and llama-server, on the first --quant's file; both run
+    as printed in the pinned llama.cpp (tests/test_llama_commands.py checks every flag against its table)."""
     model = gguf_dir / next(iter(report["models"].values()))
     mmproj = gguf_dir / report["mmproj"]
     question = sample["messages"][0]["content"][-1]["text"]
-    # thinking off, as trained and proven (Qwen3.5's template thinks unless told enable_thinking=false)
-    thinking_off = families.by_name(report["family"]).chat_template_kwargs.get("enable_thinking") is False
-    extra = ("--reasoning", "off") if thinking_off else ()
+    # thinking off, as trained and proven (Qwen3.5's template thinks unless told enable_thinking=false): the
+    # server takes --reasoning off; llama-mtmd-cli only a template, given whole with the setting inside
+    kwargs = families.by_name(report["family"]).chat_template_kwargs
+    cli_extra = ("--chat-template", gguf.template_with(chat_template, kwargs)) if kwargs else ()
+    server_extra = ("--reasoning", "off") if kwargs.get("enable_thinking") is False else ()
     return {"llama-mtmd-cli": gguf.llama_cli_command(model, mmproj, report, sample["images"][0], question,
-                                                     system_prompt, extra),
+                                                     system_prompt, cli_extra),
             "llama-server": ["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
                              "--image-min-tokens", str(report["image_min_tokens"]),
-                             "--image-max-tokens", str(report["image_max_tokens"]), *extra]}
+                             "--image-max-tokens", str(report["image_max_tokens"]), *server_extra]}
 
 
 main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above
