@@ -228,7 +228,7 @@ def run(options: Options):
     # --- run ---------------------------------------------------------------------------------------
     from kit import callbacks, checkpoints, sft
 
-    checkpoint = checkpoints.resume_point(run_dir / "checkpoints") if resume_dir else None
+    checkpoint = checkpoints.resume_point(run_dir / "checkpoints", saved) if resume_dir else None
     if resume_dir:
         click.echo(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting over")
     resumed_at = checkpoints.step_of(checkpoint) if checkpoint else 0

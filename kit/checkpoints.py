@@ -49,16 +49,23 @@ def marker(checkpoint: Path) -> dict:
     return json.loads((checkpoint / MARKER).read_text())
 
 
-def resume_point(folder: Path) -> Path | None:
+def resume_point(folder: Path, run_config: dict) -> Path | None:
     """The newest complete checkpoint in `folder` that loads; what an unfinished save left behind is removed
-    first, and a complete one that is damaged (a file cut or gone since) is named and moved aside."""
+    first, and a complete one that is damaged (a file cut or gone since) is named and moved aside. Weights of
+    another family than `run_config` records are refused in one line."""
+    from kit.run_checks import DamagedRun, family_problem
+
     if distributed.is_main():
         for left in discard_incomplete(folder):
             click.echo(f"note: removed {left}: its save never finished")
         for damaged in set_aside_damaged(folder):
             click.echo(f"note: skipped {damaged}")
     distributed.barrier()
-    return last_complete(folder)
+    found = last_complete(folder)
+    problem = family_problem(found, run_config) if found else None
+    if problem:
+        raise DamagedRun(problem)
+    return found
 
 
 def set_aside_damaged(folder: Path) -> list[str]:

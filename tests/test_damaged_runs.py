@@ -93,11 +93,30 @@ def test_a_recorded_family_that_is_not_the_weights_is_refused(run_copy, tmp_path
 
 
 @pytest.mark.slow
+def test_resume_refuses_weights_of_another_family_than_recorded(run_copy):
+    from tests.conftest import train_cli
+
+    (run_copy / "model.safetensors").unlink()
+    config_path = run_copy / "run_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "family": "qwen2.5-vl"}))
+    result = train_cli(["--resume", str(run_copy)])
+    one_line_error(result, str(run_copy / "checkpoints" / "checkpoint-4" / "config.json"), "qwen2_vl")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["eval", "infer", "merge"])
 def test_a_broken_run_config_is_one_line(run_copy, tmp_path, script):
     (run_copy / "run_config.json").write_text('{"recipe": {"max_steps": 4')
     result = invoke(script, reader_args(script, run_copy, tmp_path))
     one_line_error(result, str(run_copy / "run_config.json"), "damaged")
+
+
+@pytest.mark.slow
+def test_resume_of_a_broken_run_config_is_one_line(run_copy):
+    from tests.conftest import train_cli
+
+    (run_copy / "run_config.json").write_text("{")
+    one_line_error(train_cli(["--resume", str(run_copy)]), str(run_copy / "run_config.json"), "damaged")
 
 
 @pytest.mark.slow
