@@ -164,3 +164,17 @@ def test_the_board_shows_a_damaged_run_as_damaged(run_copy):
     cut(run_copy / "model.safetensors")
     (row,) = board_runs.runs(run_copy.parent)
     assert row["state"].startswith("damaged:") and "model.safetensors" in row["state"]
+
+
+def test_a_gguf_pair_of_another_arch_than_recorded_is_refused(tmp_path):
+    from kit.errors import UserError
+    from kit.llama import pair_family
+
+    model = tmp_path / "run-f16.gguf"
+    (tmp_path / "gguf_report.json").write_text(json.dumps({"family": "qwen3.5"}))
+    assert pair_family(model, "qwen35").name == "qwen3.5"
+    with pytest.raises(UserError, match="arch is qwen2vl, not qwen3.5's"):
+        pair_family(model, "qwen2vl")
+    (tmp_path / "gguf_report.json").write_text("{")
+    with pytest.raises(UserError, match="gguf_report.json: damaged"):
+        pair_family(model, "qwen35")
