@@ -73,14 +73,19 @@ def _stream_facts(path: str) -> tuple[int, float, int, int]:
 
 def sampled(video, processor, recipe: dict | None = None) -> tuple[list[int], float, int, int, int]:
     """(indices of the frames kept, the source's frames a second, its frames, width, height) of a video as the
-    collator decodes it. A list of frame files is taken as sampled at `fps` already."""
+    collator decodes it. A list of frame files is taken as sampled at `fps` already. Fewer frames than make one
+    token grid in time (a one-frame video, max_frames=1) repeat the last: Qwen2-VL's processor does so itself,
+    Qwen3-VL's refuses the video."""
     fps, max_frames = sampling(processor, recipe)
     if isinstance(video, list):  # frame files: every frame is a sample of its own, up to max_frames
         with Image.open(video[0]) as first:  # the header only
             width, height = first.size
-        return pick(len(video), fps, fps, max_frames), fps, len(video), width, height
-    total, rate, width, height = _stream_facts(str(video))
-    return pick(total, rate, fps, max_frames), rate, total, width, height
+        indices, rate, total = pick(len(video), fps, fps, max_frames), fps, len(video)
+    else:
+        total, rate, width, height = _stream_facts(str(video))
+        indices = pick(total, rate, fps, max_frames)
+    short = getattr(processor.video_processor, "temporal_patch_size", 1) - len(indices)
+    return indices + indices[-1:] * max(0, short), rate, total, width, height
 
 
 def probe(video, processor, recipe: dict | None = None) -> tuple[int, int, int]:
@@ -129,17 +134,17 @@ def frames(video, processor) -> tuple[np.ndarray, dict]:
         return array, _metadata(total, rate, indices, array)
     import av
 
-    wanted, kept = set(indices), []
+    wanted, decoded = set(indices), {}
     with av.open(str(video)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index in wanted:
-                kept.append((index, frame.to_ndarray(format="rgb24")))
-            if len(kept) == len(wanted):
+                decoded[index] = frame.to_ndarray(format="rgb24")
+            if len(decoded) == len(wanted):
                 break
-    if not kept:
+    if not decoded:
         raise BadVideo(f"{video}: no frame could be decoded")
-    array = np.stack([picture for _, picture in kept])
-    return array, _metadata(total, rate, [index for index, _ in kept], array)
+    kept = [index for index in indices if index in decoded]  # a repeated last frame comes twice
+    return np.stack([decoded[index] for index in kept]), _metadata(total, rate, kept, decoded[kept[0]][None])
 
 
 def _metadata(total: int, rate: float, indices: list[int], array: np.ndarray) -> dict:

@@ -148,3 +148,27 @@ def test_mixed_data_trains_in_batches_on_every_family(tmp_path, mixed_file, name
     assert result.exit_code == 0, result.output
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in entry for entry in losses)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_video_of_one_frame_collates_and_is_counted(tmp_path, name):
+    """Fewer frames than one token grid in time (a one-frame list, max_frames=1): Qwen3-VL's processor refuses
+    such a video, so the last frame is repeated as Qwen2-VL's processor does itself."""
+    from kit import plan, video
+    from kit.chat import VisionCollator
+
+    Image.new("RGB", (84, 56), (10, 120, 200)).save(tmp_path / "only.png")
+    write_test_video(tmp_path / "clip.mp4", frames_count=4)
+    rows = [{"messages": [{"role": "user", "content": "<video>What is shown?"},
+                          {"role": "assistant", "content": "a bar"}], "videos": [clip]}
+            for clip in (["only.png"], "clip.mp4")]
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(rows))
+    samples = load_samples(path)
+    processor = processor_for(name)
+    video.set_sampling(processor, 2.0, 1)
+    findings, counts = plan.preflight(samples, processor, {"system_prompt": "", "max_length": 4096, "fps": 2.0,
+                                                            "max_frames": 1})
+    batch = VisionCollator(processor, max_length=4096)(samples)
+    assert findings == [] and batch["attention_mask"].sum(dim=1).tolist() == [sum(c) for c in counts]
+    assert batch["video_grid_thw"][:, 0].tolist() == [1, 1]
