@@ -155,6 +155,11 @@ def test_safetensors_checks_read_the_header(tmp_path):
     assert "truncated" in weights_problem(tmp_path)
     path.unlink()
     assert "missing" in weights_problem(tmp_path)
+    # a sharded model names the shard that is gone; an adapter folder names its adapter
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    assert weights_problem(tmp_path) == f"{tmp_path / 'model-1.safetensors'}: missing"
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert weights_problem(tmp_path) == f"{tmp_path / 'adapter_model.safetensors'}: missing (the weights)"
 
 
 @pytest.mark.slow
