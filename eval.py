@@ -187,7 +187,9 @@ def target_recipe(run_dir: Path | None, data_spec: str | None) -> dict:
     """The run's recipe; for a model or GGUF with no run, the recipe named like --data (latex_ocr), else chartqa
     (pixel limits, system prompt and dataset)."""
     if run_dir:
-        return json.loads((run_dir / "run_config.json").read_text())["recipe"]
+        from kit.run_checks import read_run_config
+
+        return read_run_config(run_dir)["recipe"]
     import recipes
 
     name = data_spec if data_spec in recipes.names() else "chartqa"

@@ -10,7 +10,6 @@ Writes into the run folder: run_config.json (resolved recipe, versions), the ada
 for finetune=full) with the processor, checkpoints/, metrics.jsonl and loss.png.
 """
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ class Setup:
     changes: list
     config: dict | None
     run_dir: Path
+    resumed: dict | None = None  # run_config.json of the run --resume continues
     backend: str = ""
     precision: str = ""
 
@@ -124,10 +124,9 @@ def resolve(options: Options) -> Setup:
 
     recipe_name, overrides, config = options.recipe, list(options.overrides), options.config
     if options.resume_dir:
-        saved_file = options.resume_dir / "run_config.json"
-        if not saved_file.exists():
-            raise UserError(f"{saved_file} not found: --resume needs a run folder")
-        saved = json.loads(saved_file.read_text())
+        from kit.run_checks import read_run_config
+
+        saved = read_run_config(options.resume_dir)
         recipe_name, overrides = saved["recipe_name"], list(saved["overrides"]) + overrides
         config, config_label = saved.get("config"), f"{options.resume_dir / 'run_config.json'} (config)"
     elif recipe_name and config:
@@ -152,7 +151,8 @@ def resolve(options: Options) -> Setup:
         card = gpu_count(options.gpu)[1]
         if card:
             named_gpu(card)  # a mistyped --gpu is refused before any data loads
-    return Setup(recipe, recipe_name, changes, config, options.resume_dir or new_run_dir(options, recipe_name))
+    return Setup(recipe, recipe_name, changes, config, options.resume_dir or new_run_dir(options, recipe_name),
+                 saved if options.resume_dir else None)
 
 
 def new_run_dir(options: Options, recipe_name: str) -> Path:
@@ -238,7 +238,7 @@ def train(trainer, collator, setup: Setup, options: Options) -> tuple[int, int]:
     from kit.train import checkpoints, progress
 
     recipe, run_dir = setup.recipe, setup.run_dir
-    checkpoint = checkpoints.resume_point(run_dir / "checkpoints") if options.resume_dir else None
+    checkpoint = checkpoints.resume_point(run_dir / "checkpoints", setup.resumed) if options.resume_dir else None
     if options.resume_dir:
         click.echo(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting over")
     resumed_at = checkpoints.step_of(checkpoint) if checkpoint else 0

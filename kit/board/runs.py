@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from kit import run_checks
+
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
@@ -131,11 +133,13 @@ def runs(root: Path) -> list[dict]:
     rows = []
     for run_dir in found:
         last = (metrics(run_dir) or [{}])[-1]
-        saved = json.loads((run_dir / "run_config.json").read_text()) if (run_dir / "run_config.json").exists() else {}
+        exists = (run_dir / "run_config.json").exists()
+        now = state(run_dir) if exists else ("running" if training_pid(run_dir) else "failed")
+        damaged = run_checks.problem(run_dir, finished=now == "done") if exists else None
+        saved = {} if damaged or not exists else json.loads((run_dir / "run_config.json").read_text())
         steps = saved.get("recipe", {}).get("max_steps", "")
         log = log_path(run_dir)
-        rows.append({"run": run_dir.name, "state": state(run_dir) if saved else
-                     ("running" if training_pid(run_dir) else "failed"),
+        rows.append({"run": run_dir.name, "state": f"damaged: {damaged}" if damaged else now,
                      "step": f"{last.get('step', 0)}/{steps}", "loss": round(last["loss"], 4) if "loss" in last else "",
                      "updated": time.strftime("%H:%M:%S", time.localtime(log.stat().st_mtime)) if log.exists() else "",
                      "mtime": log.stat().st_mtime if log.exists() else 0})

@@ -20,6 +20,9 @@ from kit.errors import UserError
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the version the Makefile builds: its vendored llama.cpp both writes and runs our files
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+# The argument table of every llama.cpp program (which flags llama-mtmd-cli and llama-server take): the printed
+# commands are checked against it (tests/test_llama_commands.py)
+SOURCE_PARTS = ("common/arg.cpp", "LICENSE")
 
 
 def converter_cache() -> Path:
@@ -59,6 +62,15 @@ def find_converter(llama_cpp_dir=None, fetch: bool = True) -> Path:
         f"fetches that source itself ({why})")
 
 
+def llama_source(relative: str) -> Path:
+    """A file of the pinned llama.cpp source (SOURCE_PARTS): unpacked beside the converter's cache on first use,
+    from the same llama-cpp-python source distribution."""
+    folder = converter_cache().with_name(f"{converter_cache().name}-sources")
+    if not (folder / relative).is_file():
+        unpack_converter(download_sdist(), folder, SOURCE_PARTS, relative)
+    return folder / relative
+
+
 def download_sdist() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="llama-cpp-python-sdist-"))
     click.echo(f"fetching llama.cpp's converter: llama-cpp-python=={LLAMA_CPP_PYTHON} source (77 MB) from PyPI")
@@ -71,24 +83,25 @@ def download_sdist() -> Path:
     return found[0]
 
 
-def unpack_converter(tarball: Path, target: Path):
-    """Only the converter's parts of the sdist's vendor/llama.cpp (2 MB of the 77), renamed into place whole (a
-    concurrent fetch that won keeps its copy, as good as ours)."""
+def unpack_converter(tarball: Path, target: Path, parts: tuple = CONVERTER_PARTS,
+                     required: str = "convert_hf_to_gguf.py"):
+    """Only the converter's parts of the sdist's vendor/llama.cpp (2 MB of the 77; or other `parts`), renamed into
+    place whole (a concurrent fetch that won keeps its copy, as good as ours)."""
     def extract(staging: Path):
         with tarfile.open(tarball) as archive:
             prefix = tarball.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
             members = []
             for member in archive.getmembers():
                 relative = member.name.removeprefix(prefix)
-                if member.name.startswith(prefix) and relative.startswith(CONVERTER_PARTS):
+                if member.name.startswith(prefix) and relative.startswith(parts):
                     member.name = relative
                     members.append(member)
             archive.extractall(staging, members=members, filter="data")
-        if not (staging / "convert_hf_to_gguf.py").is_file():
-            raise OSError(f"{tarball.name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+        if not (staging / required).is_file():
+            raise OSError(f"{tarball.name} has no vendor/llama.cpp/{required}")
 
     try:
         paths.build_dir(target, extract)
     finally:
         shutil.rmtree(tarball.parent, ignore_errors=True)
-    click.echo(f"converter unpacked into {target}")
+    click.echo(f"llama.cpp's {required} unpacked into {target}")

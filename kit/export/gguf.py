@@ -175,6 +175,15 @@ def k_quant_note(quant: str, types: dict) -> str | None:
             f"multiples of 256): {verdict}")
 
 
+def template_with(source: str, kwargs: dict) -> str:
+    """The chat template with `kwargs` (the family's chat_template_kwargs) set at its top. The pinned llama.cpp's
+    llama-mtmd-cli reads no template kwargs (neither --reasoning nor --chat-template-kwargs is in its argument
+    table, and it renders with enable_thinking=true), but it takes a whole template with --chat-template after
+    --jinja; a top-level {% set %} there overrides what llama.cpp passes in (common/jinja's set_statement)."""
+    sets = "".join(f"{{%- set {key} = {json.dumps(value)} %}}" for key, value in kwargs.items())
+    return sets + source
+
+
 def llama_cli_command(model: Path, mmproj: Path, limits: dict, image: str, question: str,
                       system_prompt: str, extra: tuple[str, ...] = ()) -> list[str]:
     """llama-mtmd-cli asked what the proof asked: --jinja formats the chat with the model's own template (the one

@@ -59,7 +59,10 @@ def saved_beside(model_file: Path) -> dict:
     for name in ("run_config.json", "gguf_report.json"):
         path = Path(model_file).parent / name
         if path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError as error:
+                raise UserError(f"{path}: damaged ({error}); write the pair again with merge.py") from None
             found.update({key: saved[key] for key in ("family", "image_min_tokens", "image_max_tokens")
                           if saved.get(key)})
     return found
@@ -68,9 +71,13 @@ def saved_beside(model_file: Path) -> dict:
 def pair_family(model_file: Path, arch: str | None) -> families.Family:
     """The pair's family: as recorded beside it, else by the GGUF's text arch (`arch`; None: not read yet)."""
     saved = saved_beside(model_file).get("family")
-    if saved:
-        return families.by_name(saved)
-    return families.of_llama_arch(arch or "unknown", str(model_file))
+    if not saved:
+        return families.of_llama_arch(arch or "unknown", str(model_file))
+    family = families.by_name(saved)
+    if arch and arch != family.llama.text_arch:  # the recorded family is checked against the weights, as for a run
+        raise UserError(f"{model_file}: its llama.cpp arch is {arch}, not {family.name}'s ({family.llama.text_arch}) "
+                        f"as recorded beside it; write the pair again with merge.py from the run it came from")
+    return family
 
 
 

@@ -203,6 +203,25 @@ class Family:
     # position_ids, but a layer that carries state along the row (Qwen3.5's Gated DeltaNet) would let one sample
     # see the one before it. Such a family refuses packing rather than train on what it never sees at inference.
     packs: bool = True
+    # Whether the processor writes each video frame group's time ("<1.5 seconds>", then the group's own vision
+    # start / pads / end) where the template put the one video pad (Qwen3-VL's processor, Qwen3.5's too)
+    video_timestamps: bool = False
+    # (frames, width, height, processor) -> a video frame's (width, height) after the video processor's resize;
+    # None: each frame is sized as an image is (target_size). Qwen3-VL's bounds the pixels of all frames together.
+    video_size: Callable | None = None
+
+    def video_frame_size(self, frames: int, width: int, height: int, processor) -> tuple[int, int]:
+        if self.video_size is None:
+            return self.target_size(width, height, processor)
+        return self.video_size(frames, width, height, processor)
+
+    def video_placeholder(self, seconds: list[float]) -> str:
+        """What the processor writes for one video's pad (one pad standing for each frame group's tokens), given
+        the time of each frame group: the plan counts a video row's text tokens from it."""
+        if not self.video_timestamps:
+            return self.markup.video_pad
+        m = self.markup
+        return "".join(f"<{t:.1f} seconds>{m.vision_start}{m.video_pad}{m.vision_end}" for t in seconds)
 
     def chat_text(self, processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as this family's chat template writes it (with its chat_template_kwargs)."""

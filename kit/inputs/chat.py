@@ -58,6 +58,14 @@ def load_image(image, processor=None) -> Image.Image:
         return opened.convert("RGB")
 
 
+def batch_images(samples: list[dict], processor) -> list[Image.Image] | None:
+    """Every image of a batch as one flat list in row order, None when it has none. The processor fills the
+    <|image_pad|> slots of all rows in that order, so rows without images (text-only, video-only) sit anywhere
+    in a batch: a per-row list would hold an empty entry for them, which the image processor refuses."""
+    images = [load_image(image, processor) for sample in samples for image in sample.get("images") or []]
+    return images or None
+
+
 def with_system(messages: list[dict], system_prompt: str) -> list[dict]:
     """Messages with `system_prompt` as the system turn (replacing one already there); unchanged if empty."""
     if not system_prompt:
@@ -114,13 +122,12 @@ class VisionCollator:
 
     def padded(self, samples: list[dict]) -> dict:
         self.processor.tokenizer.padding_side = "right"
-        images = [[load_image(i, self.processor) for i in s["images"]] or None for s in samples]
         texts = self.texts(samples)
         from kit.inputs.video import batch_videos
 
         try:
-            batch = self.processor(text=texts, images=images if any(images) else None,
-                                   videos=batch_videos(samples, self.processor), padding=True, return_tensors="pt")
+            batch = self.processor(text=texts, images=batch_images(samples, self.processor),
+                                   **batch_videos(samples, self.processor), padding=True, return_tensors="pt")
         except StopIteration:
             # Escaping a collator, a StopIteration reads to the trainer as "end of data": training would stop
             # early and look finished. It means more image slots in the text than images.
@@ -180,8 +187,7 @@ def generation_inputs(processor, batch: list[dict], system_prompt: str = ""):
     family = families.of_processor(processor)
     texts = [family.chat_text(processor, with_system(prompt_messages(s["messages"]), system_prompt),
                               add_generation_prompt=True) for s in batch]
-    images = [[load_image(i, processor) for i in s["images"]] for s in batch]
     from kit.inputs.video import batch_videos
 
-    return processor(text=texts, images=images if any(images) else None, videos=batch_videos(batch, processor),
+    return processor(text=texts, images=batch_images(batch, processor), **batch_videos(batch, processor),
                      padding=True, return_tensors="pt")

@@ -71,57 +71,91 @@ def _stream_facts(path: str) -> tuple[int, float, int, int]:
     return total, rate, width, height
 
 
-def probe(video, processor, recipe: dict | None = None) -> tuple[int, int, int]:
-    """(frames kept, width, height) of a video as the collator will decode it."""
+def sampled(video, processor, recipe: dict | None = None) -> tuple[list[int], float, int, int, int]:
+    """(indices of the frames kept, the source's frames a second, its frames, width, height) of a video as the
+    collator decodes it. A list of frame files is taken as sampled at `fps` already. Fewer frames than make one
+    token grid in time (a one-frame video, max_frames=1) repeat the last: Qwen2-VL's processor does so itself,
+    Qwen3-VL's refuses the video."""
     fps, max_frames = sampling(processor, recipe)
     if isinstance(video, list):  # frame files: every frame is a sample of its own, up to max_frames
         with Image.open(video[0]) as first:  # the header only
             width, height = first.size
-        return len(pick(len(video), fps, fps, max_frames)), width, height
-    total, rate, width, height = _stream_facts(str(video))
-    return len(pick(total, rate, fps, max_frames)), width, height
+        indices, rate, total = pick(len(video), fps, fps, max_frames), fps, len(video)
+    else:
+        total, rate, width, height = _stream_facts(str(video))
+        indices = pick(total, rate, fps, max_frames)
+    short = getattr(processor.video_processor, "temporal_patch_size", 1) - len(indices)
+    return indices + indices[-1:] * max(0, short), rate, total, width, height
+
+
+def probe(video, processor, recipe: dict | None = None) -> tuple[int, int, int]:
+    """(frames kept, width, height) of a video as the collator will decode it."""
+    indices, _, _, width, height = sampled(video, processor, recipe)
+    return len(indices), width, height
+
+
+def group_seconds(indices: list[int], rate: float, temporal: int) -> list[float]:
+    """The time of each frame group the model sees (`temporal` frames merge into one, an odd last frame
+    repeated): the middle of its first and last frame, as Qwen3-VL's processor writes it before the group."""
+    padded = indices + [indices[-1]] * (-len(indices) % temporal)
+    return [(padded[i] + padded[i + temporal - 1]) / 2 / rate for i in range(0, len(padded), temporal)]
+
+
+def seconds(video, processor, recipe: dict | None = None) -> list[float]:
+    """group_seconds of a video as the collator decodes it (what the plan counts the time text by)."""
+    indices, rate, _, _, _ = sampled(video, processor, recipe)
+    return group_seconds(indices, rate, processor.video_processor.temporal_patch_size)
 
 
 def video_tokens(video, processor, recipe: dict | None = None) -> int:
     """Merged tokens of one video after sampling (the recipe's fps / max_frames, else the processor's) and the
     per-frame resize."""
-    from kit.inputs.images import target_size
+    from kit import families
 
     frames, width, height = probe(video, processor, recipe)
     vp = processor.video_processor
     factor = vp.patch_size * vp.merge_size
-    width, height = target_size(width, height, processor)
+    width, height = families.of_processor(processor).video_frame_size(frames, width, height, processor)
     return math.ceil(frames / vp.temporal_patch_size) * (height // factor) * (width // factor)
 
 
-def frames(video, processor) -> np.ndarray:
-    """The sampled frames of one video as a (frames, height, width, 3) uint8 array."""
-    fps, max_frames = sampling(processor)
+def frames(video, processor) -> tuple[np.ndarray, dict]:
+    """The sampled frames of one video as a (frames, height, width, 3) uint8 array, and the processor's
+    metadata for them (which frames of how many, at what rate: Qwen3-VL writes each group's time from it)."""
+    indices, rate, total, _, _ = sampled(video, processor)
     if isinstance(video, list):
         pictures = []
-        for index in pick(len(video), fps, fps, max_frames):
+        for index in indices:
             with Image.open(video[index]) as frame:
                 pictures.append(frame.convert("RGB"))
         size = pictures[0].size  # a video's frames share one size; a stray frame is fitted to the first
-        return np.stack([np.asarray(p if p.size == size else p.resize(size, Image.Resampling.BICUBIC))
-                         for p in pictures])
+        array = np.stack([np.asarray(p if p.size == size else p.resize(size, Image.Resampling.BICUBIC))
+                          for p in pictures])
+        return array, _metadata(total, rate, indices, array)
     import av
 
-    total, rate, _, _ = _stream_facts(str(video))
-    wanted = set(pick(total, rate, fps, max_frames))
-    kept = []
+    wanted, decoded = set(indices), {}
     with av.open(str(video)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index in wanted:
-                kept.append(frame.to_ndarray(format="rgb24"))
-            if len(kept) == len(wanted):
+                decoded[index] = frame.to_ndarray(format="rgb24")
+            if len(decoded) == len(wanted):
                 break
-    if not kept:
+    if not decoded:
         raise BadVideo(f"{video}: no frame could be decoded")
-    return np.stack(kept)
+    kept = [index for index in indices if index in decoded]  # a repeated last frame comes twice
+    return np.stack([decoded[index] for index in kept]), _metadata(total, rate, kept, decoded[kept[0]][None])
 
 
-def batch_videos(samples: list[dict], processor) -> list[np.ndarray] | None:
-    """Every video of a batch, in row order (the processor fills <|video_pad|> slots in that order)."""
-    videos = [frames(video, processor) for sample in samples for video in sample.get("videos") or []]
-    return videos or None
+def _metadata(total: int, rate: float, indices: list[int], array: np.ndarray) -> dict:
+    return {"total_num_frames": total, "fps": rate, "frames_indices": indices, "duration": total / rate,
+            "height": array.shape[1], "width": array.shape[2]}
+
+
+def batch_videos(samples: list[dict], processor) -> dict:
+    """The processor's video arguments for a batch: every video in row order (the processor fills the
+    <|video_pad|> slots in that order) with its metadata; {} for a batch without videos."""
+    decoded = [frames(video, processor) for sample in samples for video in sample.get("videos") or []]
+    if not decoded:
+        return {}
+    return {"videos": [array for array, _ in decoded], "video_metadata": [meta for _, meta in decoded]}

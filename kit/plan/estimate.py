@@ -43,9 +43,29 @@ def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int,
         text = family.chat_text(processor, with_system(sample["messages"], system_prompt))
         # Each image or video pad placeholder becomes that image's or video's tokens; count it as vision, not text.
         text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"]) - len(sample.get("videos") or [])
+        if sample.get("videos") and family.video_timestamps:
+            text_tokens = timed_video_text_tokens(sample, processor, system_prompt)
         counts.append((images + sum(video_tokens(video, processor) for video in sample.get("videos") or []),
                        text_tokens))
     return counts
+
+
+def timed_video_text_tokens(sample: dict, processor, system_prompt: str, recipe: dict | None = None) -> int:
+    """Text tokens of a video row for a family whose processor writes each frame group's time before it: the
+    chat text with every video pad replaced as the processor replaces it, tokenized whole (so the count is the
+    tokenizer's, boundaries included), less the pads that stand for vision tokens."""
+    from kit.inputs.video import seconds
+
+    family = families.of_processor(processor)
+    pad = family.markup.video_pad
+    text = family.chat_text(processor, with_system(sample["messages"], system_prompt))
+    pieces = text.split(pad)
+    placeholders = [family.video_placeholder(seconds(video, processor, recipe)) for video in sample["videos"]]
+    if len(pieces) != len(placeholders) + 1:  # lint finds such a row; counted as the template wrote it
+        return len(processor.tokenizer(text)["input_ids"]) - len(sample["images"]) - len(sample["videos"])
+    expanded = pieces[0] + "".join(p + rest for p, rest in zip(placeholders, pieces[1:]))
+    pads = sum(p.count(pad) for p in placeholders)
+    return len(processor.tokenizer(expanded)["input_ids"]) - len(sample["images"]) - pads
 
 
 def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) -> int:
@@ -254,6 +274,9 @@ def preflight(samples, processor, recipe):
     broken = {index for index, _, _ in findings}
     good = [i for i in range(len(samples)) if i not in broken]
     texts = scan.text_tokens(samples, good, processor, recipe["system_prompt"])
+    if families.of_processor(processor).video_timestamps and isinstance(samples, list):
+        texts = [timed_video_text_tokens(samples[i], processor, recipe["system_prompt"], recipe)
+                 if samples[i].get("videos") else text for i, text in zip(good, texts)]
     counts = [(sum(size_tokens(w, h, processor) for w, h in rows[i][2]) + videos_tokens(samples, i, processor, recipe),
                text) for i, text in zip(good, texts)]
     for index, (image, text) in zip(good, counts):

@@ -49,13 +49,42 @@ def marker(checkpoint: Path) -> dict:
     return json.loads((checkpoint / MARKER).read_text())
 
 
-def resume_point(folder: Path) -> Path | None:
-    """The last complete checkpoint in `folder`; what an unfinished save left behind is removed first."""
+def resume_point(folder: Path, run_config: dict) -> Path | None:
+    """The newest complete checkpoint in `folder` that loads; what an unfinished save left behind is removed
+    first, and a complete one that is damaged (a file cut or gone since) is named and moved aside. Weights of
+    another family than `run_config` records are refused in one line."""
+    from kit.run_checks import DamagedRun, family_problem
+
     if distributed.is_main():
         for left in discard_incomplete(folder):
             click.echo(f"note: removed {left}: its save never finished")
+        for damaged in set_aside_damaged(folder):
+            click.echo(f"note: skipped {damaged}")
     distributed.barrier()
-    return last_complete(folder)
+    found = last_complete(folder)
+    problem = family_problem(found, run_config) if found else None
+    if problem:
+        raise DamagedRun(problem)
+    return found
+
+
+def set_aside_damaged(folder: Path) -> list[str]:
+    """Complete checkpoints newer than the newest one that loads, renamed to damaged-checkpoint-N (kept, never
+    deleted: a save at the same step would otherwise write into them); one line each on why."""
+    from kit.run_checks import checkpoint_problem
+
+    skipped = []
+    for checkpoint in reversed(complete(folder)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            break
+        aside, tries = checkpoint.with_name(f"damaged-{checkpoint.name}"), 1
+        while aside.exists():  # damaged once before, at the same step
+            tries += 1
+            aside = checkpoint.with_name(f"damaged-{tries}-{checkpoint.name}")
+        checkpoint.rename(aside)
+        skipped.append(f"{checkpoint.name} ({problem}); it is kept as {aside.name}")
+    return skipped
 
 
 def finished_at(checkpoint: Path | None, max_steps: int) -> int:
