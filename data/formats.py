@@ -181,11 +181,7 @@ def to_sample(row, where: str, base: Path, spec: dict | None = None) -> dict:
     if "answers" in row and not _texts(row["answers"]):
         raise BadRow(f"{where}: \"answers\" must be a list of texts, not {json.dumps(row['answers'])}")
     answers = row.get("answers") or last_answer(messages)
-    sample = {"id": str(row.get("id", where.rsplit("/", 1)[-1])), "images": images, "messages": messages,
-              "answers": [str(a) for a in answers], "source": where}
-    if videos:
-        sample["videos"] = videos
-    return sample
+    return sample(row.get("id", where.rsplit("/", 1)[-1]), images, messages, answers, videos, source=where)
 
 
 def _texts(value) -> bool:
@@ -238,15 +234,32 @@ def qa_sample(row: dict, where: str, base: Path) -> dict:
     videos = media(row.get("videos", row.get("video")), base, frames_allowed=True)
     # A row without an answer still becomes a sample: data/lint.py reports it with its line.
     answers = row.get("answers") or ([row["answer"]] if "answer" in row else [""])
-    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [
-        {"type": "text", "text": str(row["question"])}]
-    messages = [{"role": "user", "content": content},
-                {"role": "assistant", "content": [{"type": "text", "text": str(answers[0])}]}]
-    sample = {"id": str(row.get("id", where.rsplit("/", 1)[-1])), "images": images, "messages": messages,
-              "answers": [str(a) for a in answers], "source": where}
+    return question_sample(row.get("id", where.rsplit("/", 1)[-1]), images, row["question"], answers, videos,
+                           source=where)
+
+
+def sample(sample_id, images, messages: list[dict], answers, videos=None, **extras) -> dict:
+    """The one sample dict every source yields (data/__init__.py describes its keys): `extras` are a source's
+    own keys (source, subset, qtype, problem); "videos" only when the row has some."""
+    made = {"id": str(sample_id), "images": list(images), "messages": messages, "answers": [str(a) for a in answers],
+            **extras}
     if videos:
-        sample["videos"] = videos
-    return sample
+        made["videos"] = videos
+    return made
+
+
+def question_sample(sample_id, images, question: str, answers, videos=(), **extras) -> dict:
+    """A one-turn sample: the images and videos, then the question; the first accepted answer is the reply."""
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [
+        {"type": "text", "text": str(question)}]
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": str(answers[0]) if answers else ""}]}]
+    return sample(sample_id, images, messages, answers, list(videos), **extras)
+
+
+def broken_sample(sample_id, problem: str, **extras) -> dict:
+    """A row kept as a sample that carries its problem, so lint reports it and --on-bad-row decides."""
+    return sample(sample_id, [], [], [], **extras, problem=problem)
 
 
 def placeholder_count(messages: list[dict], kind: str = "image") -> int:

@@ -29,9 +29,7 @@ def to_sample(row, line: int, path: Path) -> dict:
 
 
 def _unreadable(path: Path, line: int, problem: str) -> dict:
-    # Kept as a sample that carries its problem, so lint reports it and --on-bad-row decides.
-    return {"id": f"{path.name}:{line}", "images": [], "messages": [], "answers": [], "source": f"{path}:{line}",
-            "problem": problem}
+    return formats.broken_sample(f"{path.name}:{line}", problem, source=f"{path}:{line}")
 
 
 def _jsonl_rows(path: Path):

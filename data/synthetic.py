@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+from data.formats import question_sample
 from kit.errors import UserError
 
 
@@ -132,14 +133,6 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
             write_with(path, lambda tmp: render(spec, tmp))
-        samples.append({
-            "id": f"synthetic-{split}-{i}",
-            "images": [str(path)],
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": spec["question"]}]},
-                {"role": "assistant", "content": [{"type": "text", "text": spec["answer"]}]},
-            ],
-            "answers": [spec["answer"]],
-            "qtype": spec["qtype"],
-        })
+        samples.append(question_sample(f"synthetic-{split}-{i}", [str(path)], spec["question"], [spec["answer"]],
+                                       qtype=spec["qtype"]))
     return samples

@@ -34,22 +34,6 @@ def size_tokens(width: int, height: int, processor) -> int:
     return (height // grid) * (width // grid)
 
 
-def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int, int]]:
-    """(image tokens, text tokens) per sample, as the collator will see them."""
-    tokenizer, family = processor.tokenizer, families.of_processor(processor)
-    counts = []
-    for sample in samples:
-        images = sum(image_tokens(image, processor) for image in sample["images"])
-        text = family.chat_text(processor, with_system(sample["messages"], system_prompt))
-        # Each image or video pad placeholder becomes that image's or video's tokens; count it as vision, not text.
-        text_tokens = len(tokenizer(text)["input_ids"]) - len(sample["images"]) - len(sample.get("videos") or [])
-        if sample.get("videos") and family.video_timestamps:
-            text_tokens = timed_video_text_tokens(sample, processor, system_prompt)
-        counts.append((images + sum(video_tokens(video, processor) for video in sample.get("videos") or []),
-                       text_tokens))
-    return counts
-
-
 def timed_video_text_tokens(sample: dict, processor, system_prompt: str, recipe: dict | None = None) -> int:
     """Text tokens of a video row for a family whose processor writes each frame group's time before it: the
     chat text with every video pad replaced as the processor replaces it, tokenized whole (so the count is the
