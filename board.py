@@ -255,7 +255,7 @@ def evaluate_tab(root: Path):
         report = gr.Markdown(elem_id="eval-report")
         with gr.Row():
             report_png = gr.Image(label="report.png", height=300)
-            answers = gr.Dataframe(headers=["question", "references", "system", "answer", "relaxed"],
+            answers = gr.Dataframe(headers=["question", "references", "system", "answer", "verdict"],
                                    label="A few answers (predictions.jsonl)", elem_id="eval-answers")
 
     def evaluate(name, chosen, control, count, force):
@@ -267,7 +267,8 @@ def evaluate_tab(root: Path):
         if code or not (out / "report.md").exists():
             return
         rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[:4]]
-        table = [[r["question"], ", ".join(r["references"]), system, result["answer"], result["relaxed"]]
+        first = json.loads((out / "report.json").read_text())["key"]  # the task's metric: relaxed, cer, anls...
+        table = [[r["question"], ", ".join(r["references"]), system, result["answer"], result[first]]
                  for r in rows for system, result in r["systems"].items()]
         yield f"$ {runs.shown(cmd)}\n{output}", (out / "report.md").read_text(), str(out / "report.png"), table
 
