@@ -32,7 +32,8 @@ the sign test's p for the others, and the change with its paired bootstrap inter
 --score FILE.jsonl scores answers that are already there: rows {"prediction", "answer" or "answers" (or
 "messages" with the reference as assistant turn), optional "system", "id", "question", "image", "subset",
 "qtype"}, as `infer.py --batch` writes them, or eval.py's own predictions.jsonl (to re-score under another
---metric or --relaxed-rule). Give --score once per file to compare systems; a file's rows without "system" are named after it.
+--metric or --relaxed-rule). Give --score once per file to compare systems; a file's rows without "system" are
+named after it.
 
 Writes into <RUN>/eval/ (or --out; with --score, <FILE>-eval/ beside the first file): predictions.jsonl (every
 answer, right or not), report.md and report.json (every number of the tables), report.png (relaxed accuracy
@@ -58,7 +59,8 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target", type=click.Path(path_type=Path), required=False)
-@click.option("--data", help="chartqa, synthetic, latex_ocr, jsonl:PATH, hf:NAME or llamafactory:DIR#NAME. "
+@click.option("--data", help="chartqa, synthetic, synthetic_text, latex_ocr, jsonl:PATH, hf:NAME or "
+                             "llamafactory:DIR#NAME. "
                              "Default: the run's recipe dataset.")
 @click.option("--split", help="Dataset split (ignored for jsonl). Default: the run's held-out rows (heldout.jsonl, "
                               "what it evaluated during training), else the test split; never its training rows.")

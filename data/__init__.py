@@ -34,6 +34,17 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
                            question_types=recipe["synthetic_question_types"],
                            layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
                            grid=recipe.get("synthetic_grid", 0), progress=progress)
+    elif name == "synthetic_text":
+        from data.hf import DatasetNotFound
+        from data.synthetic import SPLIT_OFFSETS
+        from data.synthetic_text import generate
+
+        if split not in SPLIT_OFFSETS:
+            raise DatasetNotFound(f"dataset=synthetic_text has the splits {', '.join(SPLIT_OFFSETS)}, not {split!r}; "
+                                  "set eval_split=val (or eval_split= for none)")
+        num = recipe["synthetic_num_train"] if split == "train" else recipe["synthetic_num_test"]
+        samples = generate(split, min(num, limit or num), seed=recipe["synthetic_seed"], size=recipe["synthetic_size"],
+                           grid=recipe.get("synthetic_grid", 0), progress=progress)
     elif name in ("chartqa", "latex_ocr") or name.startswith("hf:"):
         from data.hf import load as load_hf
 

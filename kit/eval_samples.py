@@ -7,6 +7,8 @@ from pathlib import Path
 
 from kit.errors import UserError
 
+SOURCES = ("chartqa", "synthetic", "synthetic_text", "latex_ocr")  # datasets named without a prefix
+
 
 def heldout_samples(recipe, run_dir: Path, limit: int):
     """The run's held-out rows (heldout.jsonl, in the order training scored them), from its own dataset."""
@@ -32,12 +34,12 @@ def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | No
     from data.lint import lint, skipped_rows, split_bad_rows
 
     spec = data_spec or recipe["dataset"]
-    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith(("jsonl:", "hf:", "llamafactory:")):
-        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr, jsonl:PATH, hf:HUB_ID_OR_FOLDER or "
-                        "llamafactory:DIR#NAME")
+    if spec not in SOURCES and not spec.startswith(("jsonl:", "hf:", "llamafactory:")):
+        raise UserError(f"--data {spec}: choose chartqa, synthetic, synthetic_text, latex_ocr, jsonl:PATH, "
+                        "hf:HUB_ID_OR_FOLDER or llamafactory:DIR#NAME")
     eval_recipe = {**recipe, "dataset": spec, "limit": limit}
-    if spec == "synthetic" and limit:
-        eval_recipe["synthetic_num_test"] = limit  # test charts are drawn from their own index range
+    if spec in ("synthetic", "synthetic_text") and limit:
+        eval_recipe["synthetic_num_test"] = limit  # test images are drawn from their own index range
     held = not data_spec and not split and run_dir is not None and (run_dir / "heldout.jsonl").exists()
     files = spec.startswith(("jsonl:", "llamafactory:"))
     if not held and spec == recipe["dataset"] and files:  # a file has no splits

@@ -39,7 +39,8 @@ BASE = {
     "finetune_experts": False,
     "gradient_checkpointing": True,  # Unsloth's offloaded checkpointing on its path; the only way 7B fits 24 GB
     # --- data ------------------------------------------------------------------------------------
-    # chartqa | latex_ocr | synthetic | jsonl:PATH (.jsonl/.json) | hf:HUB_ID_OR_FOLDER | llamafactory:DIR#NAME
+    # chartqa | latex_ocr | synthetic | synthetic_text (digits to read) | jsonl:PATH (.jsonl/.json) |
+    # hf:HUB_ID_OR_FOLDER | llamafactory:DIR#NAME
     "dataset": "chartqa",
     # hf: columns as ROLE=COLUMN (image, question, answer, subset; instruction=TEXT for one fixed question);
     # [] = the preset's own (ChartQA's image, query, label, human_or_machine for hf:)

@@ -35,7 +35,8 @@ def test_anls_similarity_before_its_threshold(prediction, first, second):
 
 
 @pytest.mark.parametrize("reference, hypothesis, cer", [
-    ("This is a test", "This is a test", 0 / 14), ("This is a test", "", 14 / 14), ("This is a test", "This test", 5 / 14),
+    ("This is a test", "This is a test", 0 / 14), ("This is a test", "", 14 / 14),
+    ("This is a test", "This test", 5 / 14),
     # test_known_values (from "From WER and RIL to MER and WIL"), on characters
     ("X", "X", 0), ("X", "X X Y Y", 6), ("X Y X", "X Z", 3 / 5), ("X", "Y", 1), ("X", "Y Z", 3)])
 def test_cer_on_jiwers_cases(reference, hypothesis, cer):
@@ -103,9 +104,11 @@ def test_intervals_and_paired_comparison_of_a_continuous_metric():
         found = scores.score(verdicts, "cer")
         assert found["low"] <= found["value"] <= found["high"] and found["samples"] == 5
     compared = scores.compare(before, after, "cer")
-    assert compared["change"] == pytest.approx(scores.score(after, "cer")["value"] - scores.score(before, "cer")["value"])
+    values = [scores.score(verdicts, "cer")["value"] for verdicts in (before, after)]
+    assert compared["change"] == pytest.approx(values[1] - values[0])
     assert compared["change_low"] <= compared["change"] <= compared["change_high"] < 0
-    assert (compared["better"], compared["worse"], compared["ties"]) == (4, 1, 0)  # "hell" is nearer "hello" than "help"; "abd" breaks "abc"
+    # "hell" is nearer "hello" than "help" is; "abd" breaks "abc"
+    assert (compared["better"], compared["worse"], compared["ties"]) == (4, 1, 0)
     assert compared["sign_test_p"] == mcnemar_exact(4, 1)
 
 
