@@ -5,7 +5,9 @@ by character error rate.
     make demo-ocr                            # train -> eval: CER of fine-tuned vs base vs shuffled images
 
 Set up as the chart demo (recipes/demo.py, docs/demo.md): full fine-tuning of the tiny model, and images whose
-content lines up with its vision tokens (one digit per 28-pixel token column).
+content lines up with its vision tokens (one bold digit per 28-pixel token). Numbers of 2 to 3 digits were read
+within 1,000 steps; with up to 5 digits the loss stayed on the "right length, digits guessed" plateau
+(about 1.8) through 2,000 steps.
 """
 
 from recipes.base import BASE
@@ -20,11 +22,13 @@ RECIPE = {
     "dataset": "synthetic_text",
     "synthetic_num_train": 3000,  # drawn once (seconds) and cached
     "synthetic_num_test": 200,
-    "synthetic_size": 140,  # 5 digits at most, one per token column of Qwen2-VL's 28-pixel grid
-    "min_pixels": 3136,
-    "max_pixels": 3920,  # 140x28: the strip is never resized, so each digit stays in its token
+    "synthetic_size": 84,  # 3 digits at most, one per token column of Qwen2-VL's 28-pixel grid
+    # 84x28 = 2,352 pixels, below the processors' default floor (3,136): both limits at the strip's size, so it is
+    # never resized and each digit stays in its token
+    "min_pixels": 2352,
+    "max_pixels": 2352,
     "metric_for_best_model": "cer",  # reading: character error rate, with WER and exact match beside it
-    "max_completion_length": 8,  # 5 digits (one token each) and the end of turn
+    "max_completion_length": 8,  # 3 digits (one token each), the end of turn, and room to ramble
     "per_device_train_batch_size": 8,
     "gradient_accumulation_steps": 1,
     "learning_rate": 3e-3,  # as the chart demo, with the tiny model's wider init
