@@ -3,8 +3,10 @@ and its text as the answer, so the kit can show a model learning a task scored b
 
 The strip is `size` pixels wide and one token (`grid` pixels) high: every digit sits in its own token's cell, as
 the aligned charts' bars do (data/synthetic.py), which is what a tiny model can learn to read in minutes. Each
-sample's question type is its length ("3 digits"), so reports break the error rate down by it. Rendered PNGs are
-cached, keyed by everything that changes the pixels.
+sample's question type is its length ("3 digits"), so reports break the error rate down by it. The splits share
+no number: test and val numbers have a digit sum divisible by 5, training numbers never do, so a model can only
+score on them by reading each digit, not by recalling a strip it was trained on. Rendered PNGs are cached, keyed
+by everything that changes the pixels.
 """
 
 import hashlib
@@ -19,10 +21,19 @@ DIGITS = "0123456789"
 INK, PAPER = (0, 0, 0), (255, 255, 255)
 
 
-def make_spec(index: int, seed: int, slots: int) -> dict:
-    """The digits of one strip, from (seed, index) alone: 2 to `slots` of them, from the left."""
+def held_out(text: str) -> bool:
+    """Numbers kept for test and val (a fifth of them): never drawn for training."""
+    return sum(map(int, text)) % 5 == 0
+
+
+def make_spec(index: int, seed: int, slots: int, split: str = "train") -> dict:
+    """The digits of one strip, from (seed, index) alone: 2 to `slots` of them, from the left; drawn again until
+    the number belongs to the split's side (held_out)."""
     rng = random.Random(f"text:{seed}:{index}")
-    return {"text": "".join(rng.choice(DIGITS) for _ in range(rng.randint(2, slots)))}
+    while True:
+        text = "".join(rng.choice(DIGITS) for _ in range(rng.randint(2, slots)))
+        if held_out(text) == (split != "train"):
+            return {"text": text}
 
 
 def font(size: int):
@@ -63,12 +74,12 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, size: int = 14
         raise SyntheticError(f"synthetic_text needs a synthetic_size that is a multiple of the model's {grid}-pixel "
                              f"grid (>= {2 * grid}), not {size}; e.g. --set synthetic_size={5 * grid}")
     offset, slots = SPLIT_OFFSETS[split], size // grid
-    key = json.dumps(["text-bold", seed, size, grid], sort_keys=True)
+    key = json.dumps(["text-bold-heldout", seed, size, grid], sort_keys=True)
     folder = Path(cache or cache_dir() / "synthetic") / hashlib.sha1(key.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
     for i in tqdm(range(num), desc=f"synthetic_text {split}", disable=not progress, mininterval=2):
-        text = make_spec(offset + i, seed, slots)["text"]
+        text = make_spec(offset + i, seed, slots, split)["text"]
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
             write_with(path, lambda tmp: render(text, size, grid, tmp))
