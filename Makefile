@@ -1,7 +1,7 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
 # make demo-ocr: train the tiny model to read numbers the kit draws, and report its CER against base and controls
 # make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
-# make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
+# make test : ruff, then the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
 # make test-fast: the suite without the tests marked slow (pytest.ini), for the edit-test loop
 # make test-unsloth : the kit with Unsloth imported and its patches in place (CPU mode), in its own venv
 # Both create .venv on first use. On a GPU machine use `python install.py` instead.
@@ -45,16 +45,18 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 CONVERTER := $(CACHE)/llama.cpp-src/llama-cpp-python-$(LLAMA_CPP_PYTHON)/convert_hf_to_gguf.py
 
 $(CONVERTER): $(VENV)/.installed
-	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.converter import find_converter; print(find_converter())"
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.export.converter import find_converter; print(find_converter())"
 
 # --durations: the slowest tests and their seconds, so the suite's cost is seen at every run.
 test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	-@$(MAKE) --no-print-directory browser
+	$(PY) -m ruff check .
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q --durations=15 tests
 
 # The edit-test loop: everything but the tests marked slow (subprocesses, several training runs, GGUF files,
 # torchrun, the browser); a few minutes once the cache holds the tiny model.
 test-fast: $(VENV)/.installed $(VENV)/.llama-cpp
+	$(PY) -m ruff check .
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # The GPU install (install.py: requirements.txt around the installed torch) on this machine's torch, in its own

@@ -101,7 +101,10 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
     import torch
 
     from data.synthetic import generate
-    from kit import callbacks, chat, families, model as models, packing, plan, progress, sft, trainer as training
+    from kit import families, model as models
+    from kit.inputs import chat, packing
+    from kit.plan import estimate
+    from kit.train import heldout, progress, sft
 
     cuda = torch.cuda.is_available()
     if memory_cap and cuda:
@@ -114,7 +117,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     path = models.resolve(recipe["model_name_or_path"])
     model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
-    recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
+    recipe = estimate.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
     if data_spec:  # the first rows of the spec, in the trainer's seeded order
         import data
 
@@ -133,8 +136,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
     args = sft.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
                                logging_steps=10**9, logging_first_step=False, save_strategy="no",
                                eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
-    timer = callbacks.StepTimer(counter, collator, warmup)
-    dataset, collate = training.indexed_dataset(samples, counter)
+    timer = progress.StepTimer(counter, collator, warmup)
+    dataset, collate = heldout.indexed_dataset(samples, counter)
     trainer = sft.trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collate,
         processing_class=processor, callbacks=[timer])

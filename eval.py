@@ -48,11 +48,12 @@ from pathlib import Path
 
 import click
 
-from kit import predictions, report, scores
+from kit import predictions, scores
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 from kit.eval_samples import derangement, load_samples, shown_other
-from kit.metrics import METRICS as RELAXED_RULES
+from kit.evaluate import report
+from kit.evaluate.scoring import METRICS as RELAXED_RULES
 
 SYSTEMS = ("base", "base+prompt", "finetuned")
 
@@ -227,8 +228,10 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     import torch
     from tqdm import tqdm
 
-    from kit import backend as backends, chat, model as models, video
-    from kit.generate import generate_answers, prepare_for_inference
+    from kit import backend as backends
+    from kit import model as models
+    from kit.evaluate.generate import generate_answers, prepare_for_inference
+    from kit.inputs import chat, video
 
     if model_kind == "finetuned" and target_kind == "gguf":
         score_gguf(weights_dir, recipe, samples, donors, max_new_tokens, answers, seconds)
@@ -266,7 +269,7 @@ def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
     """The GGUF pair as the `finetuned` system, one question at a time in llama.cpp (greedy)."""
     from tqdm import tqdm
 
-    from kit.llama import gguf_answers
+    from kit.export.llama import gguf_answers
 
     shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None

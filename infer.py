@@ -129,7 +129,7 @@ def read_batch(path: Path) -> list[dict]:
     front. Rows are read as training reads them (data/jsonl.py); an answer turn is not part of the prompt."""
     from data.jsonl import to_sample
     from data.formats import placeholder_count
-    from kit.chat import prompt_messages
+    from kit.inputs.chat import prompt_messages
 
     questions = []
     for line, where, row in jsonl_rows(path, "--batch"):
@@ -216,8 +216,9 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
 
     backend, reason = backends.select(backend_name or (recipe["backend"] if recipe else "auto"))
     click.echo(f"backend {backend} ({reason})", err=True)
-    from kit import chat, model as models
-    from kit.generate import generate_answers, prepare_for_inference
+    from kit import model as models
+    from kit.inputs import chat
+    from kit.evaluate.generate import generate_answers, prepare_for_inference
 
     dtype = backends.torch_dtype(backends.precision())
     if kind == "run":
@@ -231,7 +232,7 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
                             f"{str(error).splitlines()[0]}") from None
     if recipe:
         chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    from kit import video
+    from kit.inputs import video
 
     video.set_sampling(processor, (recipe or {}).get("fps"), (recipe or {}).get("max_frames"))
     prepare_for_inference(model, backend)
@@ -249,8 +250,8 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
 
 def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, temperature, min_p, stream,
                 show_progress) -> list[str]:
-    """One question at a time through llama.cpp (kit/llama.py: the same driving eval.py scores GGUF pairs with)."""
-    from kit import llama
+    """One question at a time through llama.cpp (kit/export/llama.py: the same driving eval.py scores GGUF pairs with)."""
+    from kit.export import llama
 
     llm = llama.open_pair(*llama.find_pair(path, mmproj), recipe)
     on_piece = (lambda piece: click.echo(piece, nl=False)) if stream else None

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import click
 
-from kit import families, gguf, llama, merging
+from kit import families
+from kit.export import gguf, llama, merging
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 
@@ -75,7 +76,7 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
         if folder.exists() and not force:
             raise UserError(f"{folder} already exists: add --force to replace it, or --out to write elsewhere")
     if "gguf" in targets:  # before any slow work: the converter, the quantizer, llama-cpp-python
-        from kit.converter import find_converter
+        from kit.export.converter import find_converter
 
         converter = find_converter(llama_cpp_dir)
         quantizer = gguf.check_gguf_tools(quants, verify, llama_cpp_dir)

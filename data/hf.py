@@ -23,7 +23,7 @@ from pathlib import Path
 from kit.errors import UserError
 
 CHARTQA_COLUMNS = {"image": "image", "question": "query", "answer": "label", "subset": "human_or_machine"}
-PRESETS = {  # dataset name -> (hub id, default columns)
+PRESETS = {  # dataset name (data.PRESETS) -> (hub id, default columns)
     "chartqa": ("HuggingFaceM4/ChartQA", CHARTQA_COLUMNS),
     "latex_ocr": ("unsloth/LaTeX_OCR", {"image": "image", "answer": "text",
                                         "instruction": "Write the LaTeX representation for this image."}),

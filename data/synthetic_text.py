@@ -82,7 +82,7 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, size: int = 14
         text = make_spec(offset + i, seed, slots, split)["text"]
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
-            write_with(path, lambda tmp: render(text, size, grid, tmp))
+            write_with(path, lambda tmp, text=text: render(text, size, grid, tmp))
         samples.append({
             "id": f"synthetic_text-{split}-{i}",
             "images": [str(path)],

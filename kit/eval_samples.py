@@ -19,7 +19,7 @@ def heldout_samples(recipe, run_dir: Path, limit: int):
     source = data.load(recipe, rows[0]["split"], progress=False)
     picked = source.select([r["index"] for r in rows]) if hasattr(source, "select") else \
         [source[r["index"]] for r in rows]
-    for row, sample in zip(rows, picked):
+    for row, sample in zip(rows, picked, strict=True):
         if sample.get("id") != row["id"]:
             raise UserError(f"{run_dir}/heldout.jsonl: row {row['index']} of {recipe['dataset']} "
                             f"({row['split']}) is now {sample.get('id')!r}, not {row['id']!r}: the data changed "
@@ -52,7 +52,7 @@ def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | No
             split = "every row of the file" if files else split or "test"
             samples = data.load(eval_recipe, split)
     except ConnectionError as error:
-        raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH")
+        raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH") from None
     findings = lint(samples, duplicates=False)  # only rows that cannot be scored
     usable = split_bad_rows(samples, findings, on_bad_row)
     if not len(usable):

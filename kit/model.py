@@ -106,7 +106,7 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
     if torch.cuda.is_available():
-        from kit.distributed import device_map
+        from kit.train.distributed import device_map
 
         kwargs["device_map"] = device_map()  # this rank's own GPU (GPU 0 for one process)
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)

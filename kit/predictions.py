@@ -14,8 +14,8 @@ from pathlib import Path
 from kit import scores
 from kit.cli import jsonl_rows
 from kit.errors import UserError
-from kit.metrics import split_think
-from kit.report import GROUPS, think_markers
+from kit.evaluate.report import GROUPS, think_markers
+from kit.evaluate.scoring import split_think
 
 
 def verdict(given: str, references: list[str], metric: str, relaxed_rule: str, thought=None) -> dict:

@@ -16,8 +16,16 @@ reference characters or words), so a long formula weighs more than a short one.
 
 import re
 
-from kit.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, accuracy, bootstrap_interval, exact_correct,
-                         mcnemar_exact, paired_counts, relaxed_correct)
+from kit.evaluate.scoring import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    accuracy,
+    bootstrap_interval,
+    exact_correct,
+    mcnemar_exact,
+    paired_counts,
+    relaxed_correct,
+)
 
 # name (the recipe's value) -> (key in predictions.jsonl / report.json, kind, higher is better, label, rule)
 # kinds: flag (right or wrong), mean (a similarity in [0, 1] a question), rate (errors over reference length)
@@ -70,7 +78,7 @@ def exact_rule(primary: str) -> str:
 
 def rules(primary: str, relaxed_rule: str = "chartqa") -> dict:
     """{report key: the rule in words} for every metric a report of `primary` shows."""
-    from kit.metrics import METRICS as RELAXED_RULES
+    from kit.evaluate.scoring import METRICS as RELAXED_RULES
 
     found = {}
     for metric in REPORTED[primary]:
@@ -230,13 +238,13 @@ def compare(before: list[dict], after: list[dict], metric: str, level: float = 0
     if kind(metric) == "flag":
         b, a = [bool(v[key(metric)]) for v in before], [bool(v[key(metric)]) for v in after]
         counts = paired_counts(b, a)
-        change = bootstrap_interval([int(x) - int(y) for x, y in zip(a, b)])
+        change = bootstrap_interval([int(x) - int(y) for x, y in zip(a, b, strict=True)])
         return {**counts, "change": (counts["fixed"] - counts["broken"]) / len(b), "change_low": change[0],
                 "change_high": change[1], "mcnemar_p": mcnemar_exact(counts["fixed"], counts["broken"])}
     import numpy as np
 
     sign = 1 if higher_is_better(metric) else -1
-    deltas = [sign * (value(x, metric) - value(y, metric)) for x, y in zip(after, before)]
+    deltas = [sign * (value(x, metric) - value(y, metric)) for x, y in zip(after, before, strict=True)]
     better, worse = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
     draws = draws_for(len(before))
     changes = ratio_draws(*parts(after, metric), draws) - ratio_draws(*parts(before, metric), draws)

@@ -7,6 +7,8 @@ import importlib
 import json
 from pathlib import Path
 
+import data
+
 from kit.errors import UserError
 
 CHOICES = {
@@ -101,10 +103,8 @@ def check(recipe: dict, name: str = "recipe"):
         raise RecipeError(f"{name}: finetune=full cannot train 4-bit weights; set load_in_4bit=false or "
                           "finetune=lora")
     check_grpo(recipe, name)
-    if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic", "synthetic_text")
-            or recipe["dataset"].startswith(("jsonl:", "hf:", "llamafactory:"))):
-        raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: chartqa, latex_ocr, synthetic, "
-                          "synthetic_text, jsonl:PATH, hf:HUB_ID_OR_FOLDER, llamafactory:DIR#NAME")
+    if not data.known(recipe["dataset"]):
+        raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: {data.choices()}")
 
 
 def check_grpo(recipe: dict, name: str):

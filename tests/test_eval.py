@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from tests.conftest import read_jsonl
 
 import eval as evaluate
-from kit import report
-from kit.metrics import bootstrap_interval, exact_correct, mcnemar_exact, paired_counts, relaxed_correct
+from kit.evaluate import report
+from kit.evaluate.scoring import bootstrap_interval, exact_correct, mcnemar_exact, paired_counts, relaxed_correct
 
 
 def eval_cli(args):

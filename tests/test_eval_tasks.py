@@ -7,11 +7,11 @@ import json
 import jiwer
 import pytest
 from click.testing import CliRunner
-from tests.conftest import read_jsonl, train_cli
 
 import eval as evaluate
 from kit import scores
-from kit.grpo import relaxed_accuracy
+from kit.train.grpo import relaxed_accuracy
+from tests.conftest import read_jsonl, train_cli
 
 FORMULAS = ["x^{2}", "a+b", "\\pi r", "e^{x}", "1/2", "y_{1}", "a-b=c", "f(x)", "n!", "2^{n}"]
 
@@ -71,7 +71,8 @@ def test_eval_reports_cer_wer_and_exact_match_with_intervals(formula_run, tmp_pa
         assert entry["wer"]["value"] == pytest.approx(jiwer.wer(truth, [s.strip() for s in said]))
         assert entry["cer"]["low"] <= entry["cer"]["value"] <= entry["cer"]["high"]
         assert entry["cer"]["samples"] == entry["wer"]["samples"] == len(rows)
-        assert entry["exact"]["right"] == sum(scores.spacing(s) == scores.spacing(t) for t, s in zip(truth, said))
+        assert entry["exact"]["right"] == sum(scores.spacing(s) == scores.spacing(t)
+                                              for t, s in zip(truth, said, strict=True))
     pair = next(p for p in numbers["pairs"] if (p["baseline"], p["candidate"]) == ("base", "finetuned"))
     assert {"better", "worse", "ties", "change_low", "change_high", "sign_test_p"} <= set(pair["metrics"]["cer"])
     assert {"fixed", "broken", "mcnemar_p"} <= set(pair["metrics"]["exact"])

@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from kit import converter, gguf
+from kit.export import converter, gguf
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def merge_cli(*args):
 def greedy(model, processor, sample, system_prompt):
     import torch
 
-    from kit import chat
+    from kit.inputs import chat
 
     inputs = chat.generation_inputs(processor, [sample], system_prompt)
     with torch.no_grad():

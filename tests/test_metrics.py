@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kit.metrics import (accuracy, bootstrap_interval, exact_correct, grouped_accuracy, mcnemar_exact,
+from kit.evaluate.scoring import (accuracy, bootstrap_interval, exact_correct, grouped_accuracy, mcnemar_exact,
                          paired_counts, reference_number, relaxed_correct, relaxed_correctness, relaxed_match,
                          to_number)
 

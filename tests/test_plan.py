@@ -1,8 +1,8 @@
 import json
 
 from data.synthetic import generate
-from kit.chat import VisionCollator, set_pixels
-from kit.plan import estimate_memory, model_shape, token_counts
+from kit.inputs.chat import VisionCollator, set_pixels
+from kit.plan.estimate import estimate_memory, model_shape, token_counts
 from recipes import load
 from tests.conftest import train_cli
 

@@ -13,7 +13,7 @@ Sources of the expected numbers:
 import pytest
 
 from kit import scores
-from kit.metrics import bootstrap_interval, mcnemar_exact
+from kit.evaluate.scoring import bootstrap_interval, mcnemar_exact
 from recipes import CHOICES
 
 COCA_COLA = ["Coca Cola", "Coca Cola Company"]
@@ -97,9 +97,10 @@ def test_intervals_and_paired_comparison_of_a_continuous_metric():
     """Intervals contain the value; the paired change is the difference of the two systems' values, better and
     worse count questions by the metric's direction (lower CER is better), and the sign test is McNemar's formula."""
     references = ["This is a test", "x + y", "hello", "abc", "formula"]
-    before = [scores.verdicts(p, [r], "cer") for p, r in zip(["This", "x", "help", "abc", "form"], references)]
+    before = [scores.verdicts(p, [r], "cer") for p, r in zip(["This", "x", "help", "abc", "form"], references,
+                                                                  strict=True)]
     after = [scores.verdicts(p, [r], "cer") for p, r in zip(["This is a test", "x + y", "hell", "abd", "formula"],
-                                                             references)]
+                                                             references, strict=True)]
     for verdicts in (before, after):
         found = scores.score(verdicts, "cer")
         assert found["low"] <= found["value"] <= found["high"] and found["samples"] == 5
@@ -117,6 +118,6 @@ def test_flag_metrics_keep_the_chart_report():
     after = [{"relaxed": r, "exact": False} for r in [True] * 7 + [False]]
     compared = scores.compare(before, after, "relaxed_accuracy")
     assert (compared["fixed"], compared["broken"]) == (6, 1) and compared["mcnemar_p"] == mcnemar_exact(6, 1)
-    low, high = bootstrap_interval([int(a["relaxed"]) - int(b["relaxed"]) for a, b in zip(after, before)])
+    low, high = bootstrap_interval([int(a["relaxed"]) - int(b["relaxed"]) for a, b in zip(after, before, strict=True)])
     assert (compared["change_low"], compared["change_high"]) == (low, high)
     assert scores.score(after, "relaxed_accuracy")["accuracy"] == 7 / 8

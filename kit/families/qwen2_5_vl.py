@@ -5,6 +5,7 @@ merger into `out_hidden_size`. llama.cpp: text arch qwen2vl, projector qwen2.5vl
 """
 
 from dataclasses import replace
+from functools import partial
 
 from kit.families import Linear, LlamaNames, LoraNames, Shape
 from kit.families import _tiny, qwen2_vl
@@ -23,7 +24,7 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
 # Three blocks (llama.cpp's mmproj converter wants at least that many), window attention in the first two and full
 # attention in the last: llama.cpp's converter accepts only evenly spaced full-attention blocks (its n_wa_pattern,
 # the first index + 1). A 112-pixel window is 4x4 merged tokens, so a 140-pixel chart (5x5) spans four windows.
-TINY_VISION = dict(VISION, depth=3, hidden_size=32, intermediate_size=128, num_heads=2, fullatt_block_indexes=[2])
+TINY_VISION = dict(VISION, depth=3, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[2])
 
 
 def shape(config) -> Shape:
@@ -33,10 +34,6 @@ def shape(config) -> Shape:
                                               Linear("vision", "mlp", "up_proj", depth, ve, mlp),
                                               Linear("vision", "mlp", "down_proj", depth, mlp, ve)),
                                  vision.out_hidden_size)
-
-
-def build_processor(tokenizer):
-    return qwen2_vl.build_processor(tokenizer, "Qwen2_5_VLProcessor")
 
 
 def config(tokenizer, text: dict, vision: dict, **extra):
@@ -49,6 +46,7 @@ def config(tokenizer, text: dict, vision: dict, **extra):
 
 
 # tiny: Qwen2-VL's tiny text model and init with the 2.5 tower in small; random: 3B ~7.5 GB, 7B ~16.6 GB of disk
+build_processor = partial(qwen2_vl.build_processor, processor_class="Qwen2_5_VLProcessor")
 build_tiny, build_random = qwen2_vl.builders("Qwen2_5_VLForConditionalGeneration", config, build_processor,
                                              TEXT_SHAPES, VISION, TINY_VISION)
 
@@ -61,7 +59,7 @@ FAMILY = replace(
     lora=LoraNames(vision_mlp=("gate_proj", "up_proj", "down_proj")),
     shape=shape,
     build_tiny=build_tiny,
-    tiny_version="v1",
+    tiny_version="v2",
     random_shapes=TEXT_SHAPES,
     build_random=build_random,
     llama=LlamaNames(text_arch="qwen2vl", projector="qwen2.5vl_merger"),

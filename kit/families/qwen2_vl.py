@@ -21,8 +21,9 @@ VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14
               temporal_patch_size=2, hidden_act="quick_gelu", in_channels=3)
 TINY_TEXT = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, tie_word_embeddings=False)
-# Vision depth >= 3: llama.cpp's mmproj converter expects at least that many blocks.
-TINY_VISION = dict(VISION, depth=3, embed_dim=32, num_heads=2)
+# Vision depth >= 3: llama.cpp's mmproj converter expects at least that many blocks. Every Linear is at least 64
+# wide on its input, NF4's block: bitsandbytes' CPU inference cannot pack a narrower one, and QLoRA runs on these.
+TINY_VISION = dict(VISION, depth=3, embed_dim=64, num_heads=2)
 # mrope splits each head's rotary half into (temporal, height, width) sections; Qwen2-VL uses 16/24/24 of 64.
 MROPE_SECTIONS = {16: [2, 3, 3], 128: [16, 24, 24]}
 
@@ -133,7 +134,7 @@ FAMILY = Family(
     markup=MARKUP,
     shape=shape,
     build_tiny=build_tiny,
-    tiny_version="v1",
+    tiny_version="v2",
     random_shapes=TEXT_SHAPES,
     build_random=build_random,
     llama=LlamaNames(text_arch="qwen2vl", projector="qwen2vl_merger"),

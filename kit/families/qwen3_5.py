@@ -44,9 +44,9 @@ ROPE = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25
 TINY_TEXT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  intermediate_size=128, tie_word_embeddings=False, linear_conv_kernel_dim=4, linear_key_head_dim=16,
                  linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
-TINY_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2)
+TINY_VISION = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2)
 TINY_ROPE = dict(ROPE, mrope_section=[2, 1, 1])
-TINY_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+TINY_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
 TINY_INIT = 0.05
 
 # LoRA in the DeltaNet layers on every projection: in_proj_qkv and in_proj_z (the heads' content and output gate),
@@ -138,7 +138,7 @@ DENSE_TINY, DENSE_RANDOM = builders(moe=False)
 MOE_TINY, MOE_RANDOM = builders(moe=True)
 COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, shape=shape,
               chat_template_kwargs=_qwen3.THINKING_OFF, claims_processor=_qwen3.uses_qwen3_5_tokenizer,
-              tiny_version="v1",
+              tiny_version="v2",
               # transformers 5.17's Gated DeltaNet (torch path) runs its causal conv and recurrent state across a
               # packed row: packed loss 6.3795 against 6.3756 padded on the tiny model (tests/test_packing.py)
               packs=False)

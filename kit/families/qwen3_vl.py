@@ -34,13 +34,14 @@ VISION_COMMON = dict(hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merg
 # rope theta 5e6; each head's rotary half (64 of 128) interleaved as 24 temporal / 20 height / 20 width
 ROPE = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
 
-# Tiny: text 64 wide, 3 layers, head 16 (rotary half 8 as 4/2/2, temporal largest as in 24/20/20); vision 32 wide,
+# Tiny: text 64 wide, 3 layers, head 16 (rotary half 8 as 4/2/2, temporal largest as in 24/20/20); vision 64 wide,
 # depth 3 (llama.cpp's mmproj converter wants at least that), DeepStack from blocks 0 and 1 into LLM layers 0 and 1.
 TINY_TEXT = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  intermediate_size=128, tie_word_embeddings=False)
-TINY_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[0, 1])
+TINY_VISION = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, deepstack_visual_indexes=[0, 1])
 TINY_ROPE = dict(ROPE, mrope_section=[4, 2, 2])
-TINY_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+# Expert widths of 64, not less: a narrower down_proj cannot be packed into NF4 blocks of 64 (QLoRA's base).
+TINY_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1)
 # A wider init than 0.02 lets a 0.4M-parameter model leave the "answer without looking" plateau sooner.
 TINY_INIT = 0.05
 
@@ -109,7 +110,7 @@ MOE_TINY, MOE_RANDOM = builders(moe=True)
 COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, shape=shape,
               # Qwen3-VL-Instruct's template has no thinking and reads no flag for it (a flag it does not read,
               # transformers takes for a processor argument and warns about at every call)
-              claims_processor=claims, tiny_version="v1")
+              claims_processor=claims, tiny_version="v2")
 FAMILIES = (
     Family(name="qwen3-vl", model_types=("qwen3_vl",), lora=LORA, build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
            build_random=DENSE_RANDOM, llama=LlamaNames(text_arch="qwen3vl", projector="qwen3vl_merger"), **COMMON),

@@ -2,7 +2,7 @@
 
 The base is reloaded in 16-bit (never 4-bit) with plain transformers + peft, the adapter merged in, saved as
 safetensors with every processor file; then the adapter model and the reloaded merged model are compared on fixed
-prompts (largest logit difference, identical greedy answers). compare_runs holds a llama.cpp run (kit/llama.py) up
+prompts (largest logit difference, identical greedy answers). compare_runs holds a llama.cpp run (kit/export/llama.py) up
 against the merged model's the same way.
 """
 
@@ -141,8 +141,8 @@ def without_image(sample: dict) -> dict:
 
 
 def chat_text(processor, sample: dict, system_prompt: str) -> str:
-    """The prompt exactly as kit.chat.generation_inputs formats it, for llama.cpp to see the same text."""
-    from kit import chat
+    """The prompt exactly as kit.inputs.chat.generation_inputs formats it, for llama.cpp to see the same text."""
+    from kit.inputs import chat
 
     messages = chat.with_system(chat.prompt_messages(sample["messages"]), system_prompt)
     return families.of_processor(processor).chat_text(processor, messages, add_generation_prompt=True)
@@ -155,7 +155,7 @@ def probe(model, processor, sample: dict, system_prompt: str, max_new_tokens: in
     """
     import torch
 
-    from kit import chat
+    from kit.inputs import chat
 
     inputs = chat.generation_inputs(processor, [sample], system_prompt).to(model.device)
     with torch.no_grad():

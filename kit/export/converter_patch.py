@@ -1,9 +1,9 @@
 """llama.cpp's convert_hf_to_gguf.py with one fallback taught to it, run as a script in the converter's subprocess:
 
-    python kit/converter_patch.py [--pre NAME] CONVERTER [the converter's own arguments...]
+    python kit/export/converter_patch.py [--pre NAME] CONVERTER [the converter's own arguments...]
 
 A tokenizer whose pre-tokenizer hash the converter does not know is written as NAME ("qwen2" unless given).
-kit/gguf.py uses this only for tokenizers whose tokenizer.json splits with the regex llama.cpp calls NAME (the tiny
+kit/export/gguf.py uses this only for tokenizers whose tokenizer.json splits with the regex llama.cpp calls NAME (the tiny
 models' locally trained BPEs: Qwen2's regex for "qwen2", Qwen3.5's for "qwen35"), so NAME is the truth, not a
 guess. Run by path, it imports nothing from the kit: only the converter's own modules.
 """

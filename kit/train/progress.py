@@ -1,11 +1,13 @@
-"""The trainer callbacks of a training run (besides the checkpoints' own, in kit/checkpoints.py): the progress
-line, the checkpoint-then-stop on Ctrl-C or SIGTERM, and the commit of a run that --force replaces.
+"""What a training run shows and does as it goes, through the trainer's callbacks (the checkpoints' own are in
+kit/train/checkpoints.py): the token counter behind tokens/s, the progress line with its row in metrics.jsonl,
+the checkpoint-then-stop on Ctrl-C or SIGTERM, the commit of a run that --force replaces, and bench.py's clock.
 
 This module imports transformers at its top: import it only after kit.backend.select has chosen the backend
 (Unsloth must patch transformers first).
 """
 
 import json
+import resource
 import signal
 import time
 from pathlib import Path
@@ -14,9 +16,39 @@ import click
 import torch
 from transformers import TrainerCallback
 
-from kit import runfolder
-from kit.distributed import any_rank, is_main, total
-from kit.progress import CountingCollator, grpo_values, log_eval, peak_memory_gb
+from kit.train import runfolder
+from kit.train.distributed import any_rank, is_main, total
+from kit.train.training_log import grpo_values, log_eval
+
+
+class CountingCollator:
+    """Counts the real (non-padding) tokens that pass, for the tokens/s field of the progress line."""
+
+    def __init__(self, collator):
+        import multiprocessing
+
+        # shared memory: with dataloader_num_workers > 0 the collator runs in worker processes
+        self.collator, self._tokens = collator, multiprocessing.Value("q", 0)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens.value
+
+    def __call__(self, samples):
+        from kit.inputs.packing import real_tokens
+
+        batch = self.collator(samples)
+        with self._tokens.get_lock():
+            self._tokens.value += real_tokens(batch)
+        return batch
+
+
+def peak_memory_gb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)
 
 
 class ProgressLine(TrainerCallback):
@@ -30,9 +62,11 @@ class ProgressLine(TrainerCallback):
         if is_main():  # one writer under torchrun
             path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= keep_until))
         self.last_time, self.last_step, self.last_tokens, self.last_loss = time.time(), 0, 0, float("nan")
+        self.began, self.first_step = time.time(), 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time, self.last_step = time.time(), state.global_step
+        self.began, self.first_step = self.last_time, state.global_step  # a resumed run's ETA counts this session
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -50,18 +84,37 @@ class ProgressLine(TrainerCallback):
         row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
                "ms_per_step": 1000 * seconds / steps,
                "tokens_per_s": (tokens - self.last_tokens) / seconds,
-               "peak_mem_gb": peak_memory_gb(), "time": now}
+               "peak_mem_gb": peak_memory_gb(), "time": now,
+               "eta_s": eta_seconds(now - self.began, state.global_step - self.first_step,
+                                    state.max_steps - state.global_step)}
         row.update(grpo_values(logs))
         rewards = f" | reward {row['reward']:.3f} ± {row['reward_std']:.3f} | kl {row.get('kl', 0):.4f} | " \
                   f"len {row['completion_length']:.1f}" if "reward" in row else ""
-        click.echo(f"step {row['step']:05d}/{state.max_steps:05d} | loss {row['loss']:.4f} | "
+        done = 100 * state.global_step / max(state.max_steps, 1)
+        click.echo(f"step {row['step']:05d}/{state.max_steps:05d} ({done:.0f}%) | loss {row['loss']:.4f} | "
                    f"lr {row['lr']:.1e} | {row['ms_per_step']:,.0f} ms | {row['tokens_per_s']:,.0f} tok/s | "
-                   f"mem {row['peak_mem_gb']:.1f} GB{rewards}")
+                   f"mem {row['peak_mem_gb']:.1f} GB{rewards} | eta {clock(row['eta_s'])}")
         if is_main():
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
         self.last_time, self.last_step, self.last_tokens = now, state.global_step, tokens
         self.last_loss = row["loss"]
+
+
+def eta_seconds(elapsed: float, steps_taken: int, steps_left: int) -> float:
+    """The time the steps left will take at this session's average pace so far (the first logged steps include
+    the trainer's start-up, so early estimates run high and settle)."""
+    return elapsed / max(steps_taken, 1) * steps_left
+
+
+def clock(seconds: float) -> str:
+    """12s, 3m05s, 1h02m: the ETA field of the progress line."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class StopOnSignal(TrainerCallback):

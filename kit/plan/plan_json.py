@@ -6,27 +6,27 @@ import json
 import os
 from pathlib import Path
 
-from kit import plan
+from kit.plan import estimate
 
 FINDINGS_KEPT = 50  # the first ones, as the printed plan shows the first 10: enough to fix the data by
 
 
 def record(samples, counts, findings, memory: dict, gpu_name, gpu_bytes, recipe: dict, processor, precision: str,
            gpus: int = 1, per_gpu: dict | None = None) -> dict:
-    """The plan's figures; `memory` and `per_gpu` in bytes (plan.estimate_memory / plan.per_gpu_memory)."""
+    """The plan's figures; `memory` and `per_gpu` in bytes (estimate.estimate_memory / estimate.per_gpu_memory)."""
     images, texts = [i for i, _ in counts], [t for _, t in counts]
     over = [f for f in findings if "max_length" in f[2]]
-    budget = max(recipe["max_length"] - plan.stats(texts)["p95"] - 16, 64)
+    budget = max(recipe["max_length"] - estimate.stats(texts)["p95"] - 16, 64)
     return {
         "rows": len(samples),
-        "tokens": {"image": plan.stats(images), "text": plan.stats(texts),
-                   "total": plan.stats([i + t for i, t in counts])},
+        "tokens": {"image": estimate.stats(images), "text": estimate.stats(texts),
+                   "total": estimate.stats([i + t for i, t in counts])},
         "max_length": recipe["max_length"], "over_max_length": len(over), "other_problems": len(findings) - len(over),
         "findings": [{"row": index, "place": place, "problem": problem}
                      for index, place, problem in findings[:FINDINGS_KEPT]],
         "max_pixels": recipe["max_pixels"], "image_token_budget": budget,
-        "suggested_max_pixels": plan.suggest_max_pixels(samples, processor, budget),
-        "steps_per_epoch": plan.steps_per_epoch(len(samples), recipe),
+        "suggested_max_pixels": estimate.suggest_max_pixels(samples, processor, budget),
+        "steps_per_epoch": estimate.steps_per_epoch(len(samples), recipe),
         "model": recipe["model_name_or_path"], "load_in_4bit": recipe["load_in_4bit"],
         "per_device_train_batch_size": recipe["per_device_train_batch_size"], "precision": precision,
         "memory_bytes": memory, "gpu": {"name": gpu_name, "bytes": gpu_bytes},

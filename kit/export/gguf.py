@@ -1,7 +1,7 @@
 """GGUF files from a merged model: `convert_hf_to_gguf.py` writes the text model (the family's llama.cpp arch, e.g.
 qwen2vl) and, with --mmproj, the vision projector (its clip.projector_type, e.g. qwen2vl_merger, qwen2.5vl_merger:
 kit/families/); K-quants go through `llama-quantize` or
-llama-cpp-python's `llama_model_quantize` (kit/llama_quantize.py). Both run in subprocesses, logged to files.
+llama-cpp-python's `llama_model_quantize` (kit/export/llama_quantize.py). Both run in subprocesses, logged to files.
 """
 
 import contextlib
@@ -14,15 +14,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kit.converter import LLAMA_CPP_PYTHON
-from kit.converter_patch import FORCED_PRE_NOTE, forced_pre_note  # noqa: F401  (merge.py shows it)
+from kit.export.converter import LLAMA_CPP_PYTHON
+from kit.export.converter_patch import FORCED_PRE_NOTE, forced_pre_note  # noqa: F401  (merge.py shows it)
 from kit.errors import UserError
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
 QUANTIZER_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m", "q5_0", "q5_1",
                    "q5_k_s", "q5_k_m", "q6_k")  # need llama.cpp's quantizer, from an f16 conversion
 # Scripts run by path in a logged subprocess (llama.cpp prints to the C-level stdout), with -P: their folder kit/
-# must not go on sys.path, where kit/gguf.py would stand in for the gguf package.
+# must not go on sys.path, where kit/export/gguf.py would stand in for the gguf package.
 CONVERTER_PATCH = Path(__file__).with_name("converter_patch.py")
 LLAMA_QUANTIZE = Path(__file__).with_name("llama_quantize.py")
 

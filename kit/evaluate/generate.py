@@ -24,7 +24,7 @@ def generate_answers(model, processor, samples: list[dict], system_prompt: str =
     import torch
     from transformers import GenerationConfig
 
-    from kit.chat import generation_inputs
+    from kit.inputs.chat import generation_inputs
 
     tokenizer = processor.tokenizer
     # Every setting spelled out: generate() fills the ones left unset from the checkpoint's generation_config,

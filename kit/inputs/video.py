@@ -85,7 +85,7 @@ def probe(video, processor, recipe: dict | None = None) -> tuple[int, int, int]:
 def video_tokens(video, processor, recipe: dict | None = None) -> int:
     """Merged tokens of one video after sampling (the recipe's fps / max_frames, else the processor's) and the
     per-frame resize."""
-    from kit.images import target_size
+    from kit.inputs.images import target_size
 
     frames, width, height = probe(video, processor, recipe)
     vp = processor.video_processor
@@ -125,22 +125,3 @@ def batch_videos(samples: list[dict], processor) -> list[np.ndarray] | None:
     """Every video of a batch, in row order (the processor fills <|video_pad|> slots in that order)."""
     videos = [frames(video, processor) for sample in samples for video in sample.get("videos") or []]
     return videos or None
-
-
-def write_test_video(path, frames_count: int = 8, size: tuple[int, int] = (112, 84), fps: int = 4):
-    """A small MPEG-4 video of moving bars (tests and the demo make their own; nothing is downloaded)."""
-    import av
-
-    width, height = size
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for index in range(frames_count):
-            picture = np.full((height, width, 3), 255, dtype=np.uint8)
-            left = (index * 7) % max(1, width - 14)
-            picture[height // 3:, left:left + 14] = (40, 90, 200)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path

@@ -51,7 +51,7 @@ def load_image(image, processor=None) -> Image.Image:
         return image.convert("RGB")
     if processor is not None and isinstance(image, (str, Path)):
         # a huge file is decoded once, then read from a copy at the size the model sees
-        from kit.images import open_rgb
+        from kit.inputs.images import open_rgb
 
         return open_rgb(image, processor)
     with open_image(image) as opened:
@@ -80,7 +80,7 @@ def set_pixels(processor, min_pixels: int, max_pixels: int):
     image_processor = processor.image_processor
     image_processor.size = type(image_processor.size)(shortest_edge=min_pixels, longest_edge=max_pixels)
     video_processor = getattr(processor, "video_processor", None)
-    if video_processor is not None:  # a video's frames are sized like images (kit/video.py)
+    if video_processor is not None:  # a video's frames are sized like images (kit/inputs/video.py)
         video_processor.size = type(video_processor.size)(shortest_edge=min_pixels, longest_edge=max_pixels)
 
 
@@ -90,7 +90,7 @@ class VisionCollator:
     def __init__(self, processor, max_length: int, train_on_responses_only: bool = True, system_prompt: str = "",
                  family: families.Family | None = None, packer=None):
         self.processor = processor
-        self.packer = packer  # kit.packing.Packer: training batches packed into rows; `padded` never packs
+        self.packer = packer  # kit.inputs.packing.Packer: training batches packed into rows; `padded` never packs
         self.max_length = max_length
         self.train_on_responses_only = train_on_responses_only
         self.system_prompt = system_prompt
@@ -116,7 +116,7 @@ class VisionCollator:
         self.processor.tokenizer.padding_side = "right"
         images = [[load_image(i, self.processor) for i in s["images"]] or None for s in samples]
         texts = self.texts(samples)
-        from kit.video import batch_videos
+        from kit.inputs.video import batch_videos
 
         try:
             batch = self.processor(text=texts, images=images if any(images) else None,
@@ -181,7 +181,7 @@ def generation_inputs(processor, batch: list[dict], system_prompt: str = ""):
     texts = [family.chat_text(processor, with_system(prompt_messages(s["messages"]), system_prompt),
                               add_generation_prompt=True) for s in batch]
     images = [[load_image(i, processor) for i in s["images"]] for s in batch]
-    from kit.video import batch_videos
+    from kit.inputs.video import batch_videos
 
     return processor(text=texts, images=images if any(images) else None, videos=batch_videos(batch, processor),
                      padding=True, return_tensors="pt")

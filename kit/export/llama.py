@@ -220,7 +220,7 @@ class LlamaCppPair:
         if isinstance(image, (str, Path)):
             bitmap = mtmd_cpp.mtmd_helper_bitmap_init_from_file(self.mtmd, str(image).encode(), False)
         else:
-            from kit.chat import load_image
+            from kit.inputs.chat import load_image
 
             rgb = load_image(image).convert("RGB")
             data = rgb.tobytes()
@@ -281,7 +281,7 @@ def _template(source: str):
 def chat_text(pair: LlamaCppPair, sample: dict, system: str) -> str:
     """The prompt of a sample ({"images", "messages"}; a final assistant answer is left out) in the chat template
     stored in the GGUF, as transformers renders the same template for the merged model."""
-    from kit.chat import prompt_messages, with_system
+    from kit.inputs.chat import prompt_messages, with_system
 
     source = pair.llama.metadata.get("tokenizer.chat_template")
     if not source:

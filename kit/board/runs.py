@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 
@@ -96,7 +96,7 @@ CHECKPOINT_MARKER = "complete.json"  # kit/checkpoints.MARKER (that module impor
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """The complete checkpoints (marked by kit/checkpoints.py), oldest first."""
+    """The complete checkpoints (marked by kit/train/checkpoints.py), oldest first."""
     done = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
@@ -182,7 +182,7 @@ def loss_plot(run_dir: Path) -> str | None:
         return None
     import tempfile
 
-    from kit.progress import plot_loss
+    from kit.train.training_log import plot_loss
 
     stamp = (run_dir / "metrics.jsonl").stat().st_mtime_ns
     png = Path(tempfile.gettempdir()) / "qwen2vl-board" / f"{run_dir.name}-{stamp}-loss-{len(rows)}.png"

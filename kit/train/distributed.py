@@ -258,3 +258,11 @@ def report_error(line: str):
     import click
 
     click.echo(line, err=True)
+
+
+def describe_line(recipe: dict) -> str:
+    """The line train.py prints under a launcher: processes and the global batch they make."""
+    launch = describe(recipe)
+    return (f"data parallel: {launch['world_size']} processes ({launch['launcher']}, {launch['strategy']}); "
+            f"global batch {recipe['per_device_train_batch_size']} per device x "
+            f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = {launch['global_batch']}")

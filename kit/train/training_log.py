@@ -1,39 +1,14 @@
-"""What a training run shows: the token counter behind tokens/s, the evaluation rows of metrics.jsonl, a run's
-summary from metrics.jsonl and the loss curve. kit/callbacks.py holds the trainer callbacks that use them.
+"""The training log, metrics.jsonl: the fields GRPO adds to it, its evaluation rows, a run's summary from it and
+its loss curve. kit/train/progress.py writes its training rows as the run goes.
 
 No transformers here: the board draws loss curves with this module.
 """
 
 import json
-import resource
 import time
 from pathlib import Path
 
 import click
-
-
-
-class CountingCollator:
-    """Counts the real (non-padding) tokens that pass, for the tokens/s field of the progress line."""
-
-    def __init__(self, collator):
-        import multiprocessing
-
-        # shared memory: with dataloader_num_workers > 0 the collator runs in worker processes
-        self.collator, self._tokens = collator, multiprocessing.Value("q", 0)
-
-    @property
-    def tokens(self) -> int:
-        return self._tokens.value
-
-    def __call__(self, samples):
-        from kit.packing import real_tokens
-
-        batch = self.collator(samples)
-        with self._tokens.get_lock():
-            self._tokens.value += real_tokens(batch)
-        return batch
-
 
 # GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the KL to the
 # starting model and the answers' length; each reward's own mean is added as reward_<name>.
@@ -134,11 +109,3 @@ def plot_rewards(ax, rows: list[dict]):
     ax.set_ylabel("GRPO reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-
-
-def peak_memory_gb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)

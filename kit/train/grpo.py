@@ -2,7 +2,7 @@
 
 For each question the trainer samples `num_generations` answers and scores each with two rewards:
 - `relaxed_accuracy`: 1 when the answer is right against any accepted answer under ChartQA's relaxed rule
-  (kit/metrics.relaxed_correct, the same call eval.py makes), else 0;
+  (kit/evaluate/scoring.relaxed_correct, the same call eval.py makes), else 0;
 - `short_answer`: 1 when the answer has no extra words (one line, no more words than the longest accepted
   answer), else 0; weighted small by `reward_weights`, it only breaks ties between right answers.
 With a thinking family the answer is the text after its think block; a block that never closes answers nothing.
@@ -117,8 +117,8 @@ def use_triton_interpreter_without_cuda():
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return
     if "triton" in sys.modules:
-        raise RuntimeError("internal: triton was imported before kit.grpo could switch it to its CPU interpreter; "
-                           "call kit.grpo.prepare first, or set TRITON_INTERPRET=1")
+        raise RuntimeError("internal: triton was imported before kit.train.grpo could switch it to its CPU interpreter; "
+                           "call kit.train.grpo.prepare first, or set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 
 
@@ -159,7 +159,7 @@ class Prompts:
         self.samples, self.processor, self.system_prompt = samples, processor, system_prompt
 
     def __call__(self, batch: dict) -> dict:
-        from kit.chat import load_image, prompt_messages, with_system
+        from kit.inputs.chat import load_image, prompt_messages, with_system
 
         samples = [self.samples[row] for row in batch["row"]]
         return {"prompt": [with_system(prompt_messages(s["messages"]), self.system_prompt) for s in samples],
@@ -193,7 +193,7 @@ def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, sup
         max_steps=recipe["max_steps"], warmup_steps=recipe["warmup_steps"],
         lr_scheduler_type=recipe["lr_scheduler_type"], optim=recipe["optim"], weight_decay=recipe["weight_decay"],
         max_grad_norm=recipe["max_grad_norm"], logging_steps=recipe["logging_steps"], logging_first_step=True,
-        # rotation off: kit.checkpoints.CompleteCheckpoints rotates once a save is whole
+        # rotation off: kit.train.checkpoints.CompleteCheckpoints rotates once a save is whole
         save_steps=recipe["save_steps"], save_total_limit=None, seed=recipe["seed"],
         data_seed=recipe["seed"], bf16=precision == "bf16", fp16=precision == "fp16",
         gradient_checkpointing=recipe["gradient_checkpointing"] and backend == "hf",
@@ -213,7 +213,7 @@ def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, sup
 def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path, model, processor, samples,
                   family):
     """TRL's GRPOTrainer on the run's questions, checkpointing into `checkpoints`, printing nothing of its own (the
-    progress line does). Its rotation is off: kit.checkpoints.CompleteCheckpoints rotates once a save is whole.
+    progress line does). Its rotation is off: kit.train.checkpoints.CompleteCheckpoints rotates once a save is whole.
     A thinking family's answer is read after its think block."""
     from transformers.trainer_callback import PrinterCallback
 
@@ -238,7 +238,7 @@ def trainer_class():
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("internal: GRPO on the CPU needs Triton's interpreter; call kit.grpo.prepare first")
+        raise RuntimeError("internal: GRPO on the CPU needs Triton's interpreter; call kit.train.grpo.prepare first")
     from trl import GRPOTrainer
 
     return GRPOTrainer

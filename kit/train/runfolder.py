@@ -72,6 +72,23 @@ def code_version() -> str:
     """The kit's own version as git describes its checkout ("unknown" outside one)."""
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent.parent, timeout=10).stdout.strip()
+                              cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def save_final(trainer, processor, run_dir: Path) -> bool:
+    """The trained weights (adapter or whole model) and the processor into the run folder, through a temporary
+    folder so that a run folder never holds half a model; False on the ranks that do not write."""
+    from kit.train import distributed
+
+    final = run_dir / ".final.tmp"
+    shutil.rmtree(final, ignore_errors=True)
+    distributed.save_model(trainer, final)
+    if not distributed.is_main():
+        return False
+    processor.save_pretrained(final)
+    for item in final.iterdir():
+        item.replace(run_dir / item.name)
+    final.rmdir()
+    return True

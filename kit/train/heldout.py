@@ -1,5 +1,5 @@
 """What train.py and bench.py do with samples before the trainer sees them: held-out rows, and datasets of row
-numbers. No transformers or trl here (they come after the backend is chosen: kit/sft.py builds the trainer)."""
+numbers. No transformers or trl here (they come after the backend is chosen: kit/train/sft.py builds the trainer)."""
 
 import random
 from pathlib import Path

@@ -10,9 +10,9 @@ import math
 import click
 
 from kit import families
-from kit.chat import with_system
+from kit.inputs.chat import with_system
 from kit.errors import UserError
-from kit.video import video_tokens
+from kit.inputs.video import video_tokens
 
 GIB = 1024**3
 CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9 GB on recent drivers
@@ -20,14 +20,14 @@ CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + cuBLAS workspaces, measured ~0.6-0.9
 
 def image_tokens(image, processor) -> int:
     """Merged vision tokens of one image after Qwen's resize (sides to multiples of the grid, area in bounds)."""
-    from kit.chat import image_size
+    from kit.inputs.chat import image_size
 
     return size_tokens(*image_size(image), processor)  # reads the header only
 
 
 def size_tokens(width: int, height: int, processor) -> int:
     """Merged vision tokens of a width x height image after Qwen's resize."""
-    from kit.images import target_size
+    from kit.inputs.images import target_size
 
     grid = families.of_processor(processor).grid(processor)
     width, height = target_size(width, height, processor)
@@ -51,7 +51,7 @@ def token_counts(samples, processor, system_prompt: str = "") -> list[tuple[int,
 def suggest_max_pixels(samples, processor, budget: int, quantile: float = 0.95) -> int:
     """The largest max_pixels (a multiple of one token's grid x grid pixels) whose p95 image tokens stay within
     `budget`."""
-    from kit import scan
+    from kit.plan import scan
 
     grid = families.of_processor(processor).grid(processor)
     # the sizes preflight read from the image headers (cached), not a second pass over the images
@@ -159,7 +159,7 @@ def lora_targets(shape: dict, recipe: dict) -> str:
 def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str) -> dict:
     """Peak GPU bytes by part, for the largest sample in a batch of per_device_train_batch_size (with packing:
     that many samples as long as the largest, packed into rows of up to max_length)."""
-    from kit.packing import worst_rows
+    from kit.inputs.packing import worst_rows
 
     half = 2 if precision in ("bf16", "fp16") else 4
     linear = shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"]
@@ -245,7 +245,7 @@ def steps_per_epoch(rows: int, recipe: dict) -> int:
 
 def preflight(samples, processor, recipe):
     """Lint findings (broken rows and rows over max_length) and each sample's (image, text) token counts."""
-    from kit import scan
+    from kit.plan import scan
 
     # lint's checks (every image fully decoded) and the header sizes: one pass over all cores, cached by the
     # data set's fingerprint; then text tokens (cached too). Image tokens follow from the sizes.
@@ -302,7 +302,7 @@ def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, p
 
 def print_padding(counts, recipe):
     """The share of computed positions that would be padding, padded and packed (same seeded batches)."""
-    from kit.packing import padding_fraction, worst_rows
+    from kit.inputs.packing import padding_fraction, worst_rows
 
     lengths, batch = [i + t for i, t in counts], recipe["per_device_train_batch_size"]
     padded, packed = (padding_fraction(lengths, batch, recipe["max_length"], p, recipe["seed"]) for p in (False, True))

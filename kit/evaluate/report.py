@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from kit import scores
-from kit.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from kit.evaluate.scoring import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from kit.paths import build_dir, write_jsonl
 
 GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
@@ -237,10 +237,13 @@ def diff_page(changed: list[dict], summary: dict, images: dict, folder: Path, ti
              f"<h1>{html.escape(title)}: what changed</h1>",
              f"<p>{html.escape(label)} verdicts that differ between two systems on the same question. Shuffled-image "
              "systems were shown another question's image; the thumbnail is the question's own.</p><ul>"]
-    count = lambda p, c: sum(d["change"] == c and (d["baseline"], d["candidate"]) == (p["baseline"], p["candidate"])
-                             for d in changed)  # noqa: E731
+    counts: dict[tuple, int] = {}
+    for d in changed:
+        found = (d["baseline"], d["candidate"], d["change"])
+        counts[found] = counts.get(found, 0) + 1
     parts += [f"<li>{html.escape(p['candidate'])} vs {html.escape(p['baseline'])}: " + ", ".join(
-        f"<a href='#{i}-{c}'>{c} {count(p, c)}</a>" for c in directions) + "</li>" for i, p in enumerate(pairs)]
+        f"<a href='#{i}-{c}'>{c} {counts.get((p['baseline'], p['candidate'], c), 0)}</a>" for c in directions)
+        + "</li>" for i, p in enumerate(pairs)]
     parts.append("</ul>")
     for i, (baseline, candidate) in enumerate((pair["baseline"], pair["candidate"]) for pair in pairs):
         group = [d for d in changed if (d["baseline"], d["candidate"]) == (baseline, candidate)]

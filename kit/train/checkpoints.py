@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 from transformers import TrainerCallback
 
-from kit import distributed
+from kit.train import distributed
 
 MARKER = "complete.json"
 PREFIX = "checkpoint-"

@@ -14,7 +14,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from kit import scores
-from kit.trainer import indexed_datasets, write_heldout
+from kit.train.heldout import indexed_datasets, write_heldout
 
 # In-training scores use eval.py's defaults (answers up to the recipe's max_completion_length tokens), so the two
 # agree on the same checkpoint and questions.
@@ -86,7 +86,7 @@ class HeldOutAccuracy(SFTTrainer):
         return output
 
     def task_metric(self) -> float:
-        from kit.generate import generate_answers, prepare_for_inference
+        from kit.evaluate.generate import generate_answers, prepare_for_inference
 
         model, training = self.model, self.model.training
         prepare_for_inference(model, self.eval_backend)
@@ -123,7 +123,7 @@ def trainer_class() -> type[HeldOutAccuracy]:
 def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path, model, processor, collator,
                   train_samples, eval_questions) -> HeldOutAccuracy:
     """TRL's SFTTrainer on the run's data, checkpointing into `checkpoints`, printing nothing of its own (the
-    progress line does). Its rotation is off: kit.checkpoints.CompleteCheckpoints rotates once a save is whole."""
+    progress line does). Its rotation is off: kit.train.checkpoints.CompleteCheckpoints rotates once a save is whole."""
     args = sft_config(recipe, precision, backend, str(checkpoints), save_total_limit=None)
     train_dataset, eval_dataset, collate = indexed_datasets(train_samples, eval_questions, collator)
     trainer = trainer_class()(model=model, args=args, train_dataset=train_dataset, data_collator=collate,

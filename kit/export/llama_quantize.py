@@ -1,7 +1,7 @@
 """llama.cpp's quantizer through llama-cpp-python, for machines without a llama-quantize binary; run as a script
-in kit/gguf.py's logged subprocess (llama.cpp prints to the C-level stdout/stderr):
+in kit/export/gguf.py's logged subprocess (llama.cpp prints to the C-level stdout/stderr):
 
-    python kit/llama_quantize.py SOURCE.gguf TARGET.gguf q4_k_m
+    python kit/export/llama_quantize.py SOURCE.gguf TARGET.gguf q4_k_m
 """
 
 import ctypes

@@ -51,7 +51,7 @@ def _lint_version() -> str:
 
 
 def _size(image):
-    from kit.chat import image_size
+    from kit.inputs.chat import image_size
 
     try:
         return list(image_size(image))  # header only
@@ -144,7 +144,7 @@ def text_tokens(samples, indices: list[int], processor, system_prompt: str, prog
     from tqdm import tqdm
 
     from kit import families
-    from kit.chat import with_system
+    from kit.inputs.chat import with_system
 
     tokenizer, family = processor.tokenizer, families.of_processor(processor)
     fingerprint = getattr(samples, "fingerprint", None)
