@@ -1,7 +1,7 @@
 """The task's metric: one rule a recipe names (`metric_for_best_model`) that eval.py reports, training keeps the
 best checkpoint by, eval.py --score applies to any tool's answers, and GRPO rewards.
 
-    relaxed_accuracy  charts: ChartQA's relaxed accuracy (kit/metrics.py), reported with exact match
+    relaxed_accuracy  charts: ChartQA's relaxed accuracy (kit/evaluate/scoring.py), reported with exact match
     exact_match       short answers that must match: equal ignoring case, surrounding whitespace and a final period
     anls              documents (DocVQA, InfoVQA): average normalized Levenshtein similarity, 0.5 threshold, the best
                       of the references; reported with exact match
@@ -10,7 +10,7 @@ best checkpoint by, eval.py --score applies to any tool's answers, and GRPO rewa
     rougeL            free answers: ROUGE-L F1 (rouge-score), a text-overlap score, reported with exact match
 
 Every question gets each reported metric's verdict (`verdicts`); a report aggregates them over questions
-(`aggregate`): flags and similarities by their mean, error rates as jiwer does over a corpus (all edits over all
+(`score`, `compare`): flags and similarities by their mean, error rates as jiwer does over a corpus (all edits over all
 reference characters or words), so a long formula weighs more than a short one.
 """
 
@@ -48,8 +48,8 @@ REPORTED = {"relaxed_accuracy": ("relaxed_accuracy", "exact_match"), "exact_matc
             "wer": ("wer", "cer", "exact_match"), "rougeL": ("rougeL", "exact_match")}
 ANLS_THRESHOLD = 0.5  # DocVQA / ST-VQA: farther than this, the answer was a wrong one, not a misread right one
 EXACT_RULES = {
-    "answer": "exact match: equal to a reference ignoring case, surrounding whitespace and a trailing period",
-    "spacing": "exact match: equal to a reference once spacing is normalized (whitespace dropped, except one space "
+    "answer": "equal to a reference ignoring case, surrounding whitespace and a trailing period",
+    "spacing": "equal to a reference once spacing is normalized (whitespace dropped, except one space "
                "between two letters or digits: \"\\frac { a } { b }\" = \"\\frac{a}{b}\", \"\\alpha b\" != "
                "\"\\alphab\"); case kept",
 }
@@ -83,7 +83,7 @@ def rules(primary: str, relaxed_rule: str = "chartqa") -> dict:
     found = {}
     for metric in REPORTED[primary]:
         if metric == "relaxed_accuracy":
-            found[key(metric)] = RELAXED_RULES[relaxed_rule]
+            found[key(metric)] = f"relaxed accuracy under {RELAXED_RULES[relaxed_rule]}"
         elif metric == "exact_match":
             found[key(metric)] = EXACT_RULES[exact_rule(primary)]
         else:
