@@ -68,7 +68,7 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
 @click.option("--compare", default="base,base+prompt,finetuned", help="Comma-separated systems to score.")
 @click.option("--control", type=click.Choice(["none", "shuffled"]), default="none",
-              help="shuffled: also score every system with each question shown another chart's image.")
+              help="shuffled: also score every system with each question shown another question's image.")
 @click.option("--batch-size", default=8, help="Questions generated together in one call (left padding).")
 @click.option("--max-new-tokens", type=int,
               help="Longest answer, in tokens. Default: the recipe's max_completion_length (32 for chart answers, "
