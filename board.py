@@ -127,7 +127,7 @@ def evaluate_tab(root: Path):
         report = gr.Markdown(elem_id="eval-report")
         with gr.Row():
             report_png = gr.Image(label="report.png", height=300)
-            answers = gr.Dataframe(headers=["question", "references", "system", "answer", "relaxed"],
+            answers = gr.Dataframe(headers=["question", "references", "system", "answer", "verdict"],
                                    label="A few answers (predictions.jsonl)", elem_id="eval-answers")
 
     eval_button.click(partial(actions.evaluate_run, root), [eval_run, systems, shuffled, limit, eval_force],

@@ -15,7 +15,7 @@ built per access, images decoded only by the collator.
 
 # Every name `dataset=` takes, here only: recipes check against it and load() dispatches on it.
 PRESETS = ("chartqa", "latex_ocr")  # hub data sets by short name (data/hf.py knows their ids and columns)
-NAMES = ("synthetic", *PRESETS)
+NAMES = ("synthetic", "synthetic_text", *PRESETS)
 PREFIXES = {"jsonl:": "jsonl:PATH", "hf:": "hf:HUB_ID_OR_FOLDER", "llamafactory:": "llamafactory:DIR#NAME"}
 
 
@@ -48,6 +48,17 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
                            question_types=recipe["synthetic_question_types"],
                            layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
                            grid=recipe.get("synthetic_grid", 0), progress=progress)
+    elif name == "synthetic_text":
+        from data.hf import DatasetNotFound
+        from data.synthetic import SPLIT_OFFSETS
+        from data.synthetic_text import generate
+
+        if split not in SPLIT_OFFSETS:
+            raise DatasetNotFound(f"dataset=synthetic_text has the splits {', '.join(SPLIT_OFFSETS)}, not "
+                                  f"{split!r}; set eval_split=val (or eval_split= for none)")
+        num = recipe["synthetic_num_train"] if split == "train" else recipe["synthetic_num_test"]
+        samples = generate(split, min(num, limit or num), seed=recipe["synthetic_seed"],
+                           size=recipe["synthetic_size"], grid=recipe.get("synthetic_grid", 0), progress=progress)
     elif name in PRESETS or name.startswith("hf:"):
         from data.hf import load as load_hf
 

@@ -162,7 +162,8 @@ def evaluate_run(root: Path, name, chosen, control, count, force):
     if code or not (out / "report.md").exists():
         return
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[:4]]
-    table = [[r["question"], ", ".join(r["references"]), system, result["answer"], result["relaxed"]]
+    first = json.loads((out / "report.json").read_text())["key"]  # the task's metric: relaxed, cer, anls...
+    table = [[r["question"], ", ".join(r["references"]), system, result["answer"], result[first]]
              for r in rows for system, result in r["systems"].items()]
     yield f"$ {runs.shown(cmd)}\n{output}", (out / "report.md").read_text(), str(out / "report.png"), table
 

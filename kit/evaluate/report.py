@@ -1,8 +1,9 @@
 """The evaluation report, from scored rows: report.md, report.json, report.png, diff.jsonl and diff.html.
 
 A scored row is one question: {"id", "question", "references", optional "image", "subset", "qtype", and
-"systems": {name: {"answer", "relaxed", "exact"}}}; a system that did not answer a question is absent from it.
-eval.py makes these rows from a model run, or (`--score`) from prediction files any tool wrote (read_predictions).
+"systems": {name: {"answer", and each reported metric's verdict (kit/scores.verdicts: "relaxed", "exact", "anls",
+"cer", ...)}}}; a system that did not answer a question is absent from it. eval.py makes these rows from a model
+run, or (`--score`) from prediction files any tool wrote (kit/predictions.py).
 """
 
 import html
@@ -10,10 +11,8 @@ import itertools
 import json
 from pathlib import Path
 
-from kit.cli import jsonl_rows
-from kit.errors import UserError
-from kit.evaluate.scoring import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, EXACT, METRICS, accuracy, bootstrap_interval,
-                         exact_correct, mcnemar_exact, paired_counts, relaxed_correct, split_think)
+from kit import scores
+from kit.evaluate.scoring import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from kit.paths import build_dir, write_jsonl
 
 GROUPS = ("subset", "qtype")  # ChartQA human/augmented; synthetic question type
@@ -22,13 +21,6 @@ THUMBNAIL_PIXELS = 160
 
 
 # --- numbers ----------------------------------------------------------------------------------------------
-def score(flags: list[bool]) -> dict:
-    """{"accuracy", "low", "high", "right", "samples"}: accuracy and its 95 % bootstrap interval, as fractions."""
-    interval = bootstrap_interval(flags)
-    return {"accuracy": accuracy(flags), "low": interval and interval[0], "high": interval and interval[1],
-            "right": sum(flags), "samples": len(flags)}
-
-
 def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
     """(baseline, candidate) pairs: each system against its shuffled-image control, then every two systems in
     the order given (so base before finetuned)."""
@@ -37,41 +29,54 @@ def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
     return controls + list(itertools.combinations(plain, 2))
 
 
-def summarize(rows: list[dict], names: list[str], metric: str, seconds: dict | None = None) -> dict:
-    """Every number of the report (what report.json holds)."""
+def system_entry(rows: list[dict], name: str, reported: tuple) -> dict:
+    """One system's numbers: every reported metric over all its questions and within each group."""
+    answered = [row["systems"][name] for row in rows if name in row["systems"]]
+    entry = {"samples": len(answered), **{scores.key(m): scores.score(answered, m) for m in reported}, "groups": {},
+             # replies that began with a think block, scored on what followed it (eval.py takes it off)
+             "think_blocks": sum("think" in verdict for verdict in answered)}
+    for group_key in GROUPS:
+        members: dict[str, list] = {}
+        for row in rows:
+            if name in row["systems"] and row.get(group_key) is not None:
+                members.setdefault(str(row[group_key]), []).append(row["systems"][name])
+        for group, verdicts in sorted(members.items()):
+            entry["groups"].setdefault(group_key, {})[group] = {
+                "samples": len(verdicts), **{scores.key(m): scores.score(verdicts, m) for m in reported}}
+    return entry
+
+
+def summarize(rows: list[dict], names: list[str], metric: str = "relaxed_accuracy", seconds: dict | None = None,
+              relaxed_rule: str = "chartqa") -> dict:
+    """Every number of the report (what report.json holds): `metric` (a kit/scores name) and the metrics shown
+    with it, per system and group, and every pair of systems compared on each."""
+    reported = scores.REPORTED[metric]
     systems = {}
     for name in names:
-        answered = [row for row in rows if name in row["systems"]]
-        entry = {"samples": len(answered),
-                 "relaxed": score([row["systems"][name]["relaxed"] for row in answered]),
-                 "exact": score([row["systems"][name]["exact"] for row in answered]), "groups": {},
-                 # replies that began with a think block, scored on what followed it (eval.py takes it off)
-                 "think_blocks": sum("think" in row["systems"][name] for row in answered)}
-        for key in GROUPS:
-            for group in sorted({str(row[key]) for row in answered if row.get(key) is not None}):
-                members = [row for row in answered if str(row.get(key)) == group]
-                entry["groups"].setdefault(key, {})[group] = {
-                    "samples": len(members), "relaxed": score([row["systems"][name]["relaxed"] for row in members]),
-                    "exact": score([row["systems"][name]["exact"] for row in members])}
+        systems[name] = system_entry(rows, name, reported)
         if seconds and name in seconds:
-            entry["seconds_per_sample"] = seconds[name]
-        systems[name] = entry
+            systems[name]["seconds_per_sample"] = seconds[name]
     pairs = []
     for baseline, candidate in comparison_pairs(names):
         both = [row for row in rows if baseline in row["systems"] and candidate in row["systems"]]
         if not both:
             continue
-        before = [row["systems"][baseline]["relaxed"] for row in both]
-        after = [row["systems"][candidate]["relaxed"] for row in both]
-        counts = paired_counts(before, after)
-        change = bootstrap_interval([int(a) - int(b) for a, b in zip(after, before)])
-        pairs.append({"baseline": baseline, "candidate": candidate, "samples": len(both), **counts,
-                      "change": (counts["fixed"] - counts["broken"]) / len(both), "change_low": change[0],
-                      "change_high": change[1], "mcnemar_p": mcnemar_exact(counts["fixed"], counts["broken"])})
-    return {"metric": metric, "rules": {"relaxed": METRICS[metric], "exact": EXACT},
+        before, after = [row["systems"][baseline] for row in both], [row["systems"][candidate] for row in both]
+        compared = {scores.key(m): scores.compare(before, after, m) for m in reported}
+        pairs.append({"baseline": baseline, "candidate": candidate, "samples": len(both),
+                      **compared[scores.key(metric)], "metrics": compared})
+    return {"metric": metric, "key": scores.key(metric), "higher_is_better": scores.higher_is_better(metric),
+            "relaxed_rule": relaxed_rule, "metrics": [scores.key(m) for m in reported],
+            "labels": {scores.key(m): scores.label(m, relaxed_rule) for m in reported},
+            "rules": scores.rules(metric, relaxed_rule),
             "interval": {"method": "percentile bootstrap over questions", "level": 0.95,
                          "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
             "samples": len(rows), "systems": systems, "pairs": pairs}
+
+
+def names_of(summary: dict) -> dict:
+    """{report key: metric name} for the summary's metrics."""
+    return {scores.key(m): m for m in scores.REPORTED[summary["metric"]]}
 
 
 # --- report.md ----------------------------------------------------------------------------------------------
@@ -80,26 +85,27 @@ def percent(value) -> str:
 
 
 def cell(entry: dict) -> str:
-    """"70.5 [64.0, 76.5]": accuracy and its interval, in %."""
-    if entry["accuracy"] is None:
+    """"70.5 [64.0, 76.5]": the metric and its interval, in %."""
+    if entry["value"] is None:
         return "-"
-    return f"{percent(entry['accuracy'])} [{percent(entry['low'])}, {percent(entry['high'])}]"
+    return f"{percent(entry['value'])} [{percent(entry['low'])}, {percent(entry['high'])}]"
 
 
 def table(summary: dict) -> str:
-    """The systems table: relaxed accuracy and exact match overall, relaxed accuracy per group."""
-    metric, systems = summary["metric"], summary["systems"]
-    groups = sorted({(key, group) for entry in systems.values() for key, members in entry["groups"].items()
-                     for group in members}, key=lambda kg: (GROUPS.index(kg[0]), kg[1]))
+    """The systems table: every reported metric overall, the first one per group."""
+    systems, first, labels = summary["systems"], summary["key"], summary["labels"]
+    groups = sorted({(k, g) for entry in systems.values() for k, members in entry["groups"].items()
+                     for g in members}, key=lambda kg: (GROUPS.index(kg[0]), kg[1]))
     timed = any("seconds_per_sample" in entry for entry in systems.values())
-    header = ["system", f"relaxed acc ({metric})", "exact match"] + [f"{k}={g} ({metric})" for k, g in groups] + \
+    short = summary["relaxed_rule"] if first == "relaxed" else labels[first]
+    header = ["system", *(labels[k] for k in summary["metrics"])] + [f"{k}={g} ({short})" for k, g in groups] + \
              ["samples"] + (["s/sample"] if timed else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in systems.items():
-        cells = [name, cell(entry["relaxed"]), cell(entry["exact"])]
-        for key, group in groups:
-            member = entry["groups"].get(key, {}).get(group)
-            cells.append(cell(member["relaxed"]) if member else "-")
+        cells = [name, *(cell(entry[k]) for k in summary["metrics"])]
+        for group_key, group in groups:
+            member = entry["groups"].get(group_key, {}).get(group)
+            cells.append(cell(member[first]) if member else "-")
         cells.append(str(entry["samples"]))
         if timed:
             cells.append(f"{entry['seconds_per_sample']:.3f}" if "seconds_per_sample" in entry else "-")
@@ -107,42 +113,51 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def pairs_table(summary: dict) -> str:
-    header = ["baseline", "candidate", "samples", "fixed", "broken", "both right", "both wrong",
-              "change (points)", "McNemar p"]
+def pairs_table(summary: dict, metric_key: str | None = None) -> str:
+    """Paired comparisons on one metric (the first by default): counts, change with its interval, and the test."""
+    metric_key = metric_key or summary["key"]
+    flag = scores.kind(names_of(summary)[metric_key]) == "flag"
+    counts = ("fixed", "broken", "both_right", "both_wrong") if flag else ("better", "worse", "ties")
+    header = ["baseline", "candidate", "samples", *(c.replace("_", " ") for c in counts), "change (points)",
+              "McNemar p" if flag else "sign test p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for pair in summary["pairs"]:
-        change = f"{100 * pair['change']:+.1f} [{100 * pair['change_low']:+.1f}, {100 * pair['change_high']:+.1f}]"
-        lines.append("| " + " | ".join([pair["baseline"], pair["candidate"], str(pair["samples"]), str(pair["fixed"]),
-                                        str(pair["broken"]), str(pair["both_right"]), str(pair["both_wrong"]),
-                                        change, f"{pair['mcnemar_p']:.3g}"]) + " |")
+        found = pair["metrics"][metric_key]
+        change = f"{100 * found['change']:+.1f} [{100 * found['change_low']:+.1f}, {100 * found['change_high']:+.1f}]"
+        test = found["mcnemar_p" if flag else "sign_test_p"]
+        lines.append("| " + " | ".join([pair["baseline"], pair["candidate"], str(pair["samples"]),
+                                        *(str(found[c]) for c in counts), change, f"{test:.3g}"]) + " |")
     return "\n".join(lines)
 
 
 def tables(summary: dict) -> str:
-    """What eval.py prints at the end: the systems table, then the paired comparisons."""
+    """What eval.py prints at the end: the systems table, then the paired comparisons on the first metric."""
     return table(summary) + ("\n\n" + pairs_table(summary) if summary["pairs"] else "")
 
 
 def markdown(summary: dict, title: str, source: str) -> str:
-    interval = summary["interval"]
+    interval, labels = summary["interval"], summary["labels"]
     text = [f"# {title}", "",
-            f"{source}. Each cell: accuracy in % and its 95 % interval [low, high], a percentile bootstrap over the "
-            f"questions ({interval['resamples']:,} resamples, seed {interval['seed']}).", "",
-            f"- `relaxed acc ({summary['metric']})` and every `subset=` / `qtype=` column: relaxed accuracy under "
-            f"{summary['rules']['relaxed']}.",
-            f"- `exact match`: {EXACT.split(': ', 1)[1]}.", "", table(summary)]
-    scores = [entry[kind] for entry in summary["systems"].values() for kind in ("relaxed", "exact")]
-    if any(score["accuracy"] in (0, 1) for score in scores):
+            f"{source}. Each cell: the metric in % and its 95 % interval [low, high], a percentile bootstrap over "
+            f"the questions ({interval['resamples']:,} resamples, seed {interval['seed']}).", ""]
+    text += [f"- `{labels[k]}`{' and every `subset=` / `qtype=` column' if k == summary['key'] else ''}: "
+             f"{summary['rules'][k]}{'' if scores.higher_is_better(names_of(summary)[k]) else ' (lower is better)'}."
+             for k in summary["metrics"]]
+    text += ["", table(summary)]
+    flags = [entry[k] for entry in summary["systems"].values() for k in summary["metrics"]
+             if scores.kind(names_of(summary)[k]) == "flag"]
+    if any(found["value"] in (0, 1) for found in flags):
         text += ["", "A system right on none (or all) of the questions has a zero-width bootstrap interval: every "
                  "resample is the same. Read it with the rule of three: with n questions, the true rate is below "
                  "3/n (or above 1 - 3/n) at 95 %."]
     if summary["pairs"]:
-        text += ["", "## Paired comparisons (same questions, relaxed accuracy)", "",
-                 "fixed: the candidate is right where the baseline was wrong; broken: the reverse. change: candidate "
-                 "minus baseline in points, with its paired bootstrap interval. McNemar p: exact two-sided binomial "
-                 "test of fixed against broken (small p: the difference is unlikely to be chance).", "",
-                 pairs_table(summary)]
+        text += ["", "fixed / better: the candidate does better than the baseline on that question; broken / worse: "
+                 "the reverse. change: candidate minus baseline in points, with its paired bootstrap interval (the "
+                 "same questions resampled for both). McNemar p (right/wrong) and sign test p (numbers): exact "
+                 "two-sided binomial test of one direction against the other (small p: unlikely to be chance)."]
+        for metric_key in summary["metrics"]:
+            text += ["", f"## Paired comparisons (same questions, {labels[metric_key]})", "",
+                     pairs_table(summary, metric_key)]
     return "\n".join(text) + "\n"
 
 
@@ -154,18 +169,19 @@ def plot(summary: dict, path: Path):
     import matplotlib.pyplot as plt
 
     names = list(summary["systems"])
-    entries = [summary["systems"][name]["relaxed"] for name in names]
-    scores = [100 * (e["accuracy"] or 0) for e in entries]
-    errors = [[100 * ((e["accuracy"] or 0) - (e["low"] or 0)) for e in entries],
-              [100 * ((e["high"] or 0) - (e["accuracy"] or 0)) for e in entries]]
+    entries = [summary["systems"][name][summary["key"]] for name in names]
+    values = [100 * (e["value"] or 0) for e in entries]
+    errors = [[100 * ((e["value"] or 0) - (e["low"] or 0)) for e in entries],
+              [100 * ((e["high"] or 0) - (e["value"] or 0)) for e in entries]]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.8), dpi=100)
     colors = ["lightgray" if name.endswith(SHUFFLED) else "tab:blue" for name in names]
-    ax.bar(range(len(names)), scores, color=colors, yerr=errors, capsize=6, ecolor="black")
-    for i, value in enumerate(scores):  # right of the whisker, so the two never overlap
+    ax.bar(range(len(names)), values, color=colors, yerr=errors, capsize=6, ecolor="black")
+    for i, value in enumerate(values):  # right of the whisker, so the two never overlap
         ax.text(i + 0.06, value + 1, f"{value:.1f}", ha="left", va="bottom")
     ax.set_xticks(range(len(names)), names, rotation=15)
-    ax.set_ylabel(f"relaxed accuracy, {summary['metric']} rule (%)")
-    ax.set_ylim(0, 105)
+    better = "" if summary["higher_is_better"] else ", lower is better"
+    ax.set_ylabel(f"{summary['labels'][summary['key']]} (%{better})")
+    ax.set_ylim(0, max(105, max(values) + max(errors[1], default=0) + 10))  # an error rate can pass 100 %
     ax.set_title(f"{summary['samples']} questions; whiskers: 95 % bootstrap interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -174,17 +190,17 @@ def plot(summary: dict, path: Path):
 
 # --- diff.jsonl and diff.html -------------------------------------------------------------------------------
 def diff_rows(rows: list[dict], summary: dict) -> list[dict]:
-    """Every question whose relaxed verdict changed between a pair's baseline and candidate."""
-    changed = []
+    """Every question whose verdict on the first metric changed between a pair's baseline and candidate."""
+    metric, changed = summary["metric"], []
     for pair in summary["pairs"]:
         baseline, candidate = pair["baseline"], pair["candidate"]
         for row in rows:
             if baseline not in row["systems"] or candidate not in row["systems"]:
                 continue
             before, after = row["systems"][baseline], row["systems"][candidate]
-            if before["relaxed"] != after["relaxed"]:
-                changed.append({"baseline": baseline, "candidate": candidate,
-                                "change": "fixed" if after["relaxed"] else "broken",
+            change = scores.changed(before, after, metric)
+            if change:
+                changed.append({"baseline": baseline, "candidate": candidate, "change": change,
                                 **{k: row[k] for k in ("id", "question", "image", *GROUPS) if row.get(k) is not None},
                                 "references": row["references"], "baseline_answer": before["answer"],
                                 "candidate_answer": after["answer"]})
@@ -208,28 +224,36 @@ def thumbnail(image, path: Path) -> bool:
         return False
 
 
-def diff_page(changed: list[dict], pairs: list[dict], images: dict, folder: Path, title: str) -> str:
-    """diff.html: per pair, the questions the candidate fixed and those it broke, each with its chart."""
+def diff_page(changed: list[dict], summary: dict, images: dict, folder: Path, title: str) -> str:
+    """diff.html: per pair, the questions the candidate did better on and those it did worse on (fixed / broken
+    for a right/wrong metric), each with its image."""
     (folder / "thumbs").mkdir(exist_ok=True)
     made: dict[str, str | None] = {}
+    pairs, label = summary["pairs"], summary["labels"][summary["key"]]
+    directions = ("fixed", "broken") if scores.kind(summary["metric"]) == "flag" else ("better", "worse")
     parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}: what changed</title>",
              "<style>body{font-family:sans-serif;margin:1.5em}td{vertical-align:top;padding:4px 10px;"
-             "border-bottom:1px solid #ddd}.fixed{color:#1a7f37}.broken{color:#cf222e}</style>",
+             "border-bottom:1px solid #ddd}.fixed,.better{color:#1a7f37}.broken,.worse{color:#cf222e}</style>",
              f"<h1>{html.escape(title)}: what changed</h1>",
-             "<p>Relaxed-accuracy verdicts that differ between two systems on the same question. Shuffled-image "
-             "systems were shown another question's chart; the thumbnail is the question's own.</p><ul>"]
-    parts += [f"<li>{html.escape(p['candidate'])} vs {html.escape(p['baseline'])}: <a href='#{i}-fixed'>fixed "
-              f"{p['fixed']}</a>, <a href='#{i}-broken'>broken {p['broken']}</a></li>" for i, p in enumerate(pairs)]
+             f"<p>{html.escape(label)} verdicts that differ between two systems on the same question. Shuffled-image "
+             "systems were shown another question's image; the thumbnail is the question's own.</p><ul>"]
+    counts: dict[tuple, int] = {}
+    for d in changed:
+        found = (d["baseline"], d["candidate"], d["change"])
+        counts[found] = counts.get(found, 0) + 1
+    parts += [f"<li>{html.escape(p['candidate'])} vs {html.escape(p['baseline'])}: " + ", ".join(
+        f"<a href='#{i}-{c}'>{c} {counts.get((p['baseline'], p['candidate'], c), 0)}</a>" for c in directions)
+        + "</li>" for i, p in enumerate(pairs)]
     parts.append("</ul>")
     for i, (baseline, candidate) in enumerate((pair["baseline"], pair["candidate"]) for pair in pairs):
         group = [d for d in changed if (d["baseline"], d["candidate"]) == (baseline, candidate)]
-        for change in ("fixed", "broken"):
+        for change in directions:
             members = [d for d in group if d["change"] == change]
             parts.append(f"<h2 id={i}-{change}>{html.escape(candidate)} vs {html.escape(baseline)}: "
                          f"<span class={change}>{change}</span> ({len(members)})</h2>")
             if not members:
                 continue
-            parts.append(f"<table><tr><th>chart</th><th>question</th><th>reference</th>"
+            parts.append(f"<table><tr><th>image</th><th>question</th><th>reference</th>"
                          f"<th>{html.escape(baseline)}</th><th>{html.escape(candidate)}</th></tr>")
             for d in members:
                 key = str(d["id"])
@@ -248,11 +272,13 @@ def diff_page(changed: list[dict], pairs: list[dict], images: dict, folder: Path
 
 # --- the whole report ---------------------------------------------------------------------------------------
 def save(out: Path, rows: list[dict], names: list[str], metric: str, title: str, source: str,
-         seconds: dict | None = None, images: dict | None = None, extra_files: dict | None = None) -> dict:
+         seconds: dict | None = None, images: dict | None = None, extra_files: dict | None = None,
+         relaxed_rule: str = "chartqa") -> dict:
     """Write every report file into `out` (through a temporary folder renamed at the end; the caller has
-    checked that `out` may be replaced). `images`: {row id: path or PIL image} for thumbnails.
-    `extra_files`: {file name: rows} also written as JSONL. Returns the summary."""
-    summary = summarize(rows, names, metric, seconds)
+    checked that `out` may be replaced). `metric`: the kit/scores name the rows were scored for. `images`: {row
+    id: path or PIL image} for thumbnails. `extra_files`: {file name: rows} also written as JSONL. Returns the
+    summary."""
+    summary = summarize(rows, names, metric, seconds, relaxed_rule)
     changed = diff_rows(rows, summary)
 
     def write(tmp: Path):
@@ -264,37 +290,10 @@ def save(out: Path, rows: list[dict], names: list[str], metric: str, title: str,
         plot(summary, tmp / "report.png")
         write_jsonl(tmp / "diff.jsonl", changed)
         image_of = images or {str(row["id"]): row["image"] for row in rows if row.get("image")}
-        (tmp / "diff.html").write_text(diff_page(changed, summary["pairs"], image_of, tmp, title))
+        (tmp / "diff.html").write_text(diff_page(changed, summary, image_of, tmp, title))
 
     build_dir(out, write, replace=True)
     return summary
-
-
-# --- prediction files from any tool (eval.py --score) -------------------------------------------------------
-def references_of(row: dict) -> list[str] | None:
-    """The row's reference answers: "answers", "answer", or the last assistant turn of "messages"."""
-    if isinstance(row.get("answers"), list) and row["answers"]:
-        return [str(a) for a in row["answers"]]
-    if row.get("answer") is not None and not isinstance(row["answer"], (list, dict)):
-        return [str(row["answer"])]
-    for message in reversed(row.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "assistant":
-            content = message.get("content")
-            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
-            text = " ".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
-            return [text] if text else None
-    return None
-
-
-def question_of(row: dict) -> str | None:
-    if row.get("question") is not None:
-        return str(row["question"])
-    for message in reversed(row.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
-            return " ".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
-    return None
 
 
 def think_markers() -> set:
@@ -302,71 +301,3 @@ def think_markers() -> set:
     from kit import families
 
     return {family.markup.think for family in families.all_families() if family.markup.think}
-
-
-def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[str]]:
-    """Scored rows and system names from prediction files. A row is {"prediction", "answer" | "answers" |
-    "messages" (its last assistant turn is the reference), optional "system" (default: the file's name), "id",
-    "question", "image" / "images" (relative to the file), "subset", "qtype"}, or a row of eval.py's own
-    predictions.jsonl (re-judged under `metric`). Systems are paired on "id", else on image + question, else on
-    the row's position among its system's rows."""
-    by_key: dict[str, dict] = {}
-    names: list[str] = []
-    for path in paths:
-        seen: dict[tuple, int] = {}
-        for line, where, row in jsonl_rows(path, "--score"):
-            thoughts = {}
-            if isinstance(row.get("systems"), dict) and "references" in row:  # eval.py's predictions.jsonl
-                answers = {name: verdict.get("answer", "") for name, verdict in row["systems"].items()}
-                thoughts = {name: verdict["think"] for name, verdict in row["systems"].items() if "think" in verdict}
-                references = [str(r) for r in row["references"]]
-            else:
-                if "prediction" not in row:
-                    raise UserError(f"{where}: no \"prediction\"; a row needs the system's answer as \"prediction\" "
-                                    "and the reference as \"answer\", \"answers\" or \"messages\"")
-                references = references_of(row)
-                answers = {str(row.get("system") or path.name.removesuffix(".jsonl")): row["prediction"]}
-            if not references:
-                raise UserError(f"{where}: no reference answer; give \"answer\", \"answers\" (a list) or "
-                                "\"messages\" with an assistant turn")
-            image = row.get("image") or (row.get("images") or [None])[0]
-            if isinstance(image, str) and not Path(image).is_absolute():
-                image = str(path.parent / image)
-            question = question_of(row)
-            for name, prediction in answers.items():
-                if row.get("id") is not None:
-                    base = ("id", str(row["id"]))
-                elif question is not None:
-                    base = ("question", str(image), question)
-                else:
-                    base = ("position",)
-                nth = seen.get((name, *base), 0)
-                seen[(name, *base)] = nth + 1
-                if base[0] == "id" and nth:
-                    raise UserError(f"{where}: id {row['id']!r} appears twice for system {name!r}; ids must be "
-                                    "unique within a system")
-                key = json.dumps([*base, nth])
-                entry = by_key.setdefault(key, {
-                    "id": str(row["id"]) if row.get("id") is not None else f"{path.name}:{line}",
-                    **({"question": question} if question is not None else {}),
-                    **({"image": image} if isinstance(image, str) else {}),
-                    **{k: row[k] for k in GROUPS if row.get(k) is not None},
-                    "references": references, "systems": {}})
-                if entry["references"] != references:
-                    raise UserError(f"{where}: question {entry['id']!r} has references {references} here but "
-                                    f"{entry['references']} in an earlier row; the systems must answer the same "
-                                    "questions")
-                if name in entry["systems"]:
-                    raise UserError(f"{where}: system {name!r} answers question {entry['id']!r} twice")
-                if name not in names:
-                    names.append(name)
-                # scored after any think block, as eval.py scores its own answers (which it kept apart)
-                thought, prediction = split_think("" if prediction is None else str(prediction), think_markers())
-                thought = thoughts.get(name, thought)
-                entry["systems"][name] = {"answer": prediction,
-                                          "relaxed": relaxed_correct(prediction, references, metric),
-                                          "exact": exact_correct(prediction, references),
-                                          **({"think": thought} if thought is not None else {})}
-    if not by_key:
-        raise UserError(f"--score {', '.join(map(str, paths))}: no rows")
-    return list(by_key.values()), names

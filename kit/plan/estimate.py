@@ -90,7 +90,7 @@ def with_model_grid(recipe: dict, family, processor) -> dict:
     synthetic charts line up with this model's token columns (saved in run_config.json for eval and merge)."""
     grid = family.grid(processor)
     if recipe.get("synthetic_grid"):
-        if recipe["synthetic_grid"] != grid and recipe["dataset"] == "synthetic":
+        if recipe["synthetic_grid"] != grid and recipe["dataset"] in ("synthetic", "synthetic_text"):
             click.echo(f"note: synthetic_grid={recipe['synthetic_grid']} while the model's vision tokens are {grid} "
                        "pixels a side: aligned charts will not line up with them")
         return recipe

@@ -2,7 +2,7 @@
 
 For each question the trainer samples `num_generations` answers and scores each with two rewards:
 - `relaxed_accuracy`: 1 when the answer is right against any accepted answer under ChartQA's relaxed rule
-  (kit/metrics.relaxed_correct, the same call eval.py makes), else 0;
+  (kit/evaluate/scoring.relaxed_correct, the same call eval.py makes), else 0;
 - `short_answer`: 1 when the answer has no extra words (one line, no more words than the longest accepted
   answer), else 0; weighted small by `reward_weights`, it only breaks ties between right answers.
 With a thinking family the answer is the text after its think block; a block that never closes answers nothing.
@@ -15,8 +15,8 @@ inside the functions, after the backend is chosen.
 import json
 from pathlib import Path
 
+from kit import scores
 from kit.errors import UserError
-from kit.evaluate.scoring import relaxed_correct
 
 # What the GRPO run takes from the run it starts from: the weights only make sense on the same model, loaded the
 # same way, shown charts at the same size and prompted the same way (eval.py's `finetuned` uses these keys too).
@@ -44,12 +44,13 @@ def completion_text(completion) -> str:
     return completion
 
 
-def relaxed_accuracy(completions, answers, think_end=None, **kwargs) -> list[float]:
-    """1.0 for an answer right under ChartQA's relaxed rule against any accepted answer, else 0.0."""
+def relaxed_accuracy(completions, answers, think_end=None, metric="relaxed_accuracy", **kwargs) -> list[float]:
+    """The task's metric as a reward (kit/scores.reward: the recipe's metric_for_best_model, what eval.py reports;
+    charts: 1.0 for an answer right under ChartQA's relaxed rule against any accepted answer, else 0.0)."""
     rewards = []
     for completion, accepted in zip(completions, answers):
         answer = answer_of(completion_text(completion), think_end)
-        rewards.append(float(answer is not None and relaxed_correct(answer, accepted)))
+        rewards.append(0.0 if answer is None else scores.reward(metric, answer, accepted))
     return rewards
 
 
@@ -64,11 +65,11 @@ def short_answer(completions, answers, think_end=None, **kwargs) -> list[float]:
     return rewards
 
 
-def reward_functions(think_end: str | None = None) -> list:
+def reward_functions(think_end: str | None = None, metric: str = "relaxed_accuracy") -> list:
     """The two rewards, in the order of the recipe's reward_weights."""
     import functools
 
-    return [functools.partial(relaxed_accuracy, think_end=think_end),
+    return [functools.partial(relaxed_accuracy, think_end=think_end, metric=metric),
             functools.partial(short_answer, think_end=think_end)]
 
 
@@ -222,7 +223,8 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
     vision_ids = [processor.tokenizer.convert_tokens_to_ids(token) for token in family.markup.vision_tokens]
     think_end = family.markup.think[1] if family.markup.think else None
     args = grpo_config(recipe, precision, backend, str(checkpoints), vision_ids, family.chat_template_kwargs)
-    trainer = trainer_class()(model=model, reward_funcs=reward_functions(think_end), args=args,
+    trainer = trainer_class()(model=model, reward_funcs=reward_functions(think_end, recipe["metric_for_best_model"]),
+                              args=args,
                               train_dataset=prompt_dataset(samples, processor, recipe["system_prompt"]),
                               processing_class=processor)
     trainer.remove_callback(PrinterCallback)

@@ -13,10 +13,11 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
+from kit import scores
 from kit.train.heldout import indexed_datasets, write_heldout
 
-# In-training accuracy uses eval.py's defaults, so the two agree on the same checkpoint and questions.
-EVAL_MAX_NEW_TOKENS = 32
+# In-training scores use eval.py's defaults (answers up to the recipe's max_completion_length tokens), so the two
+# agree on the same checkpoint and questions.
 EVAL_BATCH_SIZE = 8
 
 
@@ -46,11 +47,12 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
         dataloader_persistent_workers=recipe["dataloader_num_workers"] > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=recipe["report_to"],
-        # held-out evaluation: loss and relaxed accuracy on the same fixed questions (see HeldOutAccuracy)
+        # held-out evaluation: loss and the task's metric on the same fixed questions (see HeldOutAccuracy)
         eval_strategy="steps" if evaluating else "no", eval_steps=recipe["eval_steps"] if evaluating else None,
         per_device_eval_batch_size=recipe["per_device_train_batch_size"], prediction_loss_only=True,
         load_best_model_at_end=recipe["load_best_model_at_end"] and evaluating,
-        metric_for_best_model="relaxed_accuracy", greater_is_better=True,
+        metric_for_best_model=recipe["metric_for_best_model"],
+        greater_is_better=scores.higher_is_better(recipe["metric_for_best_model"]),  # an error rate: lower
         # Without it accelerate never picks gloo on a CPU-only machine: under torchrun every process then
         # trains its own copy ("process group is initialized, but parallel_mode != DISTRIBUTED").
         use_cpu=not torch.cuda.is_available(),
@@ -63,47 +65,48 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
 
 
 class HeldOutAccuracy(SFTTrainer):
-    """SFTTrainer that adds relaxed accuracy by greedy generation on the held-out questions to each evaluation
-    (the metric that `load_best_model_at_end` keeps the best checkpoint by)."""
+    """SFTTrainer that adds the task's metric (the recipe's metric_for_best_model, kit/scores.py) by greedy
+    generation on the held-out questions to each evaluation (what `load_best_model_at_end` keeps the best
+    checkpoint by)."""
 
     def __init__(self, *args, eval_questions=None, eval_system_prompt: str = "", eval_backend: str = "hf",
-                 **kwargs):
+                 eval_metric: str = "relaxed_accuracy", eval_max_new_tokens: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_questions, self.eval_system_prompt, self.eval_backend = \
             eval_questions, eval_system_prompt, eval_backend
+        self.eval_metric, self.eval_max_new_tokens = eval_metric, eval_max_new_tokens
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
         if self.eval_questions is not None:
-            output.metrics[f"{metric_key_prefix}_relaxed_accuracy"] = self.relaxed_accuracy()
+            output.metrics[f"{metric_key_prefix}_{self.eval_metric}"] = self.task_metric()
             output.metrics[f"{metric_key_prefix}_questions"] = len(self.eval_questions)
         return output
 
-    def relaxed_accuracy(self) -> float:
+    def task_metric(self) -> float:
         from kit.evaluate.generate import generate_answers, prepare_for_inference
-        from kit.evaluate.scoring import relaxed_correct
 
         model, training = self.model, self.model.training
         prepare_for_inference(model, self.eval_backend)
         try:
             answers, _ = generate_answers(model, self.processing_class, self.eval_questions,
-                                          self.eval_system_prompt, EVAL_MAX_NEW_TOKENS, EVAL_BATCH_SIZE)
+                                          self.eval_system_prompt, self.eval_max_new_tokens, EVAL_BATCH_SIZE)
         finally:
             if self.eval_backend == "unsloth":
                 from unsloth import FastVisionModel
 
                 FastVisionModel.for_training(model)
             model.train(training)
-        flags = [relaxed_correct(a, s["answers"]) for a, s in zip(answers, self.eval_questions)]
+        verdicts = [scores.verdicts(a, s["answers"], self.eval_metric) for a, s in zip(answers, self.eval_questions)]
         # every answer, so a score can be checked (and compared with eval.py on the same checkpoint)
         folder = Path(self.args.output_dir).parent / "heldout_answers"
         folder.mkdir(exist_ok=True)
         write_heldout(folder / f"step-{self.state.global_step}.jsonl",
-                      [{"id": s.get("id"), "answer": a, "references": s["answers"], "relaxed": f}
-                       for s, a, f in zip(self.eval_questions, answers, flags)])
-        return sum(flags) / len(flags)
+                      [{"id": s.get("id"), "answer": a, "references": s["answers"], **v}
+                       for s, a, v in zip(self.eval_questions, answers, verdicts)])
+        return scores.score(verdicts, self.eval_metric)["value"]
 
 
 class PlainLossSFTTrainer(HeldOutAccuracy):
@@ -125,6 +128,8 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
     train_dataset, eval_dataset, collate = indexed_datasets(train_samples, eval_questions, collator)
     trainer = trainer_class()(model=model, args=args, train_dataset=train_dataset, data_collator=collate,
                               processing_class=processor, eval_dataset=eval_dataset, eval_questions=eval_questions,
-                              eval_system_prompt=recipe["system_prompt"], eval_backend=backend)
+                              eval_system_prompt=recipe["system_prompt"], eval_backend=backend,
+                              eval_metric=recipe["metric_for_best_model"],
+                              eval_max_new_tokens=recipe["max_completion_length"])
     trainer.remove_callback(PrinterCallback)
     return trainer

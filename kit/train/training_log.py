@@ -10,8 +10,6 @@ from pathlib import Path
 
 import click
 
-
-
 # GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the KL to the
 # starting model and the answers' length; each reward's own mean is added as reward_<name>.
 GRPO_FIELDS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl",
@@ -42,11 +40,14 @@ def summary(path: Path, resumed_at: int = 0) -> tuple[float, float]:
 
 def log_eval(path: Path, state, logs: dict):
     """The held-out evaluation's line and metrics.jsonl row (rows with eval_loss; training rows have loss)."""
+    from kit import scores
+
+    metric = next((name for name in scores.METRICS if f"eval_{name}" in logs), None)  # the recipe's
     row = {"step": state.global_step, "eval_loss": logs["eval_loss"],
-           "eval_relaxed_accuracy": logs.get("eval_relaxed_accuracy"), "eval_questions": logs.get("eval_questions"),
-           "eval_seconds": logs.get("eval_runtime"), "time": time.time()}
-    accuracy = "" if row["eval_relaxed_accuracy"] is None else \
-        f" | relaxed acc {100 * row['eval_relaxed_accuracy']:.1f} % of {row['eval_questions']} held-out questions"
+           **({"eval_metric": metric, f"eval_{metric}": logs[f"eval_{metric}"]} if metric else {}),
+           "eval_questions": logs.get("eval_questions"), "eval_seconds": logs.get("eval_runtime"), "time": time.time()}
+    accuracy = "" if metric is None else \
+        f" | {scores.label(metric)} {100 * row[f'eval_{metric}']:.1f} % of {row['eval_questions']} held-out questions"
     click.echo(f"eval {row['step']:05d}/{state.max_steps:05d} | eval loss {row['eval_loss']:.4f}{accuracy} | "
                f"{row['eval_seconds'] or 0:.0f} s")
     with path.open("a") as handle:
@@ -69,19 +70,23 @@ def plot_loss(metrics_path: Path, png_path: Path):
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    if evals:  # second panel: held-out loss, and relaxed accuracy on its own axis
+    if evals:  # second panel: held-out loss, and the task's metric on its own axis
         ax = axes[0][1]
         steps = [r["step"] for r in evals]
         ax.plot(steps, [r["eval_loss"] for r in evals], marker="o", color="tab:orange", label="held-out loss")
         ax.set_xlabel("step")
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
-        scored = [r for r in evals if r.get("eval_relaxed_accuracy") is not None]
+        scored = [r for r in evals if r.get("eval_metric")]
         if scored:
+            from kit import scores
+
+            metric = scored[-1]["eval_metric"]
             right = ax.twinx()
-            right.plot([r["step"] for r in scored], [100 * r["eval_relaxed_accuracy"] for r in scored],
+            right.plot([r["step"] for r in scored], [100 * r[f"eval_{metric}"] for r in scored],
                        marker="s", color="tab:green")
-            right.set_ylabel(f"relaxed accuracy % ({scored[-1].get('eval_questions')} questions)", color="tab:green")
+            right.set_ylabel(f"{scores.label(metric)} % ({scored[-1].get('eval_questions')} questions)",
+                             color="tab:green")
     if rewarded:
         plot_rewards(axes[0][-1], rewarded)
     fig.tight_layout()
