@@ -48,10 +48,10 @@ from pathlib import Path
 
 import click
 
-from kit import predictions, scores
+from kit.evaluate import predictions, task_metrics
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
-from kit.eval_samples import derangement, load_samples, shown_other
+from kit.evaluate.questions import derangement, load_samples, shown_other
 from kit.evaluate import report
 from kit.evaluate.scoring import METRICS as RELAXED_RULES
 
@@ -81,12 +81,12 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that cannot be scored (missing or unreadable image, no answer): stop (fail), or leave "
                    "it out and list it in skipped.jsonl (skip).")
-@click.option("--metric", type=click.Choice(list(scores.METRICS)),
+@click.option("--metric", type=click.Choice(list(task_metrics.METRICS)),
               help="The metric reported first (and its companions), e.g. --metric cer for OCR. Default: the run's "
                    "recipe metric_for_best_model (relaxed_accuracy with --score).")
 @click.option("--relaxed-rule", type=click.Choice(list(RELAXED_RULES)), default="chartqa",
               help="Relaxed accuracy rule. chartqa: ChartQA's reference (pix2struct; \"45%\" is 0.45), comparable "
-                   "with published numbers. lenient: the kit's earlier rule (\"%\" dropped, so \"45%\" = \"45\").")
+                   "with published numbers. lenient: \"%\" dropped, so \"45%\" = \"45\".")
 @click.option("--score", "score_files", multiple=True, type=click.Path(path_type=Path),
               help="Score a predictions JSONL file instead of running a model (no TARGET), e.g. "
                    "--score questions.answers.jsonl; repeat to compare systems.")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import eval as evaluate
-from kit import scores
+from kit.evaluate import task_metrics
 from kit.train.grpo import relaxed_accuracy
 from tests.conftest import read_jsonl, train_cli
 
@@ -71,7 +71,7 @@ def test_eval_reports_cer_wer_and_exact_match_with_intervals(formula_run, tmp_pa
         assert entry["wer"]["value"] == pytest.approx(jiwer.wer(truth, [s.strip() for s in said]))
         assert entry["cer"]["low"] <= entry["cer"]["value"] <= entry["cer"]["high"]
         assert entry["cer"]["samples"] == entry["wer"]["samples"] == len(rows)
-        assert entry["exact"]["right"] == sum(scores.spacing(s) == scores.spacing(t)
+        assert entry["exact"]["right"] == sum(task_metrics.spacing(s) == task_metrics.spacing(t)
                                               for t, s in zip(truth, said, strict=True))
     pair = next(p for p in numbers["pairs"] if (p["baseline"], p["candidate"]) == ("base", "finetuned"))
     assert {"better", "worse", "ties", "change_low", "change_high", "sign_test_p"} <= set(pair["metrics"]["cer"])

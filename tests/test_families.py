@@ -204,7 +204,7 @@ def test_a_think_block_is_in_the_loss_only_when_the_answer_has_one(name):
 
 
 def test_eval_scores_after_a_think_block_and_counts_it():
-    from kit import predictions
+    from kit.evaluate import predictions
     from kit.evaluate import report
 
     samples = [{"id": str(i), "images": [], "answers": ["4"],
@@ -221,7 +221,7 @@ def test_eval_scores_after_a_think_block_and_counts_it():
 
 def test_eval_score_rescores_after_a_think_block(tmp_path):
     """eval.py --score on another tool's predictions takes a think block off as eval.py does its own."""
-    from kit import predictions
+    from kit.evaluate import predictions
     from kit.evaluate import report
 
     lines = [{"id": "1", "prediction": "<think>\nfour bars\n</think>\n\n4", "answer": "4"},

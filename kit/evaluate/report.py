@@ -1,9 +1,9 @@
 """The evaluation report, from scored rows: report.md, report.json, report.png, diff.jsonl and diff.html.
 
 A scored row is one question: {"id", "question", "references", optional "image", "subset", "qtype", and
-"systems": {name: {"answer", and each reported metric's verdict (kit/scores.verdicts: "relaxed", "exact", "anls",
+"systems": {name: {"answer", and each reported metric's verdict (kit/task_metrics.verdicts: "relaxed", "exact", "anls",
 "cer", ...)}}}; a system that did not answer a question is absent from it. eval.py makes these rows from a model
-run, or (`--score`) from prediction files any tool wrote (kit/predictions.py).
+run, or (`--score`) from prediction files any tool wrote (kit/evaluate/predictions.py).
 """
 
 import html
@@ -11,7 +11,7 @@ import itertools
 import json
 from pathlib import Path
 
-from kit import scores
+from kit.evaluate import task_metrics
 from kit.evaluate.scoring import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from kit.paths import build_dir, write_jsonl
 
@@ -32,7 +32,7 @@ def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
 def system_entry(rows: list[dict], name: str, reported: tuple) -> dict:
     """One system's numbers: every reported metric over all its questions and within each group."""
     answered = [row["systems"][name] for row in rows if name in row["systems"]]
-    entry = {"samples": len(answered), **{scores.key(m): scores.score(answered, m) for m in reported}, "groups": {},
+    entry = {"samples": len(answered), **{task_metrics.key(m): task_metrics.score(answered, m) for m in reported}, "groups": {},
              # replies that began with a think block, scored on what followed it (eval.py takes it off)
              "think_blocks": sum("think" in verdict for verdict in answered)}
     for group_key in GROUPS:
@@ -42,7 +42,7 @@ def system_entry(rows: list[dict], name: str, reported: tuple) -> dict:
                 members.setdefault(str(row[group_key]), []).append(row["systems"][name])
         for group, verdicts in sorted(members.items()):
             entry["groups"].setdefault(group_key, {})[group] = {
-                "samples": len(verdicts), **{scores.key(m): scores.score(verdicts, m) for m in reported}}
+                "samples": len(verdicts), **{task_metrics.key(m): task_metrics.score(verdicts, m) for m in reported}}
     return entry
 
 
@@ -50,7 +50,7 @@ def summarize(rows: list[dict], names: list[str], metric: str = "relaxed_accurac
               relaxed_rule: str = "chartqa") -> dict:
     """Every number of the report (what report.json holds): `metric` (a kit/scores name) and the metrics shown
     with it, per system and group, and every pair of systems compared on each."""
-    reported = scores.REPORTED[metric]
+    reported = task_metrics.REPORTED[metric]
     systems = {}
     for name in names:
         systems[name] = system_entry(rows, name, reported)
@@ -62,13 +62,13 @@ def summarize(rows: list[dict], names: list[str], metric: str = "relaxed_accurac
         if not both:
             continue
         before, after = [row["systems"][baseline] for row in both], [row["systems"][candidate] for row in both]
-        compared = {scores.key(m): scores.compare(before, after, m) for m in reported}
+        compared = {task_metrics.key(m): task_metrics.compare(before, after, m) for m in reported}
         pairs.append({"baseline": baseline, "candidate": candidate, "samples": len(both),
-                      **compared[scores.key(metric)], "metrics": compared})
-    return {"metric": metric, "key": scores.key(metric), "higher_is_better": scores.higher_is_better(metric),
-            "relaxed_rule": relaxed_rule, "metrics": [scores.key(m) for m in reported],
-            "labels": {scores.key(m): scores.label(m, relaxed_rule) for m in reported},
-            "rules": scores.rules(metric, relaxed_rule),
+                      **compared[task_metrics.key(metric)], "metrics": compared})
+    return {"metric": metric, "key": task_metrics.key(metric), "higher_is_better": task_metrics.higher_is_better(metric),
+            "relaxed_rule": relaxed_rule, "metrics": [task_metrics.key(m) for m in reported],
+            "labels": {task_metrics.key(m): task_metrics.label(m, relaxed_rule) for m in reported},
+            "rules": task_metrics.rules(metric, relaxed_rule),
             "interval": {"method": "percentile bootstrap over questions", "level": 0.95,
                          "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
             "samples": len(rows), "systems": systems, "pairs": pairs}
@@ -76,7 +76,7 @@ def summarize(rows: list[dict], names: list[str], metric: str = "relaxed_accurac
 
 def names_of(summary: dict) -> dict:
     """{report key: metric name} for the summary's metrics."""
-    return {scores.key(m): m for m in scores.REPORTED[summary["metric"]]}
+    return {task_metrics.key(m): m for m in task_metrics.REPORTED[summary["metric"]]}
 
 
 # --- report.md ----------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def table(summary: dict) -> str:
 def pairs_table(summary: dict, metric_key: str | None = None) -> str:
     """Paired comparisons on one metric (the first by default): counts, change with its interval, and the test."""
     metric_key = metric_key or summary["key"]
-    flag = scores.kind(names_of(summary)[metric_key]) == "flag"
+    flag = task_metrics.kind(names_of(summary)[metric_key]) == "flag"
     counts = ("fixed", "broken", "both_right", "both_wrong") if flag else ("better", "worse", "ties")
     header = ["baseline", "candidate", "samples", *(c.replace("_", " ") for c in counts), "change (points)",
               "McNemar p" if flag else "sign test p"]
@@ -141,11 +141,11 @@ def markdown(summary: dict, title: str, source: str) -> str:
             f"{source}. Each cell: the metric in % and its 95 % interval [low, high], a percentile bootstrap over "
             f"the questions ({interval['resamples']:,} resamples, seed {interval['seed']}).", ""]
     text += [f"- `{labels[k]}`{' and every `subset=` / `qtype=` column' if k == summary['key'] else ''}: "
-             f"{summary['rules'][k]}{'' if scores.higher_is_better(names_of(summary)[k]) else ' (lower is better)'}."
+             f"{summary['rules'][k]}{'' if task_metrics.higher_is_better(names_of(summary)[k]) else ' (lower is better)'}."
              for k in summary["metrics"]]
     text += ["", table(summary)]
     flags = [entry[k] for entry in summary["systems"].values() for k in summary["metrics"]
-             if scores.kind(names_of(summary)[k]) == "flag"]
+             if task_metrics.kind(names_of(summary)[k]) == "flag"]
     if any(found["value"] in (0, 1) for found in flags):
         text += ["", "A system right on none (or all) of the questions has a zero-width bootstrap interval: every "
                  "resample is the same. Read it with the rule of three: with n questions, the true rate is below "
@@ -198,7 +198,7 @@ def diff_rows(rows: list[dict], summary: dict) -> list[dict]:
             if baseline not in row["systems"] or candidate not in row["systems"]:
                 continue
             before, after = row["systems"][baseline], row["systems"][candidate]
-            change = scores.changed(before, after, metric)
+            change = task_metrics.changed(before, after, metric)
             if change:
                 changed.append({"baseline": baseline, "candidate": candidate, "change": change,
                                 **{k: row[k] for k in ("id", "question", "image", *GROUPS) if row.get(k) is not None},
@@ -230,7 +230,7 @@ def diff_page(changed: list[dict], summary: dict, images: dict, folder: Path, ti
     (folder / "thumbs").mkdir(exist_ok=True)
     made: dict[str, str | None] = {}
     pairs, label = summary["pairs"], summary["labels"][summary["key"]]
-    directions = ("fixed", "broken") if scores.kind(summary["metric"]) == "flag" else ("better", "worse")
+    directions = ("fixed", "broken") if task_metrics.kind(summary["metric"]) == "flag" else ("better", "worse")
     parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}: what changed</title>",
              "<style>body{font-family:sans-serif;margin:1.5em}td{vertical-align:top;padding:4px 10px;"
              "border-bottom:1px solid #ddd}.fixed,.better{color:#1a7f37}.broken,.worse{color:#cf222e}</style>",

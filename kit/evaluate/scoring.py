@@ -6,8 +6,8 @@ Rules for "relaxed accuracy" (`--metric`):
              float(), a trailing "%" meaning /100 ("45%" is 0.45); if both are numbers and the reference is not
              0, the prediction is right within 5 % of the reference; otherwise the strings must be equal
              ignoring case (and nothing else). Published ChartQA numbers use this rule.
-    lenient  the kit's earlier rule: "%" is dropped rather than divided ("45%" and "45" agree), surrounding
-             whitespace and one trailing period are ignored in text answers, and a reference of 0 must be met
+    lenient  for answers written without units: "%" is dropped rather than divided ("45%" and "45" agree),
+             surrounding whitespace and one trailing period are ignored in text answers, and a reference of 0 must be met
              exactly as a number ("0.0" is right).
 
 Under both, the prediction's surrounding whitespace is removed first (as Qwen-VL's and InternVL's ChartQA

@@ -15,7 +15,7 @@ inside the functions, after the backend is chosen.
 import json
 from pathlib import Path
 
-from kit import scores
+from kit.evaluate import task_metrics
 from kit.errors import UserError
 
 # What the GRPO run takes from the run it starts from: the weights only make sense on the same model, loaded the
@@ -45,12 +45,12 @@ def completion_text(completion) -> str:
 
 
 def relaxed_accuracy(completions, answers, think_end=None, metric="relaxed_accuracy", **kwargs) -> list[float]:
-    """The task's metric as a reward (kit/scores.reward: the recipe's metric_for_best_model, what eval.py reports;
+    """The task's metric as a reward (kit/task_metrics.reward: the recipe's metric_for_best_model, what eval.py reports;
     charts: 1.0 for an answer right under ChartQA's relaxed rule against any accepted answer, else 0.0)."""
     rewards = []
     for completion, accepted in zip(completions, answers):
         answer = answer_of(completion_text(completion), think_end)
-        rewards.append(0.0 if answer is None else scores.reward(metric, answer, accepted))
+        rewards.append(0.0 if answer is None else task_metrics.reward(metric, answer, accepted))
     return rewards
 
 

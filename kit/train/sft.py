@@ -13,7 +13,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from kit import scores
+from kit.evaluate import task_metrics
 from kit.train.heldout import indexed_datasets, write_heldout
 
 # In-training scores use eval.py's defaults (answers up to the recipe's max_completion_length tokens), so the two
@@ -52,7 +52,7 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
         per_device_eval_batch_size=recipe["per_device_train_batch_size"], prediction_loss_only=True,
         load_best_model_at_end=recipe["load_best_model_at_end"] and evaluating,
         metric_for_best_model=recipe["metric_for_best_model"],
-        greater_is_better=scores.higher_is_better(recipe["metric_for_best_model"]),  # an error rate: lower
+        greater_is_better=task_metrics.higher_is_better(recipe["metric_for_best_model"]),  # an error rate: lower
         # Without it accelerate never picks gloo on a CPU-only machine: under torchrun every process then
         # trains its own copy ("process group is initialized, but parallel_mode != DISTRIBUTED").
         use_cpu=not torch.cuda.is_available(),
@@ -65,7 +65,7 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
 
 
 class HeldOutAccuracy(SFTTrainer):
-    """SFTTrainer that adds the task's metric (the recipe's metric_for_best_model, kit/scores.py) by greedy
+    """SFTTrainer that adds the task's metric (the recipe's metric_for_best_model, kit/evaluate/task_metrics.py) by greedy
     generation on the held-out questions to each evaluation (what `load_best_model_at_end` keeps the best
     checkpoint by)."""
 
@@ -99,14 +99,14 @@ class HeldOutAccuracy(SFTTrainer):
 
                 FastVisionModel.for_training(model)
             model.train(training)
-        verdicts = [scores.verdicts(a, s["answers"], self.eval_metric) for a, s in zip(answers, self.eval_questions)]
+        verdicts = [task_metrics.verdicts(a, s["answers"], self.eval_metric) for a, s in zip(answers, self.eval_questions)]
         # every answer, so a score can be checked (and compared with eval.py on the same checkpoint)
         folder = Path(self.args.output_dir).parent / "heldout_answers"
         folder.mkdir(exist_ok=True)
         write_heldout(folder / f"step-{self.state.global_step}.jsonl",
                       [{"id": s.get("id"), "answer": a, "references": s["answers"], **v}
                        for s, a, v in zip(self.eval_questions, answers, verdicts)])
-        return scores.score(verdicts, self.eval_metric)["value"]
+        return task_metrics.score(verdicts, self.eval_metric)["value"]
 
 
 class PlainLossSFTTrainer(HeldOutAccuracy):

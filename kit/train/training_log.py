@@ -40,14 +40,14 @@ def summary(path: Path, resumed_at: int = 0) -> tuple[float, float]:
 
 def log_eval(path: Path, state, logs: dict):
     """The held-out evaluation's line and metrics.jsonl row (rows with eval_loss; training rows have loss)."""
-    from kit import scores
+    from kit.evaluate import task_metrics
 
-    metric = next((name for name in scores.METRICS if f"eval_{name}" in logs), None)  # the recipe's
+    metric = next((name for name in task_metrics.METRICS if f"eval_{name}" in logs), None)  # the recipe's
     row = {"step": state.global_step, "eval_loss": logs["eval_loss"],
            **({"eval_metric": metric, f"eval_{metric}": logs[f"eval_{metric}"]} if metric else {}),
            "eval_questions": logs.get("eval_questions"), "eval_seconds": logs.get("eval_runtime"), "time": time.time()}
     accuracy = "" if metric is None else \
-        f" | {scores.label(metric)} {100 * row[f'eval_{metric}']:.1f} % of {row['eval_questions']} held-out questions"
+        f" | {task_metrics.label(metric)} {100 * row[f'eval_{metric}']:.1f} % of {row['eval_questions']} held-out questions"
     click.echo(f"eval {row['step']:05d}/{state.max_steps:05d} | eval loss {row['eval_loss']:.4f}{accuracy} | "
                f"{row['eval_seconds'] or 0:.0f} s")
     with path.open("a") as handle:
@@ -79,13 +79,13 @@ def plot_loss(metrics_path: Path, png_path: Path):
         ax.grid(alpha=0.3)
         scored = [r for r in evals if r.get("eval_metric")]
         if scored:
-            from kit import scores
+            from kit.evaluate import task_metrics
 
             metric = scored[-1]["eval_metric"]
             right = ax.twinx()
             right.plot([r["step"] for r in scored], [100 * r[f"eval_{metric}"] for r in scored],
                        marker="s", color="tab:green")
-            right.set_ylabel(f"{scores.label(metric)} % ({scored[-1].get('eval_questions')} questions)",
+            right.set_ylabel(f"{task_metrics.label(metric)} % ({scored[-1].get('eval_questions')} questions)",
                              color="tab:green")
     if rewarded:
         plot_rewards(axes[0][-1], rewarded)

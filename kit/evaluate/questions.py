@@ -7,8 +7,6 @@ from pathlib import Path
 
 from kit.errors import UserError
 
-SOURCES = ("chartqa", "synthetic", "synthetic_text", "latex_ocr")  # datasets named without a prefix
-
 
 def heldout_samples(recipe, run_dir: Path, limit: int):
     """The run's held-out rows (heldout.jsonl, in the order training scored them), from its own dataset."""
@@ -34,9 +32,8 @@ def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | No
     from data.lint import lint, skipped_rows, split_bad_rows
 
     spec = data_spec or recipe["dataset"]
-    if spec not in SOURCES and not spec.startswith(("jsonl:", "hf:", "llamafactory:")):
-        raise UserError(f"--data {spec}: choose chartqa, synthetic, synthetic_text, latex_ocr, jsonl:PATH, "
-                        "hf:HUB_ID_OR_FOLDER or llamafactory:DIR#NAME")
+    if not data.known(spec):
+        raise UserError(f"--data {spec}: choose one of {data.choices()}")
     eval_recipe = {**recipe, "dataset": spec, "limit": limit}
     if spec in ("synthetic", "synthetic_text") and limit:
         eval_recipe["synthetic_num_test"] = limit  # test images are drawn from their own index range

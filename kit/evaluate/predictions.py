@@ -1,5 +1,5 @@
-"""Scored rows (what kit/report.py reports) from a model's answers (eval.py) or from prediction files any tool
-wrote (eval.py --score): each answer judged under the task's metric (kit/scores.verdicts) after any think block
+"""Scored rows (what kit/evaluate/report.py reports) from a model's answers (eval.py) or from prediction files any tool
+wrote (eval.py --score): each answer judged under the task's metric (kit/task_metrics.verdicts) after any think block
 is taken off.
 
 A prediction file's row is {"prediction", "answer" | "answers" | "messages" (its last assistant turn is the
@@ -11,7 +11,7 @@ else on image + question, else on the row's position among its system's rows.
 import json
 from pathlib import Path
 
-from kit import scores
+from kit.evaluate import task_metrics
 from kit.cli import jsonl_rows
 from kit.errors import UserError
 from kit.evaluate.report import GROUPS, think_markers
@@ -22,7 +22,7 @@ def verdict(given: str, references: list[str], metric: str, relaxed_rule: str, t
     """One system's answer to one question: the answer after any think block (kept as "think") and its verdicts."""
     found, answer = split_think("" if given is None else str(given), think_markers())
     thought = found if thought is None else thought
-    return {"answer": answer, **scores.verdicts(answer, references, metric, relaxed_rule),
+    return {"answer": answer, **task_metrics.verdicts(answer, references, metric, relaxed_rule),
             **({"think": thought} if thought is not None else {})}
 
 
