@@ -7,8 +7,8 @@ Rules for "relaxed accuracy" (`--metric`):
              0, the prediction is right within 5 % of the reference; otherwise the strings must be equal
              ignoring case (and nothing else). Published ChartQA numbers use this rule.
     lenient  for answers written without units: "%" is dropped rather than divided ("45%" and "45" agree),
-             surrounding whitespace and one trailing period are ignored in text answers, and a reference of 0 must be met
-             exactly as a number ("0.0" is right).
+             surrounding whitespace and one trailing period are ignored in text answers, and a reference of 0 must
+             be met exactly as a number ("0.0" is right).
 
 Under both, the prediction's surrounding whitespace is removed first (as Qwen-VL's and InternVL's ChartQA
 scripts do) and a prediction is right if it matches any of the references.
