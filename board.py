@@ -161,18 +161,17 @@ def chat_tab(root: Path):
     """Chat: infer.py --stream on a run, a merged folder or a GGUF folder."""
     import gradio as gr
 
-    with gr.Tab("Chat") as tab:
-        with gr.Row():
-            with gr.Column():
-                chat_target = gr.Dropdown(runs.chat_targets(root), elem_id="chat-target",
-                                          label="Model: a run, a merged folder or a GGUF folder")
-                image = gr.Image(type="filepath", label="Chart", height=260, elem_id="chat-image")
-            with gr.Column():
-                question = gr.Textbox(label="Question", elem_id="chat-question")
-                ask = gr.Button("Ask", variant="primary")
-                answer = gr.Textbox(label="Answer (streamed from infer.py --stream)", lines=4,
-                                    elem_id="chat-answer")
-                chat_command = gr.Markdown(elem_id="chat-command")
+    with gr.Tab("Chat") as tab, gr.Row():
+        with gr.Column():
+            chat_target = gr.Dropdown(runs.chat_targets(root), elem_id="chat-target",
+                                      label="Model: a run, a merged folder or a GGUF folder")
+            image = gr.Image(type="filepath", label="Chart", height=260, elem_id="chat-image")
+        with gr.Column():
+            question = gr.Textbox(label="Question", elem_id="chat-question")
+            ask = gr.Button("Ask", variant="primary")
+            answer = gr.Textbox(label="Answer (streamed from infer.py --stream)", lines=4,
+                                elem_id="chat-answer")
+            chat_command = gr.Markdown(elem_id="chat-command")
 
     ask.click(actions.chat_answer, [chat_target, image, question], [answer, chat_command])
     tab.select(partial(actions.chat_choices, root), chat_target, chat_target)

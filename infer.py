@@ -143,8 +143,8 @@ def write_answers(answers_file: Path, questions: list[dict], answers: list[str])
 def read_batch(path: Path) -> list[dict]:
     """[{"images": absolute paths, "messages": the prompt, "row": the row as written}]; every image checked up
     front. Rows are read as training reads them (data/jsonl.py); an answer turn is not part of the prompt."""
-    from data.jsonl import to_sample
     from data.formats import placeholder_count
+    from data.jsonl import to_sample
     from kit.inputs.chat import prompt_messages
 
     questions = []
@@ -234,8 +234,8 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
     backend, reason = backends.select(backend_name or (recipe["backend"] if recipe else "auto"))
     click.echo(f"backend {backend} ({reason})", err=True)
     from kit import model as models
-    from kit.inputs import chat
     from kit.evaluate.generate import generate_answers, prepare_for_inference
+    from kit.inputs import chat
 
     dtype = backends.torch_dtype(backends.precision())
     if kind == "run":
@@ -267,7 +267,7 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
 
 def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, temperature, min_p, stream,
                 show_progress) -> list[str]:
-    """One question at a time through llama.cpp (kit/export/llama.py: the same driving eval.py scores GGUF pairs with)."""
+    """One question at a time through llama.cpp (kit/export/llama.py: the driver eval.py scores GGUF pairs with)."""
     from kit.export import llama
 
     llm = llama.open_pair(*llama.find_pair(path, mmproj), recipe)

@@ -1,7 +1,8 @@
 """Where samples come from. Every source yields the one sample format:
 
-    {"id": str, "images": [PIL image, path or {"bytes", "path"} dict], "messages": [user turn with {"type": "image"} + text,
-     assistant turn with the answer, ... more turns], "answers": [every accepted answer of the last turn],
+    {"id": str, "images": [PIL image, path or {"bytes", "path"} dict],
+     "messages": [user turn with {"type": "image"} + text, assistant turn with the answer, ... more turns],
+     "answers": [every accepted answer of the last turn],
      "videos": [a video file, or a list of frame files] (only when the row has videos), ...source extras}
 
 Local files come in the formats of the tools people used before (data/formats.py: ours, LLaMA-Factory

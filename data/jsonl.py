@@ -170,8 +170,7 @@ def load(path: str, limit: int | None = None, spec: dict | None = None, base: Pa
                 if (path / "dataset_info.json").exists() else "")
         raise BadRow(f"{path} is a folder: jsonl: needs the .jsonl or .json file itself{hint}{info}")
     samples, lines = [], 0
-    for line, row, problem in read_rows(path):
-        lines += 1
+    for lines, (line, row, problem) in enumerate(read_rows(path), 1):  # noqa: B007  (the count is read after)
         where = f"{path}:{line}"
         if problem is None:
             try:

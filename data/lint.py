@@ -6,7 +6,8 @@
     python -m data.lint --recipe chartqa            # the recipe's own dataset
 
 Each finding names the source, the row and the problem. These checks need no model; train.py runs them at start
-(and with --plan), together with the ones that need the model's processor (tokens over max_length, kit/plan/estimate.py).
+(and with --plan), together with the ones that need the model's processor (tokens over max_length,
+kit/plan/estimate.py).
 `--on-bad-row skip` drops the rows it reports and writes them to skipped.jsonl.
 """
 

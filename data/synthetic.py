@@ -13,6 +13,7 @@ Question types: `count` (how many bars/points), `max` / `min` (which label is hi
 import hashlib
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 from data.formats import question_sample
@@ -132,7 +133,7 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
         spec = make_spec(offset + i, seed, chart_types, question_types, layout, size, grid)
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
-            write_with(path, lambda tmp: render(spec, tmp))
+            write_with(path, partial(render, spec))
         samples.append(question_sample(f"synthetic-{split}-{i}", [str(path)], spec["question"], [spec["answer"]],
                                        qtype=spec["qtype"]))
     return samples

@@ -6,7 +6,6 @@ its real image processor. They are saved into a cache folder once and then loade
 `from_pretrained` path, so every later step (LoRA, merge, GGUF) sees an ordinary model folder.
 """
 
-import json
 import re
 from pathlib import Path
 

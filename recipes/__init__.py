@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import data
-
 from kit.errors import UserError
 
 CHOICES = {

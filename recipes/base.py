@@ -111,8 +111,8 @@ BASE = {
     # 0 = never; nothing either without held-out rows
     "eval_samples": 0,  # the first N held-out questions (a fixed, seeded order) are scored; 0 = all
     "load_best_model_at_end": False,  # keep the checkpoint with the best held-out metric as the final model
-    # The task's metric (kit/evaluate/task_metrics.py), named as transformers' TrainingArguments names it: held-out evaluation
-    # selects the best checkpoint by it, eval.py reports it first (with its companions), GRPO rewards it.
+    # The task's metric (kit/evaluate/task_metrics.py), named as transformers' TrainingArguments names it: held-out
+    # evaluation selects the best checkpoint by it, eval.py reports it first (with its companions), GRPO rewards it.
     # relaxed_accuracy (charts) | exact_match | anls (documents) | cer | wer (OCR, LaTeX) | rougeL (free answers)
     "metric_for_best_model": "relaxed_accuracy",
     "report_to": "none",  # none | tensorboard | wandb | trackio (transformers' integrations; logs in <run>/logs)

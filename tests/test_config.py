@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 import recipes
-from recipes import RecipeError
 from recipes.base import BASE
 from tests.conftest import QUICK, ROOT, read_jsonl, train_cli
 

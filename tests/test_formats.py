@@ -286,8 +286,8 @@ def processor():
 
 def test_every_turn_and_image_of_a_conversation_reaches_the_batch(tmp_path, charts, processor):
     import data
-    from kit.plan import estimate
     from kit.inputs.chat import IGNORE, VisionCollator
+    from kit.plan import estimate
 
     path = write_json(tmp_path / "chats.json", conversation_rows(charts))
     samples = data.load({"dataset": f"jsonl:{path}", "dataset_split": "train", "limit": 0})

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import read_jsonl
 
 import infer
+from tests.conftest import read_jsonl
 
 
 def infer_cli(args):

@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 from kit import families
-from tests.conftest import write_test_video
-from tests.conftest import train_cli
+from tests.conftest import train_cli, write_test_video
 
 FAMILIES = families.names()
 PACKING = [name for name in FAMILIES if families.by_name(name).packs]
@@ -63,8 +62,8 @@ ORDERS = [[0, 1, 2, 3, 4], [3, 0, 4, 2, 1], [2, 4, 1]]
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_plan_counts_equal_the_collators_in_mixed_batches(mixed_file, name):
-    from kit.plan import estimate
     from kit.inputs.chat import VisionCollator
+    from kit.plan import estimate
 
     processor = processor_for(name)
     samples = load_samples(mixed_file)
@@ -156,8 +155,8 @@ def test_a_video_of_one_frame_collates_and_is_counted(tmp_path, name):
     """Fewer frames than one token grid in time (a one-frame list, max_frames=1): Qwen3-VL's processor refuses
     such a video, so the last frame is repeated as Qwen2-VL's processor does itself."""
     from kit.inputs import video
-    from kit.plan import estimate
     from kit.inputs.chat import VisionCollator
+    from kit.plan import estimate
 
     Image.new("RGB", (84, 56), (10, 120, 200)).save(tmp_path / "only.png")
     write_test_video(tmp_path / "clip.mp4", frames_count=4)

@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import read_jsonl, train_cli
-
 from kit import families
+from tests.conftest import read_jsonl, train_cli
 
 # every family the kit has whose samples stay apart in a packed row; the others refuse packing (below)
 MODELS = [f"tiny:{name}" for name in families.names() if families.by_name(name).packs]

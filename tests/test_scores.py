@@ -1,5 +1,5 @@
-"""The task metrics (kit/evaluate/task_metrics.py) against their reference implementations' own published examples, and the
-report's intervals and paired comparisons recomputed from the verdicts.
+"""The task metrics (kit/evaluate/task_metrics.py) against their reference implementations' own published examples,
+and the report's intervals and paired comparisons recomputed from the verdicts.
 
 Sources of the expected numbers:
 - ANLS: the ST-VQA paper's "Coca Cola" example as shunk031/ANLS's tests state it (1 - NL against "Coca Cola" and

@@ -9,8 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from data.lint import lint
-from tests.conftest import write_test_video
-from tests.conftest import train_cli
+from tests.conftest import train_cli, write_test_video
 
 
 @pytest.fixture()
@@ -49,8 +48,8 @@ def processor():
 def test_plan_counts_the_video_tokens_the_collator_makes(tmp_path, clips, processor, fps, max_frames):
     import data
     from kit.inputs import video
-    from kit.plan import estimate
     from kit.inputs.chat import IGNORE, VisionCollator
+    from kit.plan import estimate
 
     video.set_sampling(processor, fps, max_frames)
     path = tmp_path / "videos.json"

@@ -3,6 +3,7 @@ values, runs a script as a user would (the command is shown) and reads back the 
 the page out and wires these in; gradio is imported inside, after the board has started."""
 
 import json
+from collections import deque
 from pathlib import Path
 
 import recipes
@@ -84,8 +85,7 @@ def plan_run(root: Path, start_name, name, config, *values):
     if overrides is None:
         return *updates, note, gr.update()
     cmd = train_command(root, start_name, name, config, overrides, "--plan")
-    for output, code in runs.stream(cmd):
-        pass
+    [(output, code)] = deque(runs.stream(cmd), maxlen=1)  # train.py --plan runs to its end; its last state
     found = runs.read_json(root / name / "plan.json") if code == 0 else None
     shown = runs.plan_text(found) if found else output  # a failed plan: what train.py said, as in a shell
     return *updates, f"`{runs.shown(cmd)}` exit {code}", gr.update(value=shown, visible=True)
@@ -156,7 +156,8 @@ def evaluate_run(root: Path, name, chosen, control, count, force):
     """Evaluate: eval.py's output as it comes, then its report.md, report.png and a few answers."""
     cmd = runs.command("eval.py", root / name, "--compare", ",".join(chosen), "--limit", int(count or 0),
                        *(["--control", "shuffled"] if control else []), *(["--force"] if force else []))
-    for output, code in runs.stream(cmd):
+    output, code = "", None
+    for output, code in runs.stream(cmd):  # noqa: B007  (the last output and exit code are read after the loop)
         yield f"$ {runs.shown(cmd)}\n{output}", "", None, None
     out = root / name / "eval"
     if code or not (out / "report.md").exists():
@@ -172,7 +173,8 @@ def export_run(root: Path, name, chosen_targets, chosen_quants, force):
     """Export: merge.py's output as it comes, then what it proved, from the export.json it writes."""
     cmd = runs.command("merge.py", root / name, "--to", ",".join(chosen_targets), "--quant",
                        ",".join(chosen_quants), *(["--force"] if force else []))
-    for output, code in runs.stream(cmd):
+    output, code = "", None
+    for output, code in runs.stream(cmd):  # noqa: B007  (the last output and exit code are read after the loop)
         yield f"$ {runs.shown(cmd)}\n{output}", "", ""
     written = runs.read_json(root / name / "export.json") if code == 0 else None
     if written is None:

@@ -11,9 +11,9 @@ else on image + question, else on the row's position among its system's rows.
 import json
 from pathlib import Path
 
-from kit.evaluate import task_metrics
 from kit.cli import jsonl_rows
 from kit.errors import UserError
+from kit.evaluate import task_metrics
 from kit.evaluate.report import GROUPS, think_markers
 from kit.evaluate.scoring import split_think
 

@@ -3,8 +3,8 @@
     python kit/export/converter_patch.py [--pre NAME] CONVERTER [the converter's own arguments...]
 
 A tokenizer whose pre-tokenizer hash the converter does not know is written as NAME ("qwen2" unless given).
-kit/export/gguf.py uses this only for tokenizers whose tokenizer.json splits with the regex llama.cpp calls NAME (the tiny
-models' locally trained BPEs: Qwen2's regex for "qwen2", Qwen3.5's for "qwen35"), so NAME is the truth, not a
+kit/export/gguf.py uses this only for tokenizers whose tokenizer.json splits with the regex llama.cpp calls NAME (the
+tiny models' locally trained BPEs: Qwen2's regex for "qwen2", Qwen3.5's for "qwen35"), so NAME is the truth, not a
 guess. Run by path, it imports nothing from the kit: only the converter's own modules.
 """
 
@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+
 
 def forced_pre_note(pre: str) -> str:
     return (f"pre-tokenizer hash unknown to the converter; tokenizer.json splits with the regex llama.cpp calls "

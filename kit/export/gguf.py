@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kit.errors import UserError
 from kit.export.converter import LLAMA_CPP_PYTHON
 from kit.export.converter_patch import FORCED_PRE_NOTE, forced_pre_note  # noqa: F401  (merge.py shows it)
-from kit.errors import UserError
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
 QUANTIZER_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m", "q5_0", "q5_1",

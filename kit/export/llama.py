@@ -268,7 +268,8 @@ def open_pair(model_file: Path, mmproj: Path, recipe: dict | None) -> LlamaCppPa
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        raise UserError("a GGUF TARGET needs llama-cpp-python: make llama-cpp, or pip install llama-cpp-python")
+        raise UserError("a GGUF TARGET needs llama-cpp-python: make llama-cpp, or pip install llama-cpp-python"
+                        ) from None
     saved = saved_beside(model_file)
     limits = {key: saved[key] for key in ("image_min_tokens", "image_max_tokens")} \
         if recipe and "image_max_tokens" in saved else {}

@@ -40,7 +40,7 @@ CHART_TEXT = ("A", "B", "C", "D", "E", "F", "G", "H", "How many bars are in the 
 WORDS = ("the a of in and to is what which how many value highest lowest largest smallest bar line "
          "chart year percent total average difference between sum number answer question image picture "
          "shows label axis title red blue green orange purple you are helpful assistant system user "
-         "latex formula equation write read this reply with word only").split()
+         "latex formula equation write read this reply with word only").split()  # noqa: SIM905  (reads as text)
 
 
 def corpus():

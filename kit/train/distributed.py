@@ -80,7 +80,7 @@ def prepare():
     """First thing in train.py, before any library is imported: launches that would silently train something
     else than asked end here in one line; replica ranks go quiet (their output is rank 0's, line for line)."""
     if world() > 1 and not is_main():
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stays open for the life of the process)
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is first imported
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' own progress bars follow it
         import logging
@@ -203,7 +203,7 @@ def zero_stage() -> int:
             return int(json.loads(open(path).read()).get("zero_optimization", {}).get("stage", 0))
         except (OSError, ValueError) as error:
             raise UserError(f"{path}: cannot read the DeepSpeed config ({error}); run from the repository root "
-                            "or give its full path in the accelerate config")
+                            "or give its full path in the accelerate config") from None
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
 
 

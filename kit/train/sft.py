@@ -65,8 +65,8 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
 
 
 class HeldOutAccuracy(SFTTrainer):
-    """SFTTrainer that adds the task's metric (the recipe's metric_for_best_model, kit/evaluate/task_metrics.py) by greedy
-    generation on the held-out questions to each evaluation (what `load_best_model_at_end` keeps the best
+    """SFTTrainer that adds the task's metric (the recipe's metric_for_best_model, kit/evaluate/task_metrics.py) by
+    greedy generation on the held-out questions to each evaluation (what `load_best_model_at_end` keeps the best
     checkpoint by)."""
 
     def __init__(self, *args, eval_questions=None, eval_system_prompt: str = "", eval_backend: str = "hf",
@@ -99,7 +99,8 @@ class HeldOutAccuracy(SFTTrainer):
 
                 FastVisionModel.for_training(model)
             model.train(training)
-        verdicts = [task_metrics.verdicts(a, s["answers"], self.eval_metric) for a, s in zip(answers, self.eval_questions)]
+        verdicts = [task_metrics.verdicts(a, s["answers"], self.eval_metric)
+                    for a, s in zip(answers, self.eval_questions)]
         # every answer, so a score can be checked (and compared with eval.py on the same checkpoint)
         folder = Path(self.args.output_dir).parent / "heldout_answers"
         folder.mkdir(exist_ok=True)
