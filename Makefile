@@ -1,7 +1,8 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
 # make demo-qlora : the demo's model loaded in 4-bit learns a new question through a LoRA adapter (QLoRA on the CPU)
+# make demo-ocr: train the tiny model to read numbers the kit draws, and report its CER against base and controls
 # make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
-# make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
+# make test : ruff, then the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
 # make test-fast: the suite without the tests marked slow (pytest.ini), for the edit-test loop
 # make test-unsloth : the kit with Unsloth imported and its patches in place (CPU mode), in its own venv
 # Both create .venv on first use. On a GPU machine use `python install.py` instead.
@@ -12,11 +13,12 @@ PY := $(VENV)/bin/python
 # Built llama.cpp wheels live outside the repo, so a fresh clone on the same machine reuses them.
 CACHE ?= $(HOME)/.cache/qwen2vl-kit
 LLAMA_CPP_PYTHON := 0.3.36
-# The demo's run folder, and the QLoRA run made on top of it.
+# The demos' run folders, and the QLoRA run made on top of the demo's.
 DEMO := runs/demo
+DEMO_OCR := runs/demo-ocr
 DEMO_QLORA := runs/demo-qlora
 
-.PHONY: demo demo-qlora test test-fast test-unsloth venv llama-cpp clean board browser
+.PHONY: demo demo-ocr demo-qlora test test-fast test-unsloth venv llama-cpp clean board browser
 
 venv: $(VENV)/.installed
 
@@ -45,16 +47,18 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 CONVERTER := $(CACHE)/llama.cpp-src/llama-cpp-python-$(LLAMA_CPP_PYTHON)/convert_hf_to_gguf.py
 
 $(CONVERTER): $(VENV)/.installed
-	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.converter import find_converter; print(find_converter())"
+	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -c "from kit.export.converter import find_converter; print(find_converter())"
 
 # --durations: the slowest tests and their seconds, so the suite's cost is seen at every run.
 test: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	-@$(MAKE) --no-print-directory browser
+	$(PY) -m ruff check .
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q --durations=15 tests
 
 # The edit-test loop: everything but the tests marked slow (subprocesses, several training runs, GGUF files,
 # torchrun, the browser); a few minutes once the cache holds the tiny model.
 test-fast: $(VENV)/.installed $(VENV)/.llama-cpp
+	$(PY) -m ruff check .
 	QWEN2VL_KIT_CACHE=$(CACHE) $(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # The GPU install (install.py: requirements.txt around the installed torch) on this machine's torch, in its own
@@ -96,6 +100,12 @@ demo-qlora: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) train.py --recipe demo_qlora --set model_name_or_path=$(DEMO) --output $(DEMO_QLORA) --force
 	$(PY) eval.py $(DEMO_QLORA) --compare base,finetuned --question-types last --force
 	$(PY) eval.py $(DEMO_QLORA) --compare base,finetuned --question-types count,max --out $(DEMO_QLORA)/eval-old --force
+
+# The second laptop demo: a task scored by character error rate (recipes/demo_ocr.py), the same bar as `demo`:
+# fine-tuned against base and against each shown another image, with intervals.
+demo-ocr: $(VENV)/.installed
+	$(PY) train.py --recipe demo_ocr --output $(DEMO_OCR) --force
+	$(PY) eval.py $(DEMO_OCR) --data synthetic_text --compare base,finetuned --control shuffled --force
 
 board: $(VENV)/.installed
 	$(PY) board.py

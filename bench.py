@@ -16,7 +16,8 @@ Results are printed as a markdown table and saved as JSON; --markdown appends th
 the same seeded order and the same steps, and ends with the padding share and tokens/s of each and their
 ratio. --memory (a CPU machine) runs the first backend twice, base in 4-bit and in 16-bit, and prints the host
 memory of each part (base weights, adapter + gradients + optimizer, activations + logits) beside train.py --plan's
-estimate for the same sample, batch and bf16 (BENCHMARKS.md, "QLoRA memory", has it for the 2B shapes). --data takes a dataset spec (hf:FOLDER, jsonl:FILE, ...) instead of the synthetic charts, e.g. the
+estimate for the same sample, batch and bf16 (BENCHMARKS.md, "QLoRA memory", has it for the 2B shapes).
+--data takes a dataset spec (hf:FOLDER, jsonl:FILE, ...) instead of the synthetic charts, e.g. the
 ChartQA-shaped parquet that `python bench_data.py --build-only --varied-sizes` writes.
 """
 
@@ -122,8 +123,11 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     backend, _ = backends.select(recipe["backend"])
     import torch
 
-    from kit import callbacks, chat, families, host_memory, packing, plan, plan_check, progress, sft
-    from kit import model as models, trainer as training
+    from kit import families, host_memory, plan_check
+    from kit import model as models
+    from kit.inputs import chat, packing
+    from kit.plan import estimate
+    from kit.train import heldout, progress, sft
 
     cuda = torch.cuda.is_available()
     if memory and (cuda or not host_memory.available()):
@@ -138,7 +142,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     path = models.resolve(recipe["model_name_or_path"])
     model, processor, baseline, loaded = load_model(path, recipe, backend, backends.torch_dtype(precision), memory)
-    recipe = plan.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
+    recipe = estimate.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
     samples = bench_samples(recipe, batch * (warmup + steps), data_spec)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
@@ -151,8 +155,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     args = sft.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
                           logging_steps=10**9, logging_first_step=False, save_strategy="no",
                           eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
-    timer, at_step = callbacks.StepTimer(counter, collator, warmup), callbacks.HostMemoryAtStep()
-    dataset, collate = training.indexed_dataset(samples, counter)
+    timer, at_step = progress.StepTimer(counter, collator, warmup), progress.HostMemoryAtStep()
+    dataset, collate = heldout.indexed_dataset(samples, counter)
     trainer = sft.trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collate,
                                   processing_class=processor, callbacks=[timer, at_step])
     if memory:
@@ -170,7 +174,8 @@ def load_model(path, recipe, backend, dtype, memory):
     in bf16, as a GPU holds it (a CPU run would load it in fp32), and read in whole before the reading."""
     import torch
 
-    from kit import host_memory, model as models
+    from kit import host_memory
+    from kit import model as models
 
     if not memory:
         return (*models.load_for_training(path, recipe, backend, dtype), 0, 0)

@@ -9,28 +9,18 @@ what they write in the run folder; it never trains in its own process. A trainin
 its output in <run>/train.log: close the page or stop the board and it goes on; the Train tab finds it again.
 """
 
-import json
 from functools import partial
 from pathlib import Path
 
 import click
 
 import recipes
-from kit import board_runs as runs
-from kit.board_form import SECTIONS, as_text, read_form, start_recipe
-from kit.gguf import CONVERTER_TYPES, QUANTIZER_TYPES
+from kit.board import actions, runs
+from kit.board.form import SECTIONS, as_text, start_recipe
+from kit.export.gguf import CONVERTER_TYPES, QUANTIZER_TYPES
 from recipes.base import BASE
 
 SYSTEMS = ("base", "base+prompt", "finetuned")
-
-
-def train_command(root: Path, start, run_name, config_path, overrides, *extra) -> list[str]:
-    if start == "base":  # no recipe by that name: only a config file can start from base
-        if not config_path:
-            raise recipes.RecipeError("a form that starts from base runs from a config file: Save config first")
-        return runs.command("train.py", "--config", config_path, "--output", root / run_name, *extra)
-    sets = [part for item in overrides for part in ("--set", item)]
-    return runs.command("train.py", "--recipe", start, *sets, "--output", root / run_name, *extra)
 
 
 def field(key, value):
@@ -59,55 +49,28 @@ def build(root: Path):
     return board
 
 
-def refresh_choices(root: Path, current=None):
-    """A run dropdown's choices, keeping the current run when it is still there."""
+def recipe_form(root: Path) -> dict:
+    """The Train tab's top: where the recipe comes from, and one field per recipe key, by section."""
     import gradio as gr
 
-    names = runs.run_names(root)
-    return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
-
-
-def runs_table(root: Path) -> list[list]:
-    return [[r["run"], r["state"], r["step"], r["loss"], r["updated"]] for r in runs.runs(root)]
-
-
-def checked(start_name, values):
-    """(overrides, a gr.update per field showing its error, the status line)."""
-    import gradio as gr
-
-    overrides, errors = read_form(start_name, values)
-    updates = [gr.update(info=f"⚠ {errors[k]}" if k in errors else f"default {as_text(BASE[k])!s:.40}")
-               for k in BASE]
-    note = "**Fix the fields marked ⚠**" + (f": {errors['']}" if "" in errors else "") if errors else ""
-    return (None if errors else overrides), updates, note
-
-
-def plan_run(root: Path, start_name, name, config, *values):
-    """Plan: train.py --plan on the form, shown from the plan.json it writes."""
-    import gradio as gr
-
-    overrides, updates, note = checked(start_name, values)
-    if overrides is None:
-        return *updates, note, gr.update()
-    cmd = train_command(root, start_name, name, config, overrides, "--plan")
-    for output, code in runs.stream(cmd):
-        pass
-    found = runs.read_json(root / name / "plan.json") if code == 0 else None
-    shown = runs.plan_text(found) if found else output  # a failed plan: what train.py said, as in a shell
-    return *updates, f"`{runs.shown(cmd)}` exit {code}", gr.update(value=shown, visible=True)
-
-
-def export_run(root: Path, name, chosen_targets, chosen_quants, force):
-    """Export: merge.py's output as it comes, then what it proved, from the export.json it writes."""
-    cmd = runs.command("merge.py", root / name, "--to", ",".join(chosen_targets), "--quant",
-                       ",".join(chosen_quants), *(["--force"] if force else []))
-    for output, code in runs.stream(cmd):
-        yield f"$ {runs.shown(cmd)}\n{output}", "", ""
-    written = runs.read_json(root / name / "export.json") if code == 0 else None
-    if written is None:
-        yield f"$ {runs.shown(cmd)}\n{output}", f"**merge.py failed (exit {code})**: see its output above", ""
-        return
-    yield f"$ {runs.shown(cmd)}\n{output}", *runs.export_view(written)
+    with gr.Row():
+        start = gr.Dropdown(["base", *recipes.names()], value="demo", label="Start from recipe")
+        upload = gr.File(label="...or load a config file (.json / .yaml)", file_types=[".json", ".yaml",
+                         ".yml"], type="filepath", height=90, elem_id="config-upload")
+        run_name = gr.Textbox("demo", label="Run folder name (under runs/)", elem_id="run-name")
+        config_path = gr.Textbox(str(root / "demo.yaml"), label="Config file to save")
+    fields, sections, section = {}, {}, "Model"
+    for key in BASE:  # the keys of each part of recipes/base.py, in its order
+        section = SECTIONS.get(key) or section
+        sections.setdefault(section, []).append(key)
+    for section, keys in sections.items():
+        with gr.Accordion(section, open=section != "LoRA"):
+            for row in range(0, len(keys), 4):
+                with gr.Row():
+                    for key in keys[row:row + 4]:
+                        fields[key] = field(key, start_recipe("demo")[key])
+    return dict(start=start, upload=upload, run_name=run_name, config_path=config_path,
+                fields=list(fields.values()))
 
 
 def train_tab(board, root: Path):
@@ -115,22 +78,7 @@ def train_tab(board, root: Path):
     import gradio as gr
 
     with gr.Tab("Train"):
-        with gr.Row():
-            start = gr.Dropdown(["base", *recipes.names()], value="demo", label="Start from recipe")
-            upload = gr.File(label="...or load a config file (.json / .yaml)", file_types=[".json", ".yaml",
-                             ".yml"], type="filepath", height=90, elem_id="config-upload")
-            run_name = gr.Textbox("demo", label="Run folder name (under runs/)", elem_id="run-name")
-            config_path = gr.Textbox(str(root / "demo.yaml"), label="Config file to save")
-        fields, sections, section = {}, {}, "Model"
-        for key in BASE:  # the keys of each part of recipes/base.py, in its order
-            section = SECTIONS.get(key) or section
-            sections.setdefault(section, []).append(key)
-        for section, keys in sections.items():
-            with gr.Accordion(section, open=section != "LoRA"):
-                for row in range(0, len(keys), 4):
-                    with gr.Row():
-                        for key in keys[row:row + 4]:
-                            fields[key] = field(key, start_recipe("demo")[key])
+        form = recipe_form(root)
         with gr.Row(elem_id="train-buttons"):
             plan_button, save_button = gr.Button("Plan"), gr.Button("Save config")
             start_button = gr.Button("Start", variant="primary")
@@ -143,100 +91,24 @@ def train_tab(board, root: Path):
         with gr.Row():
             watched = gr.Dropdown(runs.run_names(root), label="Run to watch, stop or resume",
                                   allow_custom_value=True, elem_id="watched")
-            runs_view = gr.Dataframe(runs_table(root), headers=["run", "state", "step", "loss", "updated"],
+            runs_view = gr.Dataframe(actions.runs_table(root), headers=["run", "state", "step", "loss", "updated"],
                                      label="Runs under " + str(root), interactive=False, elem_id="runs")
         plan_out = gr.Textbox(label="Plan (train.py --plan)", lines=12, visible=False, elem_id="plan")
         timer, seen = gr.Timer(2), gr.State()  # a tick redraws the progress; seen: what it last drew
 
-    field_list = list(fields.values())
-
-    def set_start(name):
-        values = start_recipe(name)
-        return [gr.update(value=as_text(values[k]) if not isinstance(values[k], bool) else values[k])
-                for k in BASE] + [name, str(root / f"{name}.yaml")]
-
-    def load_file(path):
-        if not path:
-            return [gr.update()] * (len(BASE) + 3) + [""]
-        try:
-            recipe, _, name = recipes.load_config(Path(path), [], Path(path).name)
-        except recipes.RecipeError as error:
-            return [gr.update()] * (len(BASE) + 3) + [f"**{error}**"]
-        return ([gr.update(value=recipe[k] if isinstance(recipe[k], bool) else as_text(recipe[k]))
-                 for k in BASE] + [name, Path(path).stem, str(root / Path(path).with_suffix(".yaml").name)]
-                + [f"loaded {Path(path).name} (starts from {name})"])
-
-    def load_run(name):
-        """A run picked by hand: its run_config.json replayed into the form (to change and start anew)."""
-        if not name or not (root / name / "run_config.json").exists():
-            return [gr.update()] * (len(BASE) + 4)
-        *fields_, start_name, _, _, note = load_file(str(root / name / "run_config.json"))
-        return [*fields_, start_name, f"{name}-2", str(root / f"{name}-2.yaml"), note]
-
-    def save(start_name, name, config, *values):
-        overrides, updates, note = checked(start_name, values)
-        if overrides is None:
-            return *updates, note
-        import yaml
-
-        settings = dict(item.split("=", 1) for item in overrides)
-        recipe = recipes.load_config({"recipe": start_name}, overrides)[0]
-        target = Path(config)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(yaml.safe_dump({"recipe": start_name, **{k: recipe[k] for k in settings}},
-                                         sort_keys=False))
-        shown = runs.shown(runs.command("train.py", "--config", target, "--output", root / name))
-        return *updates, f"wrote {target}; run it with:\n\n```\n{shown}\n```"
-
-    def start_run(start_name, name, config, *values):
-        overrides, updates, note = checked(start_name, values)
-        if overrides is None:
-            return *updates, note, gr.update()
-        if runs.holds_run(root / name):
-            return *updates, f"**runs/{name} already holds a run**: Resume it or pick another name", name
-        try:
-            cmd = train_command(root, start_name, name, config, overrides)
-        except recipes.RecipeError as error:
-            return *updates, f"**{error}**", gr.update()
-        pid = runs.start_training(cmd, root / name)
-        return *updates, f"started (pid {pid}):\n\n```\n{runs.shown(cmd)}\n```", name
-
-    def stop_run(name):
-        if name and runs.stop_training(root / name):
-            return f"sent SIGTERM to {name}: it saves a checkpoint after this step, then stops"
-        return f"{name or 'no run'} is not running"
-
-    def resume_run(name):
-        if not name or not (root / name / "run_config.json").exists():
-            return "pick a run to resume"
-        if runs.training_pid(root / name):
-            return f"{name} is already running"
-        cmd = runs.command("train.py", "--resume", root / name)
-        return f"resumed (pid {runs.start_training(cmd, root / name)}):\n\n```\n{runs.shown(cmd)}\n```"
-
-    def watch(name, seen):
-        """Redraw only what changed since the last tick (the page stays responsive while it waits)."""
-        table = runs_table(root)
-        log_file = runs.log_path(root / name) if name else None
-        now = (name, log_file.stat().st_size if log_file and log_file.exists() else 0, str(table))
-        if now == seen:
-            return gr.skip(), gr.skip(), gr.skip(), seen
-        if not name:
-            return "", None, table, now
-        return runs.tail(log_file, 14), runs.loss_plot(root / name), table, now  # what the box shows
-
-    form = [start, run_name, config_path, *field_list]
-    start.input(set_start, start, [*field_list, run_name, config_path])
+    fields, start, run_name, config_path = form["fields"], form["start"], form["run_name"], form["config_path"]
+    inputs, named = [start, run_name, config_path, *fields], [*fields, start, run_name, config_path]
+    start.input(partial(actions.set_start, root), start, [*fields, run_name, config_path])
     run_name.input(lambda name: str(root / f"{name}.yaml"), run_name, config_path)
-    upload.upload(load_file, upload, [*field_list, start, run_name, config_path, status])
-    plan_button.click(partial(plan_run, root), form, [*field_list, status, plan_out])
-    save_button.click(save, form, [*field_list, status])
-    start_button.click(start_run, form, [*field_list, status, watched])
-    stop_button.click(stop_run, watched, status)
-    watched.input(load_run, watched, [*field_list, start, run_name, config_path, status])
-    resume_button.click(resume_run, watched, status)
-    timer.tick(watch, [watched, seen], [log, loss, runs_view, seen])
-    board.load(partial(refresh_choices, root), watched, watched)  # a reopened page shows the newest run
+    form["upload"].upload(partial(actions.load_file, root), form["upload"], [*named, status])
+    plan_button.click(partial(actions.plan_run, root), inputs, [*fields, status, plan_out])
+    save_button.click(partial(actions.save_config, root), inputs, [*fields, status])
+    start_button.click(partial(actions.start_run, root), inputs, [*fields, status, watched])
+    stop_button.click(partial(actions.stop_run, root), watched, status)
+    watched.input(partial(actions.load_run, root), watched, [*named, status])
+    resume_button.click(partial(actions.resume_run, root), watched, status)
+    timer.tick(partial(actions.watch, root), [watched, seen], [log, loss, runs_view, seen])
+    board.load(partial(actions.refresh_choices, root), watched, watched)  # a reopened page shows the newest run
 
 
 def evaluate_tab(root: Path):
@@ -255,25 +127,12 @@ def evaluate_tab(root: Path):
         report = gr.Markdown(elem_id="eval-report")
         with gr.Row():
             report_png = gr.Image(label="report.png", height=300)
-            answers = gr.Dataframe(headers=["question", "references", "system", "answer", "relaxed"],
+            answers = gr.Dataframe(headers=["question", "references", "system", "answer", "verdict"],
                                    label="A few answers (predictions.jsonl)", elem_id="eval-answers")
 
-    def evaluate(name, chosen, control, count, force):
-        cmd = runs.command("eval.py", root / name, "--compare", ",".join(chosen), "--limit", int(count or 0),
-                           *(["--control", "shuffled"] if control else []), *(["--force"] if force else []))
-        for output, code in runs.stream(cmd):
-            yield f"$ {runs.shown(cmd)}\n{output}", "", None, None
-        out = root / name / "eval"
-        if code or not (out / "report.md").exists():
-            return
-        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[:4]]
-        table = [[r["question"], ", ".join(r["references"]), system, result["answer"], result["relaxed"]]
-                 for r in rows for system, result in r["systems"].items()]
-        yield f"$ {runs.shown(cmd)}\n{output}", (out / "report.md").read_text(), str(out / "report.png"), table
-
-    eval_button.click(evaluate, [eval_run, systems, shuffled, limit, eval_force],
+    eval_button.click(partial(actions.evaluate_run, root), [eval_run, systems, shuffled, limit, eval_force],
                       [eval_log, report, report_png, answers])
-    tab.select(partial(refresh_choices, root), eval_run, eval_run)
+    tab.select(partial(actions.refresh_choices, root), eval_run, eval_run)
 
 
 def export_tab(root: Path):
@@ -293,40 +152,29 @@ def export_tab(root: Path):
         parity = gr.Markdown(elem_id="export-parity")
         llama_commands = gr.Code(label="Run it in llama.cpp", language="shell", elem_id="export-commands")
 
-    export_button.click(partial(export_run, root), [run_choice, targets, quants, export_force],
+    export_button.click(partial(actions.export_run, root), [run_choice, targets, quants, export_force],
                         [export_log, parity, llama_commands])
-    tab.select(partial(refresh_choices, root), run_choice, run_choice)
+    tab.select(partial(actions.refresh_choices, root), run_choice, run_choice)
 
 
 def chat_tab(root: Path):
     """Chat: infer.py --stream on a run, a merged folder or a GGUF folder."""
     import gradio as gr
 
-    with gr.Tab("Chat") as tab:
-        with gr.Row():
-            with gr.Column():
-                chat_target = gr.Dropdown(runs.chat_targets(root), elem_id="chat-target",
-                                          label="Model: a run, a merged folder or a GGUF folder")
-                image = gr.Image(type="filepath", label="Chart", height=260, elem_id="chat-image")
-            with gr.Column():
-                question = gr.Textbox(label="Question", elem_id="chat-question")
-                ask = gr.Button("Ask", variant="primary")
-                answer = gr.Textbox(label="Answer (streamed from infer.py --stream)", lines=4,
-                                    elem_id="chat-answer")
-                chat_command = gr.Markdown(elem_id="chat-command")
+    with gr.Tab("Chat") as tab, gr.Row():
+        with gr.Column():
+            chat_target = gr.Dropdown(runs.chat_targets(root), elem_id="chat-target",
+                                      label="Model: a run, a merged folder or a GGUF folder")
+            image = gr.Image(type="filepath", label="Chart", height=260, elem_id="chat-image")
+        with gr.Column():
+            question = gr.Textbox(label="Question", elem_id="chat-question")
+            ask = gr.Button("Ask", variant="primary")
+            answer = gr.Textbox(label="Answer (streamed from infer.py --stream)", lines=4,
+                                elem_id="chat-answer")
+            chat_command = gr.Markdown(elem_id="chat-command")
 
-    def chat(target, picture, text):
-        if not (target and picture and text):
-            yield "pick a model, upload a chart and write a question", ""
-            return
-        cmd = runs.command("infer.py", target, "--image", picture, "--question", text, "--stream")
-        for output, code in runs.stream(cmd, chars=True):
-            ended = "answering..." if code is None else "(finished)" if code == 0 else f"(failed, exit {code})"
-            yield output.strip(), f"```\n{runs.shown(cmd)}\n```\n{ended}"
-
-    ask.click(chat, [chat_target, image, question], [answer, chat_command])
-    tab.select(lambda current: gr.Dropdown(choices=runs.chat_targets(root), value=current),
-                    chat_target, chat_target)
+    ask.click(actions.chat_answer, [chat_target, image, question], [answer, chat_command])
+    tab.select(partial(actions.chat_choices, root), chat_target, chat_target)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -1,11 +1,14 @@
-"""Score a fine-tuned run against its base model on chart questions (ChartQA's relaxed accuracy, exact match).
+"""Score a fine-tuned run against its base model under the task's metric (the recipe's metric_for_best_model):
+ChartQA's relaxed accuracy, exact match, ANLS, CER / WER or ROUGE-L.
 
     python eval.py runs/chartqa --compare base,base+prompt,finetuned
     python eval.py runs/demo --compare base,finetuned --control shuffled
     python eval.py runs/demo-qlora --compare base,finetuned --question-types count,max --out runs/demo-qlora/eval-old
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
     python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
-    python eval.py --score runs/demo/eval/predictions.jsonl --metric lenient --out runs/demo/eval-lenient
+    python eval.py --score runs/demo/eval/predictions.jsonl --relaxed-rule lenient --out runs/demo/eval-lenient
+    python eval.py --score ocr.answers.jsonl --metric cer              # OCR answers: CER, WER, exact match
+    python eval.py runs/latex --metric anls       # another metric than the run's own
     python eval.py runs/chartqa/checkpoints/checkpoint-400 --limit 300 --compare finetuned   # as in training
     python eval.py runs/chartqa-gguf --compare finetuned --limit 500          # the GGUF pair in llama.cpp
     python eval.py Qwen/Qwen2-VL-2B-Instruct --data chartqa --compare finetuned   # any model, as `finetuned`
@@ -18,14 +21,20 @@ base model with only the chat template's default system message; `base+prompt` i
 recipe's system prompt (the prompt-only baseline). `--control shuffled` scores each system again with every
 question shown another test chart, which tells how much of the score comes from looking at the chart.
 
-Relaxed accuracy is ChartQA's reference rule (pix2struct's relaxed_correctness; "45%" reads as 0.45) unless
---metric lenient (the kit's rule: "%" dropped). Every accuracy comes with a 95 % bootstrap interval, and every
-two systems on the same questions with their paired counts (fixed, broken) and McNemar's exact p-value.
+The metric is the run's recipe's metric_for_best_model (what training kept its best checkpoint by and GRPO
+rewards), or --metric: relaxed_accuracy (charts; with exact match), exact_match, anls (documents; with exact
+match), cer / wer (OCR, LaTeX; with each other and exact match ignoring spacing), rougeL (free answers, a
+text-overlap score; with exact match). Relaxed accuracy is ChartQA's reference rule (pix2struct's
+relaxed_correctness; "45%" reads as 0.45) unless --relaxed-rule lenient (the kit's rule: "%" dropped). Every
+number comes with a 95 % bootstrap interval, and every two systems on the same questions with a paired
+comparison: counts (fixed, broken) and McNemar's exact p for right/wrong metrics, questions better / worse and
+the sign test's p for the others, and the change with its paired bootstrap interval for all.
 
 --score FILE.jsonl scores answers that are already there: rows {"prediction", "answer" or "answers" (or
 "messages" with the reference as assistant turn), optional "system", "id", "question", "image", "subset",
 "qtype"}, as `infer.py --batch` writes them, or eval.py's own predictions.jsonl (to re-score under another
---metric). Give --score once per file to compare systems; a file's rows without "system" are named after it.
+--metric or --relaxed-rule). Give --score once per file to compare systems; a file's rows without "system" are
+named after it.
 
 Writes into <RUN>/eval/ (or --out; with --score, <FILE>-eval/ beside the first file): predictions.jsonl (every
 answer, right or not), report.md and report.json (every number of the tables), report.png (relaxed accuracy
@@ -34,33 +43,35 @@ charts), and skipped.jsonl with --on-bad-row skip.
 """
 
 import gc
-import json
-import random
 import re
 from pathlib import Path
 
 import click
 
-from kit import report
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
-from kit.metrics import METRICS, exact_correct, relaxed_correct, split_think
+from kit.evaluate import predictions, report, task_metrics
+from kit.evaluate.questions import derangement, load_samples, shown_other, with_question_types
+from kit.evaluate.scoring import METRICS as RELAXED_RULES
 
 SYSTEMS = ("base", "base+prompt", "finetuned")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target", type=click.Path(path_type=Path), required=False)
-@click.option("--data", help="chartqa, synthetic, latex_ocr, jsonl:PATH, hf:NAME or llamafactory:DIR#NAME. "
+@click.option("--data", help="chartqa, synthetic, synthetic_text, latex_ocr, jsonl:PATH, hf:NAME or "
+                             "llamafactory:DIR#NAME. "
                              "Default: the run's recipe dataset.")
 @click.option("--split", help="Dataset split (ignored for jsonl). Default: the run's held-out rows (heldout.jsonl, "
                               "what it evaluated during training), else the test split; never its training rows.")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
 @click.option("--compare", default="base,base+prompt,finetuned", help="Comma-separated systems to score.")
 @click.option("--control", type=click.Choice(["none", "shuffled"]), default="none",
-              help="shuffled: also score every system with each question shown another chart's image.")
+              help="shuffled: also score every system with each question shown another question's image.")
 @click.option("--batch-size", default=8, help="Questions generated together in one call (left padding).")
-@click.option("--max-new-tokens", default=32, help="Longest answer, in tokens (chart answers are short).")
+@click.option("--max-new-tokens", type=int,
+              help="Longest answer, in tokens. Default: the recipe's max_completion_length (32 for chart answers, "
+                   "256 for latex_ocr's formulas), as training's held-out evaluation and GRPO generate.")
 @click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]),
               help="Override the run's recipe backend.")
 @click.option("--out", type=click.Path(path_type=Path),
@@ -69,37 +80,40 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail",
               help="A row that cannot be scored (missing or unreadable image, no answer): stop (fail), or leave "
                    "it out and list it in skipped.jsonl (skip).")
-@click.option("--metric", type=click.Choice(list(METRICS)), default="chartqa",
+@click.option("--metric", type=click.Choice(list(task_metrics.METRICS)),
+              help="The metric reported first (and its companions), e.g. --metric cer for OCR. Default: the run's "
+                   "recipe metric_for_best_model (relaxed_accuracy with --score).")
+@click.option("--relaxed-rule", type=click.Choice(list(RELAXED_RULES)), default="chartqa",
               help="Relaxed accuracy rule. chartqa: ChartQA's reference (pix2struct; \"45%\" is 0.45), comparable "
-                   "with published numbers. lenient: the kit's earlier rule (\"%\" dropped, so \"45%\" = \"45\").")
+                   "with published numbers. lenient: \"%\" dropped, so \"45%\" = \"45\".")
 @click.option("--question-types", help="Synthetic data only: ask these question types instead of the run's, e.g. "
               "--question-types count,max for what the base was trained on after an adapter taught another.")
 @click.option("--score", "score_files", multiple=True, type=click.Path(path_type=Path),
               help="Score a predictions JSONL file instead of running a model (no TARGET), e.g. "
                    "--score questions.answers.jsonl; repeat to compare systems.")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-         on_bad_row, metric, question_types, score_files):
+         on_bad_row, metric, relaxed_rule, question_types, score_files):
     """Score TARGET: a run folder made by train.py, one of its checkpoints/checkpoint-N, a merged folder, a model
     folder or hub id, or a GGUF pair (TARGET is then the `finetuned` system); or score --score FILE."""
     with user_errors():
         if score_files:
             if target is not None:
                 raise UserError("give a TARGET run to evaluate, or --score FILE to score its answers, not both")
-            score(list(score_files), metric, out, force)
+            score(list(score_files), metric or "relaxed_accuracy", relaxed_rule, out, force)
         elif target is None:
             raise UserError("give TARGET (a run folder made by train.py), or --score FILE.jsonl; see --help")
         else:
             run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-                on_bad_row, metric, question_types)
+                on_bad_row, metric, relaxed_rule, question_types)
 
 
-def score(files, metric, out, force):
+def score(files, metric, relaxed_rule, out, force):
     """Scores, intervals and diffs for answers already written by infer.py --batch, eval.py or any tool."""
     out = out or files[0].with_name(files[0].name.removesuffix(".jsonl") + "-eval")
     check_out(out, force, files)
-    rows, names = report.read_predictions(files, metric)
+    rows, names = predictions.read_predictions(files, metric, relaxed_rule)
     summary = report.save(out, rows, names, metric, f"Scores of {', '.join(f.name for f in files)}",
-                          f"{len(rows)} questions from {', '.join(map(str, files))}")
+                          f"{len(rows)} questions from {', '.join(map(str, files))}", relaxed_rule=relaxed_rule)
     click.echo(f"\n{report.tables(summary)}\n\nwrote {out}/predictions.jsonl, report.md, report.json, report.png, "
                "diff.jsonl, diff.html")
 
@@ -114,7 +128,7 @@ def check_out(out: Path, force: bool, inputs=()):
 
 
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
-        force, on_bad_row, metric="chartqa", question_types=None):
+        force, on_bad_row, metric=None, relaxed_rule="chartqa", question_types=None):
     from kit.noise import silence_known_noise
 
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
@@ -122,6 +136,9 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     # --- options -----------------------------------------------------------------------------------
     kind, run_dir, weights_dir = locate_target(run_dir)
     recipe = target_recipe(run_dir, data_spec)
+    # a run from before these keys: chart answers
+    metric = metric or recipe.get("metric_for_best_model", "relaxed_accuracy")
+    max_new_tokens = max_new_tokens or recipe.get("max_completion_length", 32)
     if question_types:  # a run's held-out rows ask its own types: the test split asks the chosen ones
         recipe, split = with_question_types(recipe, question_types, data_spec), split or "test"
     systems = [name.strip() for name in compare.split(",") if name.strip()]
@@ -158,11 +175,11 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
                       max_new_tokens, answers, seconds, weights_dir, kind)
 
     # --- save ---------------------------------------------------------------------------------------
-    rows = prediction_rows(samples, donors, answers, metric)
+    rows = predictions.model_rows(samples, donors, answers, metric, relaxed_rule)
     images = {str(row["id"]): sample["images"][0] for row, sample in zip(rows, samples) if sample["images"]}
     summary = report.save(out, rows, list(answers), metric, f"Evaluation of {weights_dir or run_dir}",
                           f"{len(rows)} samples from {data_spec or recipe['dataset']} ({split})", seconds, images,
-                          {"skipped.jsonl": skipped} if skipped else None)
+                          {"skipped.jsonl": skipped} if skipped else None, relaxed_rule)
     click.echo(f"\n{report.tables(summary)}\n\nwrote {out}/predictions.jsonl, report.md, report.json, "
                "report.png, diff.jsonl, diff.html"
                + (f", skipped.jsonl ({len({s['index'] for s in skipped})} rows left out)" if skipped else ""))
@@ -192,24 +209,14 @@ def target_recipe(run_dir: Path | None, data_spec: str | None) -> dict:
     """The run's recipe; for a model or GGUF with no run, the recipe named like --data (latex_ocr), else chartqa
     (pixel limits, system prompt and dataset)."""
     if run_dir:
-        return json.loads((run_dir / "run_config.json").read_text())["recipe"]
+        from kit.run_checks import read_run_config
+
+        return read_run_config(run_dir)["recipe"]
     import recipes
 
     name = data_spec if data_spec in recipes.names() else "chartqa"
     click.echo(f"no run folder: recipe {name}'s pixel limits and system prompt apply")
     return recipes.load(name)[0]
-
-
-def with_question_types(recipe: dict, question_types: str, data_spec: str | None) -> dict:
-    """--question-types: the synthetic test charts asking these types instead of the recipe's."""
-    from data.synthetic import QUESTION_TEMPLATES
-
-    chosen = [name.strip() for name in question_types.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in QUESTION_TEMPLATES]
-    if (data_spec or recipe["dataset"]) != "synthetic" or unknown or not chosen:
-        raise UserError(f"--question-types {question_types}: for synthetic data only, types among "
-                        f"{', '.join(QUESTION_TEMPLATES)}")
-    return {**recipe, "synthetic_question_types": chosen}
 
 
 def default_out(kind: str, run_dir: Path | None, weights_dir: Path | None) -> Path:
@@ -220,74 +227,16 @@ def default_out(kind: str, run_dir: Path | None, weights_dir: Path | None) -> Pa
     return (weights_dir or run_dir) / "eval"
 
 
-def heldout_samples(recipe, run_dir: Path, limit: int):
-    """The run's held-out rows (heldout.jsonl, in the order training scored them), from its own dataset."""
-    import data
-
-    rows = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines() if line.strip()]
-    rows = rows[:limit] if limit else rows
-    source = data.load(recipe, rows[0]["split"], progress=False)
-    picked = source.select([r["index"] for r in rows]) if hasattr(source, "select") else \
-        [source[r["index"]] for r in rows]
-    for row, sample in zip(rows, picked):
-        if sample.get("id") != row["id"]:
-            raise UserError(f"{run_dir}/heldout.jsonl: row {row['index']} of {recipe['dataset']} "
-                            f"({row['split']}) is now {sample.get('id')!r}, not {row['id']!r}: the data changed "
-                            "since training; pass --data/--split to score other rows")
-    return picked
-
-
-def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | None = None):
-    """(usable samples, skipped rows, split shown): every row checked (image opens, answer present) before any
-    model loads. Without --data/--split: the run's held-out rows, else its dataset's test split."""
-    import data
-    from data.lint import lint, skipped_rows, split_bad_rows
-
-    spec = data_spec or recipe["dataset"]
-    if spec not in ("chartqa", "synthetic", "latex_ocr") and not spec.startswith(("jsonl:", "hf:", "llamafactory:")):
-        raise UserError(f"--data {spec}: choose chartqa, synthetic, latex_ocr, jsonl:PATH, hf:HUB_ID_OR_FOLDER or "
-                        "llamafactory:DIR#NAME")
-    eval_recipe = {**recipe, "dataset": spec, "limit": limit}
-    if spec == "synthetic" and limit:
-        eval_recipe["synthetic_num_test"] = limit  # test charts are drawn from their own index range
-    held = not data_spec and not split and run_dir is not None and (run_dir / "heldout.jsonl").exists()
-    files = spec.startswith(("jsonl:", "llamafactory:"))
-    if not held and spec == recipe["dataset"] and files:  # a file has no splits
-        raise UserError(f"{spec} has no test split and the run held no rows out (eval_fraction=0), so every row "
-                        "was trained on; pass --data jsonl:OTHER_FILE, or train with --set eval_fraction=0.05")
-    try:
-        if held:
-            samples, split = heldout_samples(recipe, run_dir, limit), "held-out rows of the run"
-        else:
-            split = "every row of the file" if files else split or "test"
-            samples = data.load(eval_recipe, split)
-    except ConnectionError as error:
-        raise UserError(f"--data {spec}: could not fetch it ({error}); check the network or use jsonl:PATH")
-    findings = lint(samples, duplicates=False)  # only rows that cannot be scored
-    usable = split_bad_rows(samples, findings, on_bad_row)
-    if not len(usable):
-        raise UserError(f"--data {spec}: no row can be scored")
-    return usable, skipped_rows(samples, findings), split
-
-
-def derangement(n: int, seed: int = 0) -> list[int]:
-    """donor[i] != i for every i: one random cycle through all samples (Sattolo's shuffle), fixed by `seed`."""
-    donors = list(range(n))
-    rng = random.Random(seed)
-    for i in range(n - 1, 0, -1):
-        j = rng.randrange(i)
-        donors[i], donors[j] = donors[j], donors[i]
-    return donors
-
-
 def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors, batch_size, max_new_tokens,
                   answers, seconds, weights_dir=None, target_kind="run"):
     """Load one model (the base or the run's) and fill `answers` / `seconds` for each of its systems."""
     import torch
     from tqdm import tqdm
 
-    from kit import backend as backends, chat, model as models, video
-    from kit.generate import generate_answers, prepare_for_inference
+    from kit import backend as backends
+    from kit import model as models
+    from kit.evaluate.generate import generate_answers, prepare_for_inference
+    from kit.inputs import chat, video
 
     if model_kind == "finetuned" and target_kind == "gguf":
         score_gguf(weights_dir, recipe, samples, donors, max_new_tokens, answers, seconds)
@@ -325,7 +274,7 @@ def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
     """The GGUF pair as the `finetuned` system, one question at a time in llama.cpp (greedy)."""
     from tqdm import tqdm
 
-    from kit.llama import gguf_answers
+    from kit.export.llama import gguf_answers
 
     shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None
@@ -334,44 +283,6 @@ def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
             answers[name], spent = gguf_answers(path, recipe, batch, recipe["system_prompt"], max_new_tokens,
                                                 bar.update)
         seconds[name] = spent / len(batch)
-
-
-def shown_other(sample: dict, donor: dict) -> dict:
-    """The question with another row's images and videos (the shuffled control)."""
-    return {**sample, "images": donor["images"], "videos": donor.get("videos") or []}
-
-
-def question_of(sample: dict) -> str:
-    user = [m for m in sample["messages"] if m["role"] == "user"][-1]
-    content = user["content"] if isinstance(user["content"], list) else [{"type": "text", "text": user["content"]}]
-    return " ".join(part["text"] for part in content if part.get("type") == "text")
-
-
-def prediction_rows(samples, donors, answers, metric="chartqa") -> list[dict]:
-    """One row a question: every system's answer scored after any think block is taken off (kept as "think",
-    counted in report.json as think_blocks)."""
-    markers = report.think_markers()
-    rows = []
-    for i, sample in enumerate(samples):
-        row = {"id": sample["id"], "image": _path_or_none(sample["images"]), "question": question_of(sample),
-               "references": sample["answers"]}
-        for key in report.GROUPS:
-            if key in sample:
-                row[key] = sample[key]
-        if donors is not None:
-            row["shuffled_image"] = _path_or_none(samples[donors[i]]["images"])
-        row["systems"] = {}
-        for name, given in answers.items():
-            thought, answer = split_think(given[i], markers)
-            row["systems"][name] = {"answer": answer, "relaxed": relaxed_correct(answer, sample["answers"], metric),
-                                    "exact": exact_correct(answer, sample["answers"]),
-                                    **({"think": thought} if thought is not None else {})}
-        rows.append(row)
-    return rows
-
-
-def _path_or_none(images: list):
-    return str(images[0]) if images and isinstance(images[0], (str, Path)) else None
 
 
 main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above

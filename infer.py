@@ -64,33 +64,13 @@ def run(target, image, question, batch_file, system, max_new_tokens, temperature
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
 
     # --- options: the questions, what TARGET is, the system prompt ----------------------------------
-    if batch_file:
-        if stream:
-            raise UserError("--stream prints one answer as it comes; leave it out with --batch")
-        questions = read_batch(batch_file)
-        answers_file = batch_file.with_suffix(".answers.jsonl")
-        if answers_file.exists() and not force:
-            raise UserError(f"{answers_file} exists; use --force to replace it")
-    elif (image or video) and question:
-        videos = [video_frames(video)] if video else []
-        questions = [{"images": [str(image)] if image else [], "videos": videos, "messages": [
-            {"role": "user", "content": [{"type": "image"}] * bool(image) + [{"type": "video"}] * bool(video) + [
-                {"type": "text", "text": question}]}]}]
-        if image:
-            check_image(image, "--image")
-        if video:
-            check_video(videos[0], "--video")
-    else:
-        raise UserError("give --image PATH (or --video PATH) and --question TEXT, or --batch FILE.jsonl")
+    questions, answers_file = gather_questions(batch_file, image, video, question, stream, force)
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 <= min_p <= 1:
         raise UserError("--max-new-tokens and --batch-size are at least 1, --temperature at least 0, "
                         "--min-p between 0 and 1")
     kind, path = classify(target)
     recipe = saved_recipe(path if path.is_dir() else path.parent) if path else None
-    saved_system = recipe["system_prompt"] if recipe else ""
-    if system is not None and saved_system and system != saved_system:
-        click.echo("note: --system replaces the run's system_prompt", err=True)
-    system = saved_system if system is None else system
+    system = system_prompt(system, recipe)
 
     # --- load and run --------------------------------------------------------------------------------
     show_progress = None
@@ -116,6 +96,42 @@ def run(target, image, question, batch_file, system, max_new_tokens, temperature
             click.echo("note: the answer is empty: the model stopped at once or wrote only special tokens", err=True)
         return
     show_progress.close()
+    write_answers(answers_file, questions, answers)
+
+
+def gather_questions(batch_file, image, video, question, stream, force) -> tuple[list[dict], Path | None]:
+    """(the questions, the answers file of --batch or None): --batch's rows, or the one --image/--video question."""
+    if batch_file:
+        if stream:
+            raise UserError("--stream prints one answer as it comes; leave it out with --batch")
+        answers_file = batch_file.with_suffix(".answers.jsonl")
+        questions = read_batch(batch_file)
+        if answers_file.exists() and not force:
+            raise UserError(f"{answers_file} exists; use --force to replace it")
+        return questions, answers_file
+    if not ((image or video) and question):
+        raise UserError("give --image PATH (or --video PATH) and --question TEXT, or --batch FILE.jsonl")
+    videos = [video_frames(video)] if video else []
+    questions = [{"images": [str(image)] if image else [], "videos": videos, "messages": [
+        {"role": "user", "content": [{"type": "image"}] * bool(image) + [{"type": "video"}] * bool(video) + [
+            {"type": "text", "text": question}]}]}]
+    if image:
+        check_image(image, "--image")
+    if video:
+        check_video(videos[0], "--video")
+    return questions, None
+
+
+def system_prompt(given: str | None, recipe: dict | None) -> str:
+    """--system when given (a note when it replaces the run's), else the run's system_prompt, else none."""
+    saved = recipe["system_prompt"] if recipe else ""
+    if given is not None and saved and given != saved:
+        click.echo("note: --system replaces the run's system_prompt", err=True)
+    return saved if given is None else given
+
+
+def write_answers(answers_file: Path, questions: list[dict], answers: list[str]):
+    """Each --batch row as written with its "prediction", renamed into place whole."""
     tmp = answers_file.with_suffix(".tmp")
     with tmp.open("w") as handle:
         for row, answer in zip(questions, answers):
@@ -127,9 +143,9 @@ def run(target, image, question, batch_file, system, max_new_tokens, temperature
 def read_batch(path: Path) -> list[dict]:
     """[{"images": absolute paths, "messages": the prompt, "row": the row as written}]; every image checked up
     front. Rows are read as training reads them (data/jsonl.py); an answer turn is not part of the prompt."""
-    from data.jsonl import to_sample
     from data.formats import placeholder_count
-    from kit.chat import prompt_messages
+    from data.jsonl import to_sample
+    from kit.inputs.chat import prompt_messages
 
     questions = []
     for line, where, row in jsonl_rows(path, "--batch"):
@@ -206,8 +222,9 @@ def classify(target: str) -> tuple[str, Path | None]:
 
 def saved_recipe(folder: Path) -> dict | None:
     """The recipe of the run in `folder` (a run, or a merged/GGUF folder given its run_config.json), if any."""
-    config = folder / "run_config.json"
-    return json.loads(config.read_text())["recipe"] if config.exists() else None
+    from kit.run_checks import read_run_config
+
+    return read_run_config(folder)["recipe"] if (folder / "run_config.json").exists() else None
 
 
 def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_new_tokens, temperature, min_p,
@@ -216,8 +233,9 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
 
     backend, reason = backends.select(backend_name or (recipe["backend"] if recipe else "auto"))
     click.echo(f"backend {backend} ({reason})", err=True)
-    from kit import chat, model as models
-    from kit.generate import generate_answers, prepare_for_inference
+    from kit import model as models
+    from kit.evaluate.generate import generate_answers, prepare_for_inference
+    from kit.inputs import chat
 
     dtype = backends.torch_dtype(backends.precision())
     if kind == "run":
@@ -231,7 +249,7 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
                             f"{str(error).splitlines()[0]}") from None
     if recipe:
         chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    from kit import video
+    from kit.inputs import video
 
     video.set_sampling(processor, (recipe or {}).get("fps"), (recipe or {}).get("max_frames"))
     prepare_for_inference(model, backend)
@@ -249,8 +267,8 @@ def answer_hf(kind, target, path, recipe, backend_name, questions, system, max_n
 
 def answer_gguf(path, mmproj, recipe, questions, system, max_new_tokens, temperature, min_p, stream,
                 show_progress) -> list[str]:
-    """One question at a time through llama.cpp (kit/llama.py: the same driving eval.py scores GGUF pairs with)."""
-    from kit import llama
+    """One question at a time through llama.cpp (kit/export/llama.py: the driver eval.py scores GGUF pairs with)."""
+    from kit.export import llama
 
     llm = llama.open_pair(*llama.find_pair(path, mmproj), recipe)
     on_piece = (lambda piece: click.echo(piece, nl=False)) if stream else None

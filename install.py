@@ -7,8 +7,8 @@
 Every xformers build pins the torch it was built for, and unsloth asks for any `xformers>=0.0.27.post2`. Left to
 itself pip may take the newest xformers and replace a preinstalled torch with torch 2.14 for CUDA 13 (~3 GB, a
 recent driver): it did with this kit's former xformers pin, and does for unsloth's own xformers requirement
-installed next to torch 2.9.1. Here the installed torch and torchvision are written into a pip constraints file, so pip can only pick
-the xformers and triton built for them (xformers 0.0.33.post2 and triton 3.5.1 for torch 2.9.1).
+installed next to torch 2.9.1. Here the installed torch and torchvision are written into a pip constraints file,
+so pip can only pick the xformers and triton built for them (xformers 0.0.33.post2 and triton 3.5.1 for torch 2.9.1).
 Standard library only: it runs before anything is installed.
 """
 

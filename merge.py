@@ -16,7 +16,6 @@ appear under their names only once complete. RUN_DIR/export.json then says what 
 figures, every llama.cpp proof and the llama.cpp commands (the board reads it; nothing needs the printed lines).
 """
 
-import json
 import shlex
 import shutil
 import tempfile
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import click
 
-from kit import families, gguf, llama, merging
+from kit import families, run_checks
+from kit.export import gguf, llama, merging
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 
@@ -63,9 +63,8 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
 
     # --- options: what to write, where, and with which tools -------------------------------------------------
-    if not (run_dir / "run_config.json").is_file():
-        raise UserError(f"{run_dir} is not a run folder (no run_config.json): give the folder train.py wrote")
-    run_config = json.loads((run_dir / "run_config.json").read_text())
+    run_config = run_checks.read_run_config(run_dir)
+    run_checks.check(run_dir, run_config, run_checks.run_fix(run_dir))  # before any slow work, in one line
     recipe = run_config["recipe"]
     targets = _choices(targets, ("merged", "gguf"), "--to")
     quants = _choices(quants, QUANTS, "--quant") if "gguf" in targets else []
@@ -75,7 +74,7 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
         if folder.exists() and not force:
             raise UserError(f"{folder} already exists: add --force to replace it, or --out to write elsewhere")
     if "gguf" in targets:  # before any slow work: the converter, the quantizer, llama-cpp-python
-        from kit.converter import find_converter
+        from kit.export.converter import find_converter
 
         converter = find_converter(llama_cpp_dir)
         quantizer = gguf.check_gguf_tools(quants, verify, llama_cpp_dir)
@@ -136,7 +135,8 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
     # --- save: the folders are in place now; say what is where and how to run it ------------------------------
     for target, folder in folders.items():
         click.echo(f"{target}: {folder}")
-    commands = llama_commands(folders["gguf"], report, samples[0], system_prompt) if "gguf" in targets else {}
+    commands = llama_commands(folders["gguf"], report, samples[0], system_prompt,
+                              merged_processor.chat_template) if "gguf" in targets else {}
     if commands:
         click.echo("run it in llama.cpp:")
         for command in commands.values():
@@ -254,19 +254,23 @@ def describe(result: dict) -> str:
             f"(llama.cpp {result['llama_cpp_tokens'][at]}, merged model {result['hf_tokens'][at]})")
 
 
-def llama_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str) -> dict[str, list[str]]:
-    """llama-mtmd-cli asked the first parity question, and llama-server, on the first --quant's file."""
+def llama_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str,
+                   chat_template: str) -> dict[str, list[str]]:
+    """llama-mtmd-cli asked the first parity question, and llama-server, on the first --quant's file; both run
+    as printed in the pinned llama.cpp (tests/test_llama_commands.py checks every flag against its table)."""
     model = gguf_dir / next(iter(report["models"].values()))
     mmproj = gguf_dir / report["mmproj"]
     question = sample["messages"][0]["content"][-1]["text"]
-    # thinking off, as trained and proven (Qwen3.5's template thinks unless told enable_thinking=false)
-    thinking_off = families.by_name(report["family"]).chat_template_kwargs.get("enable_thinking") is False
-    extra = ("--reasoning", "off") if thinking_off else ()
+    # thinking off, as trained and proven (Qwen3.5's template thinks unless told enable_thinking=false): the
+    # server takes --reasoning off; llama-mtmd-cli only a template, given whole with the setting inside
+    kwargs = families.by_name(report["family"]).chat_template_kwargs
+    cli_extra = ("--chat-template", gguf.template_with(chat_template, kwargs)) if kwargs else ()
+    server_extra = ("--reasoning", "off") if kwargs.get("enable_thinking") is False else ()
     return {"llama-mtmd-cli": gguf.llama_cli_command(model, mmproj, report, sample["images"][0], question,
-                                                     system_prompt, extra),
+                                                     system_prompt, cli_extra),
             "llama-server": ["llama-server", "-m", str(model), "--mmproj", str(mmproj), "--jinja",
                              "--image-min-tokens", str(report["image_min_tokens"]),
-                             "--image-max-tokens", str(report["image_max_tokens"]), *extra]}
+                             "--image-max-tokens", str(report["image_max_tokens"]), *server_extra]}
 
 
 main.help = help_with_examples(main.help, __doc__)  # --help shows the examples above

@@ -10,8 +10,6 @@ Writes into the run folder: run_config.json (resolved recipe, versions), the ada
 for finetune=full) with the processor, checkpoints/, metrics.jsonl and loss.png.
 """
 
-import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +17,11 @@ from pathlib import Path
 
 import click
 
-from kit import distributed, runfolder
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 from kit.paths import write_json
+from kit.plan import survey
+from kit.train import distributed, runfolder
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -69,203 +68,203 @@ class Options:
     on_bad_row: str = "fail"
 
 
+@dataclass
+class Setup:
+    """What the command line resolves to before anything loads: the recipe and where the run lives."""
+    recipe: dict
+    recipe_name: str
+    changes: list
+    config: dict | None
+    run_dir: Path
+    resumed: dict | None = None  # run_config.json of the run --resume continues
+    backend: str = ""
+    precision: str = ""
+
+
 def run(options: Options):
-    import recipes
     from kit import backend as backends
     from kit.noise import silence_known_noise
 
     silence_known_noise()
-
     distributed.prepare()
+    # --- setup: options -> recipe, backend, data, plan -----------------------------------------------------
+    setup = resolve(options)
+    show_recipe(setup)
+    setup.backend, reason = backends.select(setup.recipe["backend"])
+    setup.precision = backends.precision(setup.recipe["precision"], setup.backend)
+    click.echo(f"backend {setup.backend} ({reason}); precision {setup.precision}")
+    distributed.init(setup.recipe)
+    check_4bit_here(setup.recipe, options)
+    loaded = survey.survey(setup, options)
+    if options.plan_only:
+        return survey.write_plan(setup, loaded)
+    survey.check_fits(loaded, options.force)
+    train_samples, eval_questions = prepare_run_folder(setup, loaded, options)
 
-    # --- options -> resolved recipe ---------------------------------------------------------------
-    recipe_name, overrides, config, resume_dir = options.recipe, options.overrides, options.config, options.resume_dir
-    plan_only, force, gpu = options.plan_only, options.force, options.gpu
-    if resume_dir:
-        saved = json.loads(_require(resume_dir / "run_config.json", "--resume needs a run folder").read_text())
-        recipe_name, overrides = saved["recipe_name"], list(saved["overrides"]) + list(overrides)
-        config, config_label = saved.get("config"), f"{resume_dir / 'run_config.json'} (config)"
-        run_dir = resume_dir
+    # --- train ---------------------------------------------------------------------------------------------
+    from kit.train import method as methods
+
+    method = methods.for_recipe(setup.recipe)
+    model, processor = load_model(method, setup, loaded)
+    collator = method.collator(model, processor, setup.recipe)
+    trainer = method.trainer(setup.recipe, setup.precision, setup.backend, setup.run_dir / "checkpoints", model,
+                             processor, collator, train_samples, eval_questions, loaded["family"])
+    started = time.time()
+    steps_done, resumed_at = train(trainer, collator, setup, options)
+
+    # --- save ----------------------------------------------------------------------------------------------
+    save(trainer, processor, setup.run_dir, steps_done, resumed_at, time.time() - started)
+
+
+def resolve(options: Options) -> Setup:
+    """The recipe from --recipe, --config or a run being resumed, with --set and --backend on top; the run folder,
+    refused when it already holds a run and neither --resume nor --force says what to do with it."""
+    import recipes
+    from kit.train import grpo
+
+    recipe_name, overrides, config = options.recipe, list(options.overrides), options.config
+    if options.resume_dir:
+        from kit.run_checks import read_run_config
+
+        saved = read_run_config(options.resume_dir)
+        recipe_name, overrides = saved["recipe_name"], list(saved["overrides"]) + overrides
+        config, config_label = saved.get("config"), f"{options.resume_dir / 'run_config.json'} (config)"
     elif recipe_name and config:
         raise UserError("give --recipe NAME or --config FILE, not both (a config names its recipe as \"recipe\")")
     elif config:
-        config_label, config_stem, config = str(config), config.stem, recipes.read_config(config)
+        config_label, config = str(config), recipes.read_config(config)
     elif not recipe_name:
         raise UserError(f"give --recipe NAME (one of: {', '.join(recipes.names())}), --config FILE "
                         "or --resume RUN_DIR")
     if options.backend:
-        overrides = [*overrides, f"backend={options.backend}"]
+        overrides.append(f"backend={options.backend}")
     if config is not None:
         recipe, changes, recipe_name = recipes.load_config(config, overrides, config_label)
     else:
         recipe, changes = recipes.load(recipe_name, overrides)
-    from kit import grpo
-
     recipe, inherited = grpo.prepare(recipe)  # method=grpo: the model keys of the run it starts from
-    if gpu:
-        from kit.plan import gpu_count, named_gpu
+    changes = [(key, old, new, "") for key, old, new in changes] + [
+        (key, old, new, f"init_from: as {recipe['init_from']} was trained") for key, old, new in inherited]
+    if options.gpu:
+        from kit.plan.estimate import gpu_count, named_gpu
 
-        card = gpu_count(gpu)[1]
+        card = gpu_count(options.gpu)[1]
         if card:
             named_gpu(card)  # a mistyped --gpu is refused before any data loads
-    if not resume_dir:
-        default_name = config_stem if config and config_stem != "run_config" else recipe_name
-        run_dir = options.output or Path("runs") / default_name
-        # a folder holding only a plan (train.py --plan) is no run yet
-        holds_run = run_dir.exists() and any(p.name != "plan.json" for p in run_dir.iterdir())
-        if holds_run and not plan_only and distributed.is_main():
-            if not force:
-                raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
-                                "--output for another folder, or --force to replace it")
-    click.echo(f"recipe {recipe_name}:")
-    for key, value in recipe.items():
+    return Setup(recipe, recipe_name, changes, config, options.resume_dir or new_run_dir(options, recipe_name),
+                 saved if options.resume_dir else None)
+
+
+def new_run_dir(options: Options, recipe_name: str) -> Path:
+    """--output, or runs/<config file or recipe name>; a folder already holding a run needs --force."""
+    stem = options.config.stem if options.config else ""
+    run_dir = options.output or Path("runs") / (stem if stem and stem != "run_config" else recipe_name)
+    # a folder holding only a plan (train.py --plan) is no run yet
+    holds_run = run_dir.exists() and any(p.name != "plan.json" for p in run_dir.iterdir())
+    if holds_run and not options.plan_only and distributed.is_main() and not options.force:
+        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
+                        "--output for another folder, or --force to replace it")
+    return run_dir
+
+
+def show_recipe(setup: Setup):
+    import recipes
+
+    click.echo(f"recipe {setup.recipe_name}:")
+    for key, value in setup.recipe.items():
         click.echo(f"  {key} = {value!r}")
-    for key, old, new in changes:
-        click.echo(f"Overriding: {key} = {new!r} (recipe: {old!r})")
-    for key, old, new in inherited:
-        click.echo(f"init_from: {key} = {new!r} (recipe: {old!r}), as {recipe['init_from']} was trained")
-    for note in recipes.notes(recipe):
+    for key, old, new, why in setup.changes:
+        click.echo(f"{why} {key} = {new!r} (recipe: {old!r})" if why else f"Overriding: {key} = {new!r} "
+                   f"(recipe: {old!r})")
+    for note in recipes.notes(setup.recipe):
         click.echo(f"note: {note}")
 
-    backend, reason = backends.select(recipe["backend"])
-    precision = backends.precision(recipe["precision"], backend)
-    click.echo(f"backend {backend} ({reason}); precision {precision}")
-    distributed.init(recipe)
+
+def check_4bit_here(recipe: dict, options: Options):
     import torch
 
-    if recipe["load_in_4bit"] and not torch.cuda.is_available() and not (plan_only and gpu):
+    from kit import backend as backends
+
+    if recipe["load_in_4bit"] and not torch.cuda.is_available() and not (options.plan_only and options.gpu):
         backends.check_cpu_4bit()
         click.echo("note: 4-bit weights on the CPU run through bitsandbytes' CPU kernels: correct but slow")
 
-    # --- load: data, preflight, model, collator ---------------------------------------------------
-    import data
-    from kit import chat, families, model as models, packing, plan, progress, trainer as training, video
 
-    from transformers import AutoProcessor
-
-    with distributed.main_first():  # rank 0 fills the caches, then the others read them
-        base_path = models.resolve(recipe["model_name_or_path"], weights=not plan_only)
-        family, processor = families.of_model(base_path), AutoProcessor.from_pretrained(base_path)
-        recipe = plan.with_model_grid(recipe, family, processor)  # aligned synthetic charts need the model's grid
-        train_samples = data.load(recipe, recipe["dataset_split"], limit=options.plan_samples if plan_only else 0,
-                                  progress=distributed.is_main())
-        eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
-    train_samples, eval_samples, heldout_rows = training.hold_out(recipe, train_samples, eval_split)
-    click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}; model family {family.name}")
-    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
-    findings, counts = plan.preflight(train_samples, processor, recipe)
-    gpus, gpu = plan.gpu_count(gpu)
-    gpu_name, gpu_bytes = plan.gpu_memory(gpu)
-    planned = plan.planning_precision(precision, recipe["precision"], gpu)  # the card's, not this machine's
-    shape = plan.model_shape(base_path)
-    memory = plan.estimate_memory(shape, recipe, max(i + t for i, t in counts or [(0, 0)]),
-                                  max((i for i, _ in counts), default=0), planned, backend)
-    if plan_only:
-        from kit import plan_file
-
-        click.echo(f"memory planned in {planned}" + (f" for --gpu {gpu}" if gpu else ""))
-        plan.print_plan(train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape,
-                        planned, backend)
-        per_gpu = plan.per_gpu_memory(shape, recipe, memory, gpus, planned) if gpus > 1 else None
-        if per_gpu:
-            plan.print_multi_gpu(len(train_samples), recipe, per_gpu, gpus, gpu_name, gpu_bytes)
-        if distributed.is_main():
-            plan_file.write(run_dir / "plan.json", plan_file.record(
-                train_samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, planned, gpus,
-                per_gpu))
-            click.echo(f"plan: {run_dir / 'plan.json'}")
-        return
-    if gpu_bytes and torch.cuda.is_available() and memory["total"] > gpu_bytes and not force:
-        raise UserError(f"the plan estimates {plan.gb(memory['total'])} peak on {gpu_name} "
-                        f"({plan.gb(gpu_bytes)}); run with --plan to see the parts and what to change, "
-                        "or --force to try anyway")
+def prepare_run_folder(setup: Setup, loaded: dict, options: Options) -> tuple[list, list]:
+    """Bad rows split off, the replaced run set aside (--force), run_config.json and heldout.jsonl written;
+    returns the training samples and the held-out questions."""
     from data.lint import split_bad_rows
+    from kit.train import heldout
 
-    if force and not resume_dir and distributed.is_main():  # checks passed: the old run waits aside until the
-        runfolder.set_aside(run_dir)                          # new one has started
+    run_dir, main_rank = setup.run_dir, distributed.is_main()
+    if options.force and not options.resume_dir and main_rank:  # checks passed: the old run waits aside until
+        runfolder.set_aside(run_dir)                               # the new one has started
     distributed.barrier()
-    train_samples = split_bad_rows(train_samples, findings, options.on_bad_row,
-                                   run_dir / "skipped.jsonl" if distributed.is_main() else None)
-    eval_questions = training.eval_questions(recipe, eval_samples, options.on_bad_row,
-                                             run_dir if distributed.is_main() else None)
+    train_samples = split_bad_rows(loaded["train_samples"], loaded["findings"], options.on_bad_row,
+                                   run_dir / "skipped.jsonl" if main_rank else None)
+    eval_questions = heldout.eval_questions(setup.recipe, loaded["eval_samples"], options.on_bad_row,
+                                            run_dir if main_rank else None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():  # one writer under torchrun
+    if main_rank:  # one writer under torchrun
+        overrides = [f"{key}={_as_text(new)}" for key, _, new, why in setup.changes
+                     if not why and not (options.resume_dir and key == "backend")]
         write_json(run_dir / "run_config.json", indent=2, value={
-            "recipe_name": recipe_name, "overrides": [f"{k}={_as_text(v)}" for k, _, v in changes
-                                                      if not (resume_dir and k == "backend")],
-            "config": config, "recipe": recipe, "family": family.name, "backend": backend, "precision": precision,
-            "versions": runfolder.versions(), "code_version": runfolder.code_version(), "command": " ".join(sys.argv),
-            "launch": distributed.describe(recipe)})
-    if heldout_rows and distributed.is_main():
-        training.write_heldout(run_dir / "heldout.jsonl", heldout_rows)
+            "recipe_name": setup.recipe_name, "overrides": overrides, "config": setup.config,
+            "recipe": setup.recipe, "family": loaded["family"].name, "backend": setup.backend,
+            "precision": setup.precision, "versions": runfolder.versions(), "code_version": runfolder.code_version(),
+            "command": " ".join(sys.argv), "launch": distributed.describe(setup.recipe)})
+        if loaded["heldout_rows"]:
+            heldout.write_heldout(run_dir / "heldout.jsonl", loaded["heldout_rows"])
+    return train_samples, eval_questions
 
-    dtype = backends.torch_dtype(precision)
-    if recipe["method"] == "grpo":
-        model, processor = grpo.load_start(recipe, backend, dtype)
-    else:
-        model, processor = models.load_for_training(base_path, recipe, backend, dtype)
-    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
+
+def load_model(method, setup: Setup, loaded: dict):
+    from kit import backend as backends
+
+    model, processor = method.load(loaded["base_path"], setup.recipe, setup.backend,
+                                   backends.torch_dtype(setup.precision))
+    survey.set_processor_limits(processor, setup.recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    click.echo(f"model {recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "
-               f"({recipe['finetune']})")
+    click.echo(f"model {setup.recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "
+               f"({setup.recipe['finetune']})")
     if distributed.world() > 1:
-        launch = distributed.describe(recipe)
-        click.echo(f"data parallel: {launch['world_size']} processes ({launch['launcher']}, {launch['strategy']}); "
-                   f"global batch {recipe['per_device_train_batch_size']} per device x "
-                   f"{recipe['gradient_accumulation_steps']} accumulation x {launch['world_size']} = "
-                   f"{launch['global_batch']}")
-    collator = None  # method=grpo: TRL's GRPOTrainer batches its own prompts and completions
-    if recipe["method"] == "sft":
-        packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)  # None unless packing=true
-        collator = progress.CountingCollator(chat.VisionCollator(processor, recipe["max_length"],
-                                                        recipe["train_on_responses_only"], recipe["system_prompt"],
-                                                        packer=packer))
+        click.echo(distributed.describe_line(setup.recipe))
+    return model, processor
 
-    # --- run ---------------------------------------------------------------------------------------
-    from kit import callbacks, checkpoints, sft
 
-    checkpoint = checkpoints.resume_point(run_dir / "checkpoints") if resume_dir else None
-    if resume_dir:
+def train(trainer, collator, setup: Setup, options: Options) -> tuple[int, int]:
+    """Runs the trainer from the last complete checkpoint (--resume) to max_steps; (steps done, resumed at)."""
+    from kit.train import checkpoints, progress
+
+    recipe, run_dir = setup.recipe, setup.run_dir
+    checkpoint = checkpoints.resume_point(run_dir / "checkpoints", setup.resumed) if options.resume_dir else None
+    if options.resume_dir:
         click.echo(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting over")
     resumed_at = checkpoints.step_of(checkpoint) if checkpoint else 0
-    # The trainer for the recipe's method is built here; checkpoints and progress are the same for both.
-    if recipe["method"] == "grpo":
-        trainer = grpo.build_trainer(recipe, precision, backend, run_dir / "checkpoints", model, processor,
-                                     train_samples, family)
-    else:
-        trainer = sft.build_trainer(recipe, precision, backend, run_dir / "checkpoints", model, processor, collator,
-                                    train_samples, eval_questions)
     trainer.add_callback(checkpoints.CompleteCheckpoints(keep=recipe["save_total_limit"]))
-    trainer.add_callback(callbacks.ProgressLine(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
-    trainer.add_callback(callbacks.StopOnSignal())
-    trainer.add_callback(callbacks.CommitAfterFirstStep())
-    started = time.time()
+    trainer.add_callback(progress.ProgressLine(run_dir / "metrics.jsonl", collator, keep_until=resumed_at))
+    trainer.add_callback(progress.StopOnSignal())
+    trainer.add_callback(progress.CommitAfterFirstStep())
     steps_done = checkpoints.finished_at(checkpoint, recipe["max_steps"])
     if steps_done:  # stopped after its last checkpoint, before the final save: that checkpoint is the result
         checkpoints.load_final_weights(trainer.model, checkpoint, recipe["finetune"])
-    else:
-        with distributed.errors_from_every_rank():  # a bad row may sit in one rank's shard only
-            checkpoints.train_from(trainer, checkpoint, recipe["finetune"])
-        if trainer.state.global_step < trainer.state.max_steps:
-            raise UserError(_stopped_early(trainer.state, run_dir))
-        steps_done = trainer.state.global_step
+        return steps_done, resumed_at
+    with distributed.errors_from_every_rank():  # a bad row may sit in one rank's shard only
+        checkpoints.train_from(trainer, checkpoint, recipe["finetune"])
+    if trainer.state.global_step < trainer.state.max_steps:
+        raise UserError(_stopped_early(trainer.state, run_dir))
+    return trainer.state.global_step, resumed_at
 
-    # --- save --------------------------------------------------------------------------------------
-    final = run_dir / ".final.tmp"
-    shutil.rmtree(final, ignore_errors=True)
-    distributed.save_model(trainer, final)
-    if not distributed.is_main():
-        return
-    processor.save_pretrained(final)
-    for item in final.iterdir():
-        item.replace(run_dir / item.name)
-    final.rmdir()
-    progress.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    final_loss, earlier = progress.summary(run_dir / "metrics.jsonl", resumed_at)
-    this_session = time.time() - started
+
+def save(trainer, processor, run_dir: Path, steps_done: int, resumed_at: int, this_session: float):
+    """The final weights and processor into the run folder, the loss curve, and the closing line."""
+    from kit.train import progress, training_log
+
+    if not runfolder.save_final(trainer, processor, run_dir):
+        return  # another rank's process: rank 0 writes
+    training_log.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    final_loss, earlier = training_log.summary(run_dir / "metrics.jsonl", resumed_at)
     click.echo(f"done: {steps_done} steps in {_duration(earlier + this_session)}"
                + (f" ({_duration(this_session)} of it since resuming at step {resumed_at})" if resumed_at else "")
                + f" | final loss {final_loss:.4f} | peak mem {progress.peak_memory_gb():.1f} GB | "
@@ -274,7 +273,7 @@ def run(options: Options):
 
 def _stopped_early(state, run_dir: Path) -> str:
     """What to say when training ended before max_steps: a checkpoint is named only if it is complete."""
-    from kit import checkpoints
+    from kit.train import checkpoints
 
     saved = checkpoints.last_complete(run_dir / "checkpoints")
     if saved and checkpoints.step_of(saved) == state.global_step:
@@ -284,12 +283,6 @@ def _stopped_early(state, run_dir: Path) -> str:
     kept = f"; the last checkpoint is {saved}" if saved else "; no checkpoint was saved"
     return (f"training stopped at {where} without being asked to{kept}: the data ran out early; check it with "
             f"python train.py --plan (or python -m data.lint)")
-
-
-def _require(path: Path, why: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{path} not found: {why}")
-    return path
 
 
 def _as_text(value) -> str:

@@ -1,17 +1,32 @@
 """Where samples come from. Every source yields the one sample format:
 
-    {"id": str, "images": [PIL image, path or {"bytes", "path"} dict], "messages": [user turn with {"type": "image"} + text,
-     assistant turn with the answer, ... more turns], "answers": [every accepted answer of the last turn],
+    {"id": str, "images": [PIL image, path or {"bytes", "path"} dict],
+     "messages": [user turn with {"type": "image"} + text, assistant turn with the answer, ... more turns],
+     "answers": [every accepted answer of the last turn],
      "videos": [a video file, or a list of frame files] (only when the row has videos), ...source extras}
 
 Local files come in the formats of the tools people used before (data/formats.py: ours, LLaMA-Factory
 sharegpt / alpaca, LLaVA, TRL chat); `llamafactory:DIR#NAME` reads a LLaMA-Factory folder by its
 dataset_info.json (data/llamafactory.py).
 
-The recipe's system prompt and pixel limits apply to all sources later, in kit/chat.py. Hugging Face
+The recipe's system prompt and pixel limits apply to all sources later, in kit/inputs/chat.py. Hugging Face
 sources (chartqa, latex_ocr, hf:NAME_OR_PATH) return lazy samples (data/hf.py): Arrow-backed, one sample
 built per access, images decoded only by the collator.
 """
+
+# Every name `dataset=` takes, here only: recipes check against it and load() dispatches on it.
+PRESETS = ("chartqa", "latex_ocr")  # hub data sets by short name (data/hf.py knows their ids and columns)
+NAMES = ("synthetic", "synthetic_text", *PRESETS)
+PREFIXES = {"jsonl:": "jsonl:PATH", "hf:": "hf:HUB_ID_OR_FOLDER", "llamafactory:": "llamafactory:DIR#NAME"}
+
+
+def known(name: str) -> bool:
+    return name in NAMES or name.startswith(tuple(PREFIXES))
+
+
+def choices() -> str:
+    """The names and forms `dataset=` takes, for messages."""
+    return ", ".join([*NAMES, *PREFIXES.values()])
 
 
 def load(recipe: dict, split: str | None = None, progress: bool = True, limit: int = 0):
@@ -34,7 +49,18 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
                            question_types=recipe["synthetic_question_types"],
                            layout=recipe["synthetic_layout"], size=recipe["synthetic_size"],
                            grid=recipe.get("synthetic_grid", 0), progress=progress)
-    elif name in ("chartqa", "latex_ocr") or name.startswith("hf:"):
+    elif name == "synthetic_text":
+        from data.hf import DatasetNotFound
+        from data.synthetic import SPLIT_OFFSETS
+        from data.synthetic_text import generate
+
+        if split not in SPLIT_OFFSETS:
+            raise DatasetNotFound(f"dataset=synthetic_text has the splits {', '.join(SPLIT_OFFSETS)}, not "
+                                  f"{split!r}; set eval_split=val (or eval_split= for none)")
+        num = recipe["synthetic_num_train"] if split == "train" else recipe["synthetic_num_test"]
+        samples = generate(split, min(num, limit or num), seed=recipe["synthetic_seed"],
+                           size=recipe["synthetic_size"], grid=recipe.get("synthetic_grid", 0), progress=progress)
+    elif name in PRESETS or name.startswith("hf:"):
         from data.hf import load as load_hf
 
         samples = load_hf(name.split(":", 1)[-1], split, limit, recipe.get("dataset_columns"),
@@ -48,7 +74,7 @@ def load(recipe: dict, split: str | None = None, progress: bool = True, limit: i
 
         samples = load_llamafactory(name.split(":", 1)[1], limit)
     else:
-        raise ValueError(f"unknown dataset {name!r}")
+        raise ValueError(f"unknown dataset {name!r}; one of: {choices()}")
     if len(samples) == 0:  # an empty split or folder: one line here, not a StopIteration deep in training
         from data.jsonl import EmptyData
 

@@ -24,14 +24,18 @@ from pathlib import Path
 from kit.errors import UserError
 
 PLACEHOLDER = re.compile(r"<(image|video)>")
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# A row's audio, under LLaMA-Factory's column name and the singular others use: a modality the kit does not train
+AUDIO_KEYS = ("audios", "audio")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call"}
 OPENAI_TAGS = {**SHAREGPT_TAGS, "role_tag": "role", "content_tag": "content", "user_tag": "user",
                "assistant_tag": "assistant"}
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
-                  "system": "system", "images": "images", "videos": "videos"}
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "images": "images", "videos": "videos"}
+                  "system": "system", "images": "images", "videos": "videos", "audios": "audios"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "images": "images", "videos": "videos",
+                    "audios": "audios"}
 
 
 class BadRow(UserError, ValueError):
@@ -64,6 +68,8 @@ def media(value, base: Path, frames_allowed: bool = False) -> list:
     for item in items:
         if frames_allowed and isinstance(item, list):
             out.append([str((base / frame).resolve()) if isinstance(frame, str) else frame for frame in item])
+        elif isinstance(item, str) and URL.match(item):
+            out.append(item)  # kept as written: data/lint.py names it (the kit fetches nothing)
         elif isinstance(item, str):
             out.append(str((base / item).resolve()))
         else:
@@ -138,9 +144,13 @@ def to_sample(row, where: str, base: Path, spec: dict | None = None) -> dict:
         shape = "alpaca" if spec.get("formatting", "alpaca") == "alpaca" else "sharegpt"
     else:
         shape = shape_of(row)
+    columns = {**(ALPACA_COLUMNS if shape == "alpaca" else SHAREGPT_COLUMNS), **((spec or {}).get("columns") or {})}
+    audio = next((key for key in (columns["audios"], *AUDIO_KEYS) if row.get(key)), None)
+    if audio:  # the same finding through jsonl: and llamafactory:, never trained as text
+        raise BadRow(f"{where}: the row has audio (\"{audio}\"): the kit trains text, images and videos, not "
+                     "audio; drop the row (--on-bad-row skip) or its audio and <audio> marker")
     if shape == "qa":
         return qa_sample(row, where, base)
-    columns = {**(ALPACA_COLUMNS if shape == "alpaca" else SHAREGPT_COLUMNS), **((spec or {}).get("columns") or {})}
     if shape == "openai" and spec is None:
         columns["messages"] = "messages"
     images = media(row.get(columns["images"], row.get("image") if spec is None else None), base)
@@ -171,11 +181,7 @@ def to_sample(row, where: str, base: Path, spec: dict | None = None) -> dict:
     if "answers" in row and not _texts(row["answers"]):
         raise BadRow(f"{where}: \"answers\" must be a list of texts, not {json.dumps(row['answers'])}")
     answers = row.get("answers") or last_answer(messages)
-    sample = {"id": str(row.get("id", where.rsplit("/", 1)[-1])), "images": images, "messages": messages,
-              "answers": [str(a) for a in answers], "source": where}
-    if videos:
-        sample["videos"] = videos
-    return sample
+    return sample(row.get("id", where.rsplit("/", 1)[-1]), images, messages, answers, videos, source=where)
 
 
 def _texts(value) -> bool:
@@ -228,15 +234,32 @@ def qa_sample(row: dict, where: str, base: Path) -> dict:
     videos = media(row.get("videos", row.get("video")), base, frames_allowed=True)
     # A row without an answer still becomes a sample: data/lint.py reports it with its line.
     answers = row.get("answers") or ([row["answer"]] if "answer" in row else [""])
-    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [
-        {"type": "text", "text": str(row["question"])}]
-    messages = [{"role": "user", "content": content},
-                {"role": "assistant", "content": [{"type": "text", "text": str(answers[0])}]}]
-    sample = {"id": str(row.get("id", where.rsplit("/", 1)[-1])), "images": images, "messages": messages,
-              "answers": [str(a) for a in answers], "source": where}
+    return question_sample(row.get("id", where.rsplit("/", 1)[-1]), images, row["question"], answers, videos,
+                           source=where)
+
+
+def sample(sample_id, images, messages: list[dict], answers, videos=None, **extras) -> dict:
+    """The one sample dict every source yields (data/__init__.py describes its keys): `extras` are a source's
+    own keys (source, subset, qtype, problem); "videos" only when the row has some."""
+    made = {"id": str(sample_id), "images": list(images), "messages": messages, "answers": [str(a) for a in answers],
+            **extras}
     if videos:
-        sample["videos"] = videos
-    return sample
+        made["videos"] = videos
+    return made
+
+
+def question_sample(sample_id, images, question: str, answers, videos=(), **extras) -> dict:
+    """A one-turn sample: the images and videos, then the question; the first accepted answer is the reply."""
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [
+        {"type": "text", "text": str(question)}]
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": str(answers[0]) if answers else ""}]}]
+    return sample(sample_id, images, messages, answers, list(videos), **extras)
+
+
+def broken_sample(sample_id, problem: str, **extras) -> dict:
+    """A row kept as a sample that carries its problem, so lint reports it and --on-bad-row decides."""
+    return sample(sample_id, [], [], [], **extras, problem=problem)
 
 
 def placeholder_count(messages: list[dict], kind: str = "image") -> int:

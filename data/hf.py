@@ -20,10 +20,11 @@ import os
 import re
 from pathlib import Path
 
+from data.formats import question_sample
 from kit.errors import UserError
 
 CHARTQA_COLUMNS = {"image": "image", "question": "query", "answer": "label", "subset": "human_or_machine"}
-PRESETS = {  # dataset name -> (hub id, default columns)
+PRESETS = {  # dataset name (data.PRESETS) -> (hub id, default columns)
     "chartqa": ("HuggingFaceM4/ChartQA", CHARTQA_COLUMNS),
     "latex_ocr": ("unsloth/LaTeX_OCR", {"image": "image", "answer": "text",
                                         "instruction": "Write the LaTeX representation for this image."}),
@@ -71,19 +72,12 @@ class RowToSample:
         answers = [str(a) for a in answers] if isinstance(answers, (list, tuple)) else [str(answers)]
         question = row[c["question"]] if "question" in c else c["instruction"]
         image = row[c["image"]]
-        sample = {
-            "id": f"{self.prefix}-{index}",
-            "images": [image] if image is not None else [],
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": str(question)}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answers[0] if answers else ""}]},
-            ],
-            "answers": answers,
-        }
+        extras = {}
         if "subset" in c:
             value = row[c["subset"]]
-            sample["subset"] = SUBSET_NAMES.get(c["subset"], {}).get(value, str(value))
-        return sample
+            extras["subset"] = SUBSET_NAMES.get(c["subset"], {}).get(value, str(value))
+        return question_sample(f"{self.prefix}-{index}", [image] if image is not None else [], question, answers,
+                               **extras)
 
 
 class ChatRowToSample:
@@ -94,15 +88,15 @@ class ChatRowToSample:
         self.image_column = columns.get("images")
 
     def __call__(self, row: dict, index: int) -> dict:
-        from data.formats import OPENAI_TAGS, conversation, last_answer
+        from data.formats import OPENAI_TAGS, broken_sample, conversation, last_answer, sample
 
         where = f"{self.prefix}-{index}"
         try:
             messages = conversation(row[self.columns["messages"]], where, OPENAI_TAGS)
         except ValueError as error:  # kept as a row that carries its problem, as a JSONL line would be
-            return {"id": where, "images": [], "messages": [], "answers": [], "problem": str(error).split(": ", 1)[-1]}
+            return broken_sample(where, str(error).split(": ", 1)[-1])
         images = row.get(self.image_column) if self.image_column else None
-        return {"id": where, "images": list(images or []), "messages": messages, "answers": last_answer(messages)}
+        return sample(where, images or [], messages, last_answer(messages))
 
     def image_count(self, sample: dict) -> int:
         from data.formats import placeholder_count

@@ -29,9 +29,7 @@ def to_sample(row, line: int, path: Path) -> dict:
 
 
 def _unreadable(path: Path, line: int, problem: str) -> dict:
-    # Kept as a sample that carries its problem, so lint reports it and --on-bad-row decides.
-    return {"id": f"{path.name}:{line}", "images": [], "messages": [], "answers": [], "source": f"{path}:{line}",
-            "problem": problem}
+    return formats.broken_sample(f"{path.name}:{line}", problem, source=f"{path}:{line}")
 
 
 def _jsonl_rows(path: Path):
@@ -54,60 +52,80 @@ def _jsonl_rows(path: Path):
                 yield line, None, f"not valid JSON ({error.msg} at column {error.colno})"
 
 
-def _json_rows(path: Path):
-    """(line, row, None) per element of a JSON array, or per value of an object of rows; the line is where
-    the row starts, so findings point into the file as a JSONL line would."""
+def _utf8_text(path: Path) -> str:
+    """The file's text (a byte-order mark dropped), or one line naming the first byte that is not UTF-8."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise BadRow(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8") \
             from None
-    decoder = json.JSONDecoder()
 
-    def skip(index):
-        while index < len(text) and text[index] in " \t\r\n":
+
+class _TopLevel:
+    """The top level of a JSON array or object of rows, read value by value so each row keeps its line."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text, self.decoder = path, text, json.JSONDecoder()
+        self.start = self.skip(0)
+
+    def skip(self, index: int) -> int:
+        while index < len(self.text) and self.text[index] in " \t\r\n":
             index += 1
         return index
 
-    def value_at(index):
+    def value_at(self, index: int):
         try:
-            return decoder.raw_decode(text, index)
+            return self.decoder.raw_decode(self.text, index)
         except json.JSONDecodeError as error:
-            raise BadRow(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+            raise BadRow(f"{self.path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") \
+                from None
 
-    def broken():
-        value_at(start)  # the parser names where the text stops being JSON
-        raise BadRow(f"{path}: not valid JSON")
+    def broken(self):
+        self.value_at(self.start)  # the parser names where the text stops being JSON
+        raise BadRow(f"{self.path}: not valid JSON")
 
-    start = skip(0)
-    if start == len(text):
+    def rows(self) -> tuple[bool, list]:
+        """(keyed: an object rather than an array, [(line, key or None, value)] for each of its values)."""
+        text, start = self.text, self.start
+        if text[start] not in "[{":
+            self.value_at(start)  # a parse error names its place; a valid scalar is not rows
+            raise BadRow(f"{self.path}:1: a .json file must hold an array of rows or an object of rows")
+        closing, index, keyed = ("]" if text[start] == "[" else "}"), self.skip(start + 1), text[start] == "{"
+        rows, line, counted = [], 1, 0
+        while index < len(text) and text[index] != closing:
+            key, index = self.key_at(index) if keyed else (None, index)
+            line += text.count("\n", counted, index)  # counted as we go: one pass over the text, not one per row
+            counted = index
+            row, index = self.value_at(index)
+            rows.append((line, key, row))
+            index = self.skip(index)
+            if index < len(text) and text[index] == ",":
+                index = self.skip(index + 1)
+            elif index < len(text) and text[index] != closing:
+                self.broken()
+        if index >= len(text) or self.skip(index + 1) != len(text):
+            self.broken()
+        return keyed, rows
+
+    def key_at(self, index: int) -> tuple[str, int]:
+        """An object's key and where its value starts."""
+        key, index = self.value_at(index)
+        index = self.skip(index)
+        if not isinstance(key, str) or index >= len(self.text) or self.text[index] != ":":
+            self.broken()
+        return key, self.skip(index + 1)
+
+
+def _json_rows(path: Path):
+    """(line, row, None) per element of a JSON array, or per value of an object of rows; the line is where
+    the row starts, so findings point into the file as a JSONL line would."""
+    text = _utf8_text(path)
+    top = _TopLevel(path, text)
+    if top.start == len(text):
         return
-    if text[start] not in "[{":
-        value_at(start)  # a parse error names its place; a valid scalar is not rows
-        raise BadRow(f"{path}:1: a .json file must hold an array of rows or an object of rows")
-    closing, index, keyed = ("]" if text[start] == "[" else "}"), skip(start + 1), text[start] == "{"
-    rows, line, counted = [], 1, 0
-    while index < len(text) and text[index] != closing:
-        key = None
-        if keyed:
-            key, index = value_at(index)
-            index = skip(index)
-            if not isinstance(key, str) or index >= len(text) or text[index] != ":":
-                broken()
-            index = skip(index + 1)
-        line += text.count("\n", counted, index)  # counted as we go: one pass over the text, not one per row
-        counted = index
-        row, index = value_at(index)
-        rows.append((line, key, row))
-        index = skip(index)
-        if index < len(text) and text[index] == ",":
-            index = skip(index + 1)
-        elif index < len(text) and text[index] != closing:
-            broken()
-    if index >= len(text) or skip(index + 1) != len(text):
-        broken()
+    keyed, rows = top.rows()
     if keyed and any(key in ROW_KEYS for _, key, _ in rows):  # one row written as a .json file
         yield 1, json.loads(text), None
     elif keyed and len(rows) == 1 and isinstance(rows[0][2], list):  # {"data": [rows]}: the one list is the rows
@@ -152,8 +170,7 @@ def load(path: str, limit: int | None = None, spec: dict | None = None, base: Pa
                 if (path / "dataset_info.json").exists() else "")
         raise BadRow(f"{path} is a folder: jsonl: needs the .jsonl or .json file itself{hint}{info}")
     samples, lines = [], 0
-    for line, row, problem in read_rows(path):
-        lines += 1
+    for lines, (line, row, problem) in enumerate(read_rows(path), 1):  # noqa: B007  (the count is read after)
         where = f"{path}:{line}"
         if problem is None:
             try:

@@ -6,7 +6,8 @@
     python -m data.lint --recipe chartqa            # the recipe's own dataset
 
 Each finding names the source, the row and the problem. These checks need no model; train.py runs them at start
-(and with --plan), together with the ones that need the model's processor (tokens over max_length, kit/plan.py).
+(and with --plan), together with the ones that need the model's processor (tokens over max_length,
+kit/plan/estimate.py).
 `--on-bad-row skip` drops the rows it reports and writes them to skipped.jsonl.
 """
 
@@ -28,6 +29,12 @@ ROLES = ("system", "user", "assistant")
 # tokens): typed into a row's text, the processor reads them as image slots or turn boundaries (an <|image_pad|>
 # without its image stops the processor deep inside a batch). The form, not one family's list, is what is refused.
 SPECIAL_TOKEN = re.compile(r"<\|[^|<>\s]+\|>")
+# What the kit trains: text, images and videos. Anything else in a row (an audio file, an <audio> marker, a part of
+# another type, an image by URL) is a finding, the same whichever loader read the row: never dropped silently by
+# the chat template, never left in the prompt as literal markup.
+PART_TYPES = ("text", "image", "video")
+UNUSED_MARKER = re.compile(r"<(audio|speech|sound)>")
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 def where(sample: dict, index: int) -> str:
@@ -99,6 +106,9 @@ def text_problems(messages: list[dict]) -> list[str]:
         content = message.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
         for part in parts:
+            if isinstance(part, dict) and part.get("type") not in PART_TYPES:
+                problems.append(unknown_part(message.get("role"), part))
+                continue
             if not isinstance(part, dict) or part.get("type") != "text":
                 continue
             text = part.get("text")
@@ -109,12 +119,34 @@ def text_problems(messages: list[dict]) -> list[str]:
             if token:
                 problems.append(f"{message.get('role')} text holds the special token {token.group()}; remove it "
                                 "(an image goes in \"images\", placed by a {\"type\": \"image\"} part)")
+            elif UNUSED_MARKER.search(text):
+                marker = UNUSED_MARKER.search(text).group()
+                problems.append(f"{message.get('role')} text holds {marker}: the kit trains text, images and "
+                                f"videos, not {marker[1:-1]}; drop the row (--on-bad-row skip) or the marker and "
+                                "its file")
             elif "<image>" in text or "<video>" in text:
                 kind = "image" if "<image>" in text else "video"
                 problems.append(f"{message.get('role')} text holds a LLaVA-style \"<{kind}>\" inside a list of parts, "
                                 f"which Qwen reads as plain text; place the {kind} with a {{\"type\": \"{kind}\"}} "
                                 f"part instead (a \"<{kind}>\" in plain-text content, LLaMA-Factory's way, is read)")
     return problems
+
+
+def unknown_part(role, part: dict) -> str:
+    """The finding for a content part the kit does not train (audio, an OpenAI-style image_url, any other type)."""
+    kind = part.get("type")
+    if kind == "image_url":
+        return (f"a {role} image_url part (an image by URL): the kit reads local image files; download it and give "
+                "a {\"type\": \"image\"} part with the file in \"images\"")
+    return (f"a {role} part of type {json.dumps(kind)}: the kit trains text, image and video parts only; drop the "
+            "row (--on-bad-row skip) or that part")
+
+
+def url_problem(item, kind: str) -> str | None:
+    """An image or video given by URL (the loaders keep a URL as written): the kit reads local files only."""
+    if isinstance(item, str) and URL.match(item):
+        return f"{kind} by URL ({item}): the kit reads local files and fetches nothing; download it and give its path"
+    return None
 
 
 def sample_problems(sample: dict) -> list[str]:
@@ -135,11 +167,11 @@ def sample_problems(sample: dict) -> list[str]:
         if placeholders != len(given) and (given or placeholders or kind == "image"):
             problems.append(f"{placeholders} {kind} placeholder(s) in the messages but {len(given)} {kind}(s)")
     for image in images:
-        problem = image_problem(image)
+        problem = url_problem(image, "image") or image_problem(image)
         if problem:
             problems.append(problem)
     for video in videos:
-        problem = video_problem(video)
+        problem = url_problem(video, "video") or video_problem(video)
         if problem:
             problems.append(problem)
     return problems
@@ -170,8 +202,9 @@ def video_problem(video) -> str | None:
 
 
 def _row_key(sample: dict) -> str:
+    """What makes two rows the same: all their media (images and videos, in order) and their messages."""
     images = [i if isinstance(i, str) else _image_digest(i) for i in sample.get("images") or []]
-    return json.dumps([images, sample.get("messages")], sort_keys=True, default=str)
+    return json.dumps([images, sample.get("videos") or [], sample.get("messages")], sort_keys=True, default=str)
 
 
 def _image_digest(image) -> str:

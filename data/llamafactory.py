@@ -86,7 +86,8 @@ def files(folder: Path, spec: dict, info: Path) -> list[Path]:
 
 
 def load(spec_text: str, limit: int | None = None) -> list[dict]:
-    from data.jsonl import EmptyData, load as load_file
+    from data.jsonl import EmptyData
+    from data.jsonl import load as load_file
 
     folder, info, name = parse(spec_text)
     spec = entry(info, name)

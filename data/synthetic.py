@@ -8,14 +8,17 @@ Two layouts:
 
 Question types: `count` (how many bars/points), `max` / `min` (which label is highest/lowest), `value`
 (the value of one label), `last` (the label of the rightmost bar/point: a position question, which a model that
-counts the bars can answer without reading their heights). Rendered PNGs are cached, keyed by everything that changes the pixels.
+counts the bars can answer without reading their heights). Rendered PNGs are cached, keyed by everything that
+changes the pixels.
 """
 
 import hashlib
 import json
 import random
+from functools import partial
 from pathlib import Path
 
+from data.formats import question_sample
 from kit.errors import UserError
 
 
@@ -133,15 +136,7 @@ def generate(split: str = "train", num: int = 100, seed: int = 0, chart_types=("
         spec = make_spec(offset + i, seed, chart_types, question_types, layout, size, grid)
         path = folder / f"{offset + i:08d}.png"
         if not path.exists():
-            write_with(path, lambda tmp: render(spec, tmp))
-        samples.append({
-            "id": f"synthetic-{split}-{i}",
-            "images": [str(path)],
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": spec["question"]}]},
-                {"role": "assistant", "content": [{"type": "text", "text": spec["answer"]}]},
-            ],
-            "answers": [spec["answer"]],
-            "qtype": spec["qtype"],
-        })
+            write_with(path, partial(render, spec))
+        samples.append(question_sample(f"synthetic-{split}-{i}", [str(path)], spec["question"], [spec["answer"]],
+                                       qtype=spec["qtype"]))
     return samples

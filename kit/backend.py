@@ -104,7 +104,8 @@ def check_cpu_4bit():
     try:
         found = version("bitsandbytes")
     except PackageNotFoundError:
-        raise BackendError("load_in_4bit needs bitsandbytes (pip install bitsandbytes), or set load_in_4bit=false")
+        raise BackendError("load_in_4bit needs bitsandbytes (pip install bitsandbytes), or set load_in_4bit=false"
+                           ) from None
     major, minor = (int(part) for part in found.split(".")[:2])
     if (major, minor) < (0, 45):
         raise BackendError(f"load_in_4bit on the CPU needs bitsandbytes >= 0.45 (found {found}); upgrade it, "

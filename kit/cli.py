@@ -16,7 +16,7 @@ def user_errors(*extra_types):
     try:
         yield
     except (UserError, FileNotFoundError, *extra_types) as error:
-        from kit.distributed import report_error
+        from kit.train.distributed import report_error
 
         report_error(f"error: {error}")  # under torchrun: one line, not one per rank
         sys.exit(2)

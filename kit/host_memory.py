@@ -5,6 +5,7 @@ bench.py --memory reads these around the phases of a few LoRA steps (model loade
 the plan's parts beside measured ones on a machine without a GPU.
 """
 
+import contextlib
 import ctypes
 import gc
 from pathlib import Path
@@ -29,10 +30,8 @@ def settle():
     """Collect garbage and give free heap pages back to the system (glibc keeps them otherwise), so the resident
     set reflects live objects."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: readings include malloc's cache
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: readings include malloc's cache
-        pass
 
 
 def resident() -> int:

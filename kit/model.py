@@ -6,13 +6,12 @@ its real image processor. They are saved into a cache folder once and then loade
 `from_pretrained` path, so every later step (LoRA, merge, GGUF) sees an ordinary model folder.
 """
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from kit import families
+from kit import families, run_checks
 from kit.errors import UserError
 from kit.paths import build_dir, cache_dir
 
@@ -87,6 +86,8 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
     Unsloth swaps a hub id for its own pre-quantized "dynamic 4-bit" repository unless told the exact name is
     meant; the kit loads the named base (what --plan measured and the hf backend loads) unless the recipe sets
     unsloth_dynamic_4bit, and says which checkpoint it got."""
+    if Path(path).is_dir():  # a local folder whose weights are gone or cut is one line, not a library traceback
+        run_checks.check(Path(path), None, "copy the model's weights back into the folder, or make it again")
     if backend == "unsloth":
         import click
         from unsloth import FastVisionModel
@@ -106,7 +107,7 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
     if torch.cuda.is_available():
-        from kit.distributed import device_map
+        from kit.train.distributed import device_map
 
         kwargs["device_map"] = device_map()  # this rank's own GPU (GPU 0 for one process)
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
@@ -166,7 +167,10 @@ def load_for_training(path: str, recipe: dict, backend: str, dtype):
 def load_run(run_dir: Path, backend: str, dtype, load_in_4bit: bool | None = None, weights_dir: Path | None = None):
     """(model, processor, run_config) of a finished run: base + adapter, or the fully fine-tuned model.
     `weights_dir`: one of the run's checkpoints instead of its final weights."""
-    config = json.loads((Path(run_dir) / "run_config.json").read_text())
+    config = run_checks.read_run_config(run_dir)
+    fix = (f"give another checkpoint, or the run folder {run_dir}" if weights_dir
+           else run_checks.run_fix(run_dir))
+    run_checks.check(Path(weights_dir or run_dir), config, fix)
     run_dir = Path(weights_dir or run_dir)
     recipe = config["recipe"]
     four_bit = recipe["load_in_4bit"] if load_in_4bit is None else load_in_4bit

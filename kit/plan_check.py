@@ -2,7 +2,7 @@
 the CPU (kit/host_memory.py), part by part, for the same model, samples, batch and precision.
 """
 
-from kit import plan
+from kit.plan import estimate
 
 GIB = 1024**3
 
@@ -23,9 +23,9 @@ def measured_parts(model, baseline, loaded, at_step, peak) -> dict:
 def planned_parts(path, recipe, samples, processor, backend) -> dict:
     """train.py --plan's parts in bf16 for the same samples, without its CUDA overhead and fragmentation margin
     (neither exists in host memory)."""
-    counts = plan.token_counts(samples, processor, recipe["system_prompt"])
-    memory = plan.estimate_memory(plan.model_shape(path), recipe, max(i + t for i, t in counts),
-                                  max(i for i, _ in counts), "bf16", backend)
+    _, counts = estimate.preflight(samples, processor, recipe)  # (image, text) tokens, as the collator makes them
+    memory = estimate.estimate_memory(estimate.model_shape(path), recipe, max(i + t for i, t in counts),
+                                      max(i for i, _ in counts), "bf16", backend)
     parts = (memory["base weights"], memory["LoRA/trained weights + grads + optimizer"],
              memory["activations (largest sample)"] + memory["logits"])
     return dict(zip(PARTS, parts), total=sum(parts), tokens=max(i + t for i, t in counts))
@@ -53,10 +53,9 @@ def table(results, recipe, overrides, steps, warmup) -> str:
                       f"{first['device']}, {first['date']}; measured: resident host memory (VmRSS/VmHWM) above "
                       f"the process before loading ({first['host']['process_baseline'] / GIB:.2f} GB)."]
     if len(ok) == 2:
-        four, sixteen = ok["4-bit"], ok["16-bit"]
-        lines.append(f"4-bit / 16-bit base weights, measured: {four['host'][PARTS[0]] / sixteen['host'][PARTS[0]]:.2f}x")
+        ratio = ok["4-bit"]["host"][PARTS[0]] / ok["16-bit"]["host"][PARTS[0]]
+        lines.append(f"4-bit / 16-bit base weights, measured: {ratio:.2f}x")
     for label, r in ok.items():
-        state = lambda f: f[PARTS[0]] + f[PARTS[1]]  # noqa: E731
-        error = state(r["plan"]) / state(r["host"]) - 1
+        error = (r["plan"][PARTS[0]] + r["plan"][PARTS[1]]) / (r["host"][PARTS[0]] + r["host"][PARTS[1]]) - 1
         lines.append(f"{label}: plan's weights + adapter + optimizer {error:+.1%} against measured")
     return "\n".join(lines)

@@ -5,8 +5,10 @@ default's type, and checks every value, so a mistake ends in one line that names
 import difflib
 import importlib
 import json
+import math
 from pathlib import Path
 
+import data
 from kit.errors import UserError
 
 CHOICES = {
@@ -19,18 +21,52 @@ CHOICES = {
     "synthetic_layout": ("aligned", "chartqa"),
     "report_to": ("none", "tensorboard", "wandb", "trackio"),
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"),
+    # kit/scores.METRICS, spelled out here: recipes sit below kit/ and do not import it
+    "metric_for_best_model": ("relaxed_accuracy", "exact_match", "anls", "cer", "wer", "rougeL"),
 }
 # List keys whose every item must be one of these (data/synthetic.py draws exactly these).
 LIST_CHOICES = {
     "synthetic_chart_types": ("bar", "line"),
     "synthetic_question_types": ("count", "max", "min", "value", "last"),
 }
-POSITIVE = ("lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "num_train_epochs", "logging_steps", "save_steps", "max_length", "min_pixels", "max_pixels",
-            "synthetic_num_train", "synthetic_num_test", "synthetic_size", "max_grad_norm", "max_completion_length",
-            "temperature", "top_p", "num_iterations")
-NON_NEGATIVE = ("lora_dropout", "limit", "warmup_steps", "weight_decay", "save_total_limit", "dataloader_num_workers",
-                "eval_steps", "eval_samples", "eval_fraction", "synthetic_grid", "beta", "epsilon")
+# The meaningful values of every numeric key in base.py, as intervals ("[" includes the end, "(" leaves it out;
+# inf: no bound; "-1 or ..." a special value besides). tests/test_recipes.py checks that no numeric key lacks one.
+RANGES = {
+    "lora_r": "[1, inf)", "lora_alpha": "(0, inf)",
+    "lora_dropout": "[0, 1)",  # a probability of dropping; 1 would drop every input
+    "limit": "[0, inf)",  # 0 = every row
+    "min_pixels": "[1, inf)", "max_pixels": "[1, inf)",
+    "fps": "(0, inf)", "max_frames": "[1, inf)",  # 0 or below sampled nothing, and read as "unset"
+    "synthetic_seed": "[0, 4294967295]", "seed": "[0, 4294967295]",  # numpy's seeds are unsigned 32-bit
+    "synthetic_num_train": "[1, inf)", "synthetic_num_test": "[1, inf)", "synthetic_size": "[1, inf)",
+    "synthetic_grid": "[0, inf)",  # 0 = the model's own
+    "per_device_train_batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+    "learning_rate": "(0, 1)",  # a rate of 1 or more makes any optimizer here diverge at the first step
+    "num_train_epochs": "(0, inf)",
+    "max_steps": "-1 or [1, inf)",  # -1 = num_train_epochs decides; 0 trained nothing
+    "warmup_steps": "[0, inf)",
+    "weight_decay": "[0, 1]",  # decoupled decay shrinks each weight by lr x decay a step: above 1 it flips signs
+    "max_grad_norm": "(0, inf)", "logging_steps": "[1, inf)", "save_steps": "[1, inf)",
+    "save_total_limit": "[0, inf)",  # 0 keeps all
+    "dataloader_num_workers": "[0, inf)", "max_length": "[1, inf)",
+    "num_generations": "[1, inf)",  # method=grpo needs 2 or more (check_grpo says why)
+    "max_completion_length": "[1, inf)", "beta": "[0, inf)",
+    "temperature": "(0, inf)",  # sampling; 0 would be greedy, and every answer of a group the same
+    "top_p": "(0, 1]", "num_iterations": "[1, inf)",
+    "epsilon": "(0, 1)",  # the clip range of a probability ratio around 1
+    "eval_fraction": "[0, 1)", "eval_steps": "[0, inf)", "eval_samples": "[0, inf)",
+}
+
+
+def in_range(value, interval: str) -> bool:
+    """Whether the number `value` lies in `interval` as RANGES writes it."""
+    special, _, interval = interval.rpartition(" or ")
+    if special and value == float(special):
+        return True
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
 
 
 class RecipeError(UserError, ValueError):
@@ -79,12 +115,12 @@ def check(recipe: dict, name: str = "recipe"):
                 hint = f" Did you mean {close[0]}?" if close else ""
                 raise RecipeError(f"{name}: {key} item {item!r} is not one of: {', '.join(allowed)}.{hint} "
                                   f"e.g. --set {key}={','.join(allowed)}")
-    for key in POSITIVE:
-        if not recipe[key] > 0:
-            raise RecipeError(f"{name}: {key} must be greater than 0, not {recipe[key]}")
-    for key in NON_NEGATIVE:
-        if recipe[key] < 0:
-            raise RecipeError(f"{name}: {key} must be 0 or more, not {recipe[key]}")
+    for key, interval in RANGES.items():
+        if not in_range(recipe[key], interval):
+            from recipes.base import BASE
+
+            raise RecipeError(f"{name}: {key}={recipe[key]} is outside its range {interval}; e.g. "
+                              f"--set {key}={BASE[key]}")
     if recipe["eval_split"] and recipe["eval_fraction"]:
         raise RecipeError(f"{name}: set eval_split or eval_fraction, not both")
     if recipe["eval_fraction"] >= 1:
@@ -99,10 +135,8 @@ def check(recipe: dict, name: str = "recipe"):
         raise RecipeError(f"{name}: finetune=full cannot train 4-bit weights; set load_in_4bit=false or "
                           "finetune=lora")
     check_grpo(recipe, name)
-    if not (recipe["dataset"] in ("chartqa", "latex_ocr", "synthetic")
-            or recipe["dataset"].startswith(("jsonl:", "hf:", "llamafactory:"))):
-        raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: chartqa, latex_ocr, synthetic, "
-                          "jsonl:PATH, hf:HUB_ID_OR_FOLDER, llamafactory:DIR#NAME")
+    if not data.known(recipe["dataset"]):
+        raise RecipeError(f"{name}: dataset={recipe['dataset']!r} is not one of: {data.choices()}")
 
 
 def check_grpo(recipe: dict, name: str):

@@ -39,7 +39,8 @@ BASE = {
     "finetune_experts": False,
     "gradient_checkpointing": True,  # Unsloth's offloaded checkpointing on its path; the only way 7B fits 24 GB
     # --- data ------------------------------------------------------------------------------------
-    # chartqa | latex_ocr | synthetic | jsonl:PATH (.jsonl/.json) | hf:HUB_ID_OR_FOLDER | llamafactory:DIR#NAME
+    # chartqa | latex_ocr | synthetic | synthetic_text (digits to read) | jsonl:PATH (.jsonl/.json) |
+    # hf:HUB_ID_OR_FOLDER | llamafactory:DIR#NAME
     "dataset": "chartqa",
     # hf: columns as ROLE=COLUMN (image, question, answer, subset; instruction=TEXT for one fixed question);
     # [] = the preset's own (ChartQA's image, query, label, human_or_machine for hf:)
@@ -90,7 +91,9 @@ BASE = {
     # --- GRPO (method=grpo; trl.GRPOConfig names) ----------------------------------------------------
     # per_device_train_batch_size counts completions there: batch / num_generations questions a step
     "num_generations": 8,  # answers sampled per question; the group they are ranked in (TRL's default)
-    "max_completion_length": 32,  # tokens; chart answers are short, as eval.py's 32-token answers
+    # tokens: the longest answer generated, by GRPO and by evaluation (eval.py, training's held-out questions);
+    # chart answers are short
+    "max_completion_length": 32,
     "beta": 0.04,  # KL to the starting model: keeps it near what SFT taught (DeepSeekMath's 0.04; TRL's default 0)
     "temperature": 1.0,  # sample from the model as it is: the group needs different answers to rank
     "top_p": 1.0,
@@ -104,9 +107,13 @@ BASE = {
     # --- held-out evaluation during training ------------------------------------------------------
     "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
     "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)
-    "eval_steps": 0,  # evaluate every N steps (and at the last): loss + relaxed accuracy by greedy generation;
+    "eval_steps": 0,  # evaluate every N steps (and at the last): loss + the task's metric by greedy generation;
     # 0 = never; nothing either without held-out rows
     "eval_samples": 0,  # the first N held-out questions (a fixed, seeded order) are scored; 0 = all
-    "load_best_model_at_end": False,  # keep the checkpoint with the best held-out accuracy as the final model
+    "load_best_model_at_end": False,  # keep the checkpoint with the best held-out metric as the final model
+    # The task's metric (kit/evaluate/task_metrics.py), named as transformers' TrainingArguments names it: held-out
+    # evaluation selects the best checkpoint by it, eval.py reports it first (with its companions), GRPO rewards it.
+    # relaxed_accuracy (charts) | exact_match | anls (documents) | cer | wer (OCR, LaTeX) | rougeL (free answers)
+    "metric_for_best_model": "relaxed_accuracy",
     "report_to": "none",  # none | tensorboard | wandb | trackio (transformers' integrations; logs in <run>/logs)
 }

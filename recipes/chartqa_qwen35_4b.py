@@ -5,7 +5,8 @@ figure: 4B in ~10 GB) for a 16 GB GPU, with the ChartQA recipes' 400-token chart
     python train.py --recipe chartqa_qwen35_4b --plan --gpu 24GB --set model_name_or_path=random:qwen3.5-4b
 """
 
-from recipes.chartqa_qwen35_9b import RECIPE as QWEN35_9B, TOKEN
+from recipes.chartqa_qwen35_9b import RECIPE as QWEN35_9B
+from recipes.chartqa_qwen35_9b import TOKEN
 
 RECIPE = {
     **QWEN35_9B,

@@ -16,4 +16,8 @@ RECIPE = {
     "gradient_accumulation_steps": 4,
     "max_steps": 300,  # as in Unsloth's notebook: the format is learned in a few hundred steps
     "max_length": 1024,
+    # a formula is read, not answered: CER (with WER and exact match ignoring spacing) is reported, selects the
+    # best checkpoint and is GRPO's reward; one wrong character is a small error, not a wrong answer
+    "metric_for_best_model": "cer",
+    "max_completion_length": 256,  # tokens: long formulas run past 100; chart answers' 32 would cut them off
 }

@@ -50,3 +50,23 @@ def lora_run(tmp_path_factory) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_test_video(path, frames_count: int = 8, size: tuple[int, int] = (112, 84), fps: int = 4):
+    """A small MPEG-4 video of moving bars (the tests make their own; nothing is downloaded)."""
+    import av
+    import numpy as np
+
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames_count):
+            picture = np.full((height, width, 3), 255, dtype=np.uint8)
+            left = (index * 7) % max(1, width - 14)
+            picture[height // 3:, left:left + 14] = (40, 90, 200)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

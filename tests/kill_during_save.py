@@ -26,8 +26,8 @@ def die():
 def main(phase: str, step: int, args: list[str]):
     import torch
 
-    # kit.checkpoints imports transformers: early, which is fine for the hf backend this runs on the CPU
-    from kit import checkpoints, distributed
+    # kit.train.checkpoints imports transformers: early, which is fine for the hf backend this runs on the CPU
+    from kit.train import checkpoints, distributed
 
     saving, marking, rotating, final_save = torch.save, checkpoints.mark_complete, checkpoints.rotate, \
         distributed.save_model

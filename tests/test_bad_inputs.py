@@ -159,7 +159,7 @@ def test_offline_hub_fails_fast_in_one_line(tmp_path, offline_env, command, word
 def test_collator_never_lets_stop_iteration_escape():
     from transformers import AutoProcessor
 
-    from kit import chat
+    from kit.inputs import chat
     from kit.model import tiny_model_dir
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir())
@@ -269,7 +269,7 @@ def test_gpu_plans_use_the_named_cards_precision(tmp_path):
 
 
 def test_gpu_sizes_and_names_parse():
-    from kit.plan import GIB, named_gpu
+    from kit.plan.estimate import GIB, named_gpu
 
     assert named_gpu("12GB") == named_gpu("12G") == named_gpu("12 gb") == (12 * GIB, None)
     assert named_gpu("11.5GB")[0] == int(11.5 * GIB)
@@ -279,7 +279,7 @@ def test_gpu_sizes_and_names_parse():
 def test_huge_image_is_named_and_decoded_once(tmp_path):
     from transformers import AutoProcessor
 
-    from kit import chat
+    from kit.inputs import chat
     from kit.model import tiny_model_dir
 
     huge = tmp_path / "huge.png"
@@ -392,8 +392,8 @@ def test_printed_llama_cli_command_formats_the_chat_as_the_proof(full_run, tmp_p
     from gguf import GGUFReader
     from transformers import AutoProcessor
 
-    from kit import merging
-    from kit.converter import find_converter
+    from kit.export import merging
+    from kit.export.converter import find_converter
 
     monkeypatch.setenv("LLAMA_CPP_DIR", str(find_converter().parent))
     out = tmp_path / "export"

@@ -151,7 +151,7 @@ class Page:
 @pytest.mark.slow
 @needs_chromium
 def test_the_demo_through_every_tab(board, browser, tmp_path):
-    from kit import board_runs
+    from kit.board import runs as board_runs
 
     url, runs = board
     page = Page(browser, tmp_path)
@@ -258,7 +258,7 @@ def test_the_demo_through_every_tab(board, browser, tmp_path):
 
 # --- the run-folder helpers the board uses; no browser needed ------------------------------------------------
 def test_a_run_is_found_by_its_folder_and_stopped_with_sigterm(tmp_path):
-    from kit import board_runs
+    from kit.board import runs as board_runs
 
     fake = tmp_path / "train.py"  # stands in for train.py: waits for SIGTERM, as a run between steps does
     fake.write_text("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\n"
@@ -291,7 +291,8 @@ def test_a_run_is_found_by_its_folder_and_stopped_with_sigterm(tmp_path):
 
 
 def test_the_checkpoint_marker_is_the_one_train_py_writes():
-    from kit import board_runs, checkpoints
+    from kit.board import runs as board_runs
+    from kit.train import checkpoints
 
     assert board_runs.CHECKPOINT_MARKER == checkpoints.MARKER
 
@@ -307,9 +308,9 @@ click.echo = echo
 
 @pytest.mark.slow
 def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch):
-    import board
-    from kit import board_runs
-    from kit.board_form import start_recipe
+    from kit.board import actions
+    from kit.board import runs as board_runs
+    from kit.board.form import start_recipe
     from recipes.base import BASE
 
     site = tmp_path / "site"
@@ -321,14 +322,14 @@ def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch
 
     # Plan: the form's values through train.py --plan, shown from plan.json
     form = {**start_recipe("demo"), "synthetic_num_train": 16}
-    *_, status, shown = board.plan_run(root, "demo", "planned", str(root / "planned.yaml"), *[form[k] for k in BASE])
+    *_, status, shown = actions.plan_run(root, "demo", "planned", str(root / "planned.yaml"), *[form[k] for k in BASE])
     assert status.endswith("exit 0"), status
     plan = json.loads((root / "planned" / "plan.json").read_text())
     assert plan["rows"] == 16 and shown["value"] == board_runs.plan_text(plan)
     assert f"{plan['rows']} rows, {plan['steps_per_epoch']} steps per epoch" in shown["value"]
 
     # Export: merge.py's printed lines are reworded; what the board shows comes from export.json
-    log, proven, commands = list(board.export_run(root, "run", ["merged", "gguf"], ["f16"], False))[-1]
+    log, proven, commands = list(actions.export_run(root, "run", ["merged", "gguf"], ["f16"], False))[-1]
     assert "~ PARITY PROMPTS" in log and "parity prompts" not in log  # the rewording reached merge.py
     export = json.loads((root / "run" / "export.json").read_text())
     assert (proven, commands) == board_runs.export_view(export)
@@ -342,7 +343,7 @@ def test_the_board_reads_files_not_printed_words(full_run, tmp_path, monkeypatch
 
 def test_a_folder_holding_only_a_plan_is_no_run_yet(tmp_path):
     """Plan writes plan.json into the run folder; Start must still find it free (its log waits beside it)."""
-    from kit import board_runs
+    from kit.board import runs as board_runs
 
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)

@@ -3,7 +3,7 @@ import torch
 
 from data.synthetic import generate
 from kit import families
-from kit.chat import IGNORE, SampleTooLong, VisionCollator, set_pixels
+from kit.inputs.chat import IGNORE, SampleTooLong, VisionCollator, set_pixels
 
 
 # The collator reads every token and the markup from the model's family: each family's tiny model is checked.

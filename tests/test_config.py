@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 import recipes
-from recipes import RecipeError
 from recipes.base import BASE
 from tests.conftest import QUICK, ROOT, read_jsonl, train_cli
 
@@ -40,7 +39,7 @@ def test_json_and_yaml_give_the_same_recipe(tmp_path):
     ("load_in_4bit: maybe\n", ["my.yaml", "load_in_4bit", "true or false"]),
     ("max_steps: true\n", ["my.yaml", "max_steps", "whole number"]),
     ("finetune: everything\n", ["my.yaml", "finetune", "lora, full"]),
-    ("lora_r: 0\n", ["my.yaml", "lora_r", "greater than 0"]),
+    ("lora_r: 0\n", ["my.yaml", "lora_r=0", "outside its range"]),
     ("- a list\n", ["my.yaml", "mapping"]),
     ("recipe: demo\n  bad: indent\n", ["my.yaml", "not valid YAML", "line"]),
 ])

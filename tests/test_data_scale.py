@@ -25,7 +25,7 @@ def hf_recipe(source: str) -> dict:
 def test_hf_reads_a_parquet_folder_lazily(parquet_folder):
     import data
     from data.hf import LazySamples
-    from kit.chat import load_image
+    from kit.inputs.chat import load_image
 
     train = data.load(hf_recipe(parquet_folder), "train")
     val = data.load(hf_recipe(parquet_folder), "val")
@@ -99,7 +99,7 @@ def test_heldout_rows_never_train_and_training_accuracy_matches_eval(tmp_path, m
     from click.testing import CliRunner
 
     import eval as evaluate
-    from kit import progress
+    from kit.train import progress
 
     trained_ids = []
     original = progress.CountingCollator.__call__
@@ -180,7 +180,7 @@ def test_eval_scores_a_model_folder_and_a_gguf_pair_like_the_run(full_run, tmp_p
 
     import eval as evaluate
     import merge
-    from kit.converter import find_converter
+    from kit.export.converter import find_converter
 
     def score(target, out, *extra):
         result = CliRunner().invoke(evaluate.main, [str(target), "--data", "synthetic", "--limit", "6", "--compare",

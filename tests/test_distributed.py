@@ -5,7 +5,6 @@ any rank (or the launcher's death) that checkpoints every rank and resumes under
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -61,7 +60,8 @@ def test_two_processes_train_one_model_like_one_process_at_the_same_global_batch
     assert result.exit_code == 0, result.output
 
     ddp = tmp_path / "ddp"
-    done = run(torchrun("--recipe", "demo", "--output", str(ddp), *sets([*SGD, *steps, "per_device_train_batch_size=4"])))
+    done = run(torchrun("--recipe", "demo", "--output", str(ddp),
+                        *sets([*SGD, *steps, "per_device_train_batch_size=4"])))
     assert done.returncode == 0, done.stdout + done.stderr
     # one rank prints: each line once, and the global batch is said
     assert done.stdout.count("recipe demo:") == 1 and done.stdout.count("done: 3 steps") == 1, done.stdout

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import read_jsonl
 
 import eval as evaluate
-from kit import report
-from kit.metrics import bootstrap_interval, exact_correct, mcnemar_exact, paired_counts, relaxed_correct
+from kit.evaluate import report
+from kit.evaluate.scoring import bootstrap_interval, exact_correct, mcnemar_exact, paired_counts, relaxed_correct
+from tests.conftest import read_jsonl
 
 
 def eval_cli(args):
@@ -78,7 +78,8 @@ def test_report_numbers_are_recomputed_from_predictions(evaluated):
     assert set(table) == set(rows[0]["systems"])
     qtypes = sorted({row["qtype"] for row in rows})
     numbers = json.loads((out / "report.json").read_text())
-    assert numbers["metric"] == "chartqa" and numbers["interval"]["resamples"] == 2000
+    assert numbers["metric"] == "relaxed_accuracy" and numbers["relaxed_rule"] == "chartqa"
+    assert numbers["interval"]["resamples"] == 2000
     for system, cells in table.items():
         relaxed = [row["systems"][system]["relaxed"] for row in rows]
         exact = [row["systems"][system]["exact"] for row in rows]
@@ -205,7 +206,7 @@ def test_missing_image_skipped_on_request(full_run, questions_with_missing_image
 def test_report_splits_chartqa_subsets():
     rows = [{"subset": subset, "systems": {"finetuned": {"relaxed": relaxed, "exact": False}}}
             for subset, relaxed in [("human", True), ("human", False), ("augmented", True), ("augmented", True)]]
-    table = read_table(report.table(report.summarize(rows, ["finetuned"], "chartqa", {"finetuned": 0.5})))
+    table = read_table(report.table(report.summarize(rows, ["finetuned"], "relaxed_accuracy", {"finetuned": 0.5})))
     human = [row["systems"]["finetuned"]["relaxed"] for row in rows if row["subset"] == "human"]
     augmented = [row["systems"]["finetuned"]["relaxed"] for row in rows if row["subset"] == "augmented"]
     assert table["finetuned"]["subset=human (chartqa)"] == with_interval(human)
@@ -239,7 +240,7 @@ def test_score_a_predictions_file(tmp_path):
     assert entry["exact"]["right"] == 3  # the three "abc"s, case ignored
     assert read_table((out / "report.md").read_text())["answers"]["relaxed acc (chartqa)"].startswith("62.5 [")
 
-    result = eval_cli(["--score", answers, "--metric", "lenient", "--out", tmp_path / "lenient"])
+    result = eval_cli(["--score", answers, "--relaxed-rule", "lenient", "--out", tmp_path / "lenient"])
     assert result.exit_code == 0, result.output
     lenient = json.loads((tmp_path / "lenient" / "report.json").read_text())
     assert lenient["systems"]["answers"]["relaxed"]["accuracy"] == 0.5  # "100%" read as 100 misses "0.96"

@@ -41,7 +41,7 @@ def family_run(request, tmp_path_factory):
 def exported(family_run):
     """merge.py --to merged,gguf at f32 with its proof in llama.cpp."""
     import merge
-    from kit.converter import find_converter
+    from kit.export.converter import find_converter
 
     _, run = family_run
     with pytest.MonkeyPatch.context() as patch:
@@ -187,7 +187,7 @@ def test_a_think_block_is_in_the_loss_only_when_the_answer_has_one(name):
     from transformers import AutoProcessor
 
     from data.synthetic import generate
-    from kit import chat
+    from kit.inputs import chat
     from kit.model import tiny_model_dir
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir(name))
@@ -204,31 +204,32 @@ def test_a_think_block_is_in_the_loss_only_when_the_answer_has_one(name):
 
 
 def test_eval_scores_after_a_think_block_and_counts_it():
-    import eval as evaluate
-    from kit import report
+    from kit.evaluate import predictions
+    from kit.evaluate import report
 
     samples = [{"id": str(i), "images": [], "answers": ["4"],
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "How many bars?"}]}]}
                for i in range(3)]
     answers = {"finetuned": ["<think>\nfour bars\n</think>\n\n4", "4", "three</think>\n\n3"]}
-    rows = evaluate.prediction_rows(samples, None, answers)
+    rows = predictions.model_rows(samples, None, answers, "relaxed_accuracy")
     scored = [row["systems"]["finetuned"] for row in rows]
     assert [s["answer"] for s in scored] == ["4", "4", "3"] and [s["relaxed"] for s in scored] == [True, True, False]
     assert [s.get("think") for s in scored] == ["four bars", None, "three"]
-    summary = report.summarize(rows, ["finetuned"], "chartqa")
+    summary = report.summarize(rows, ["finetuned"], "relaxed_accuracy")
     assert summary["systems"]["finetuned"]["think_blocks"] == 2
 
 
 def test_eval_score_rescores_after_a_think_block(tmp_path):
     """eval.py --score on another tool's predictions takes a think block off as eval.py does its own."""
-    from kit import report
+    from kit.evaluate import predictions
+    from kit.evaluate import report
 
     lines = [{"id": "1", "prediction": "<think>\nfour bars\n</think>\n\n4", "answer": "4"},
              {"id": "2", "prediction": "5", "answer": "4"}]
     (tmp_path / "tool.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    rows, names = report.read_predictions([tmp_path / "tool.jsonl"], "chartqa")
+    rows, names = predictions.read_predictions([tmp_path / "tool.jsonl"], "relaxed_accuracy")
     assert [row["systems"]["tool"]["relaxed"] for row in rows] == [True, False]
-    assert report.summarize(rows, names, "chartqa")["systems"]["tool"]["think_blocks"] == 1
+    assert report.summarize(rows, names, "relaxed_accuracy")["systems"]["tool"]["think_blocks"] == 1
 
 
 @pytest.mark.parametrize("name", ["qwen3-vl-moe", "qwen3.5-moe"])
@@ -237,7 +238,7 @@ def test_lora_on_experts_is_a_named_switch_off_by_default(name):
 
     import recipes
     from kit.model import add_lora, tiny_model_dir
-    from kit.plan import lora_parameters, model_shape
+    from kit.plan.estimate import lora_parameters, model_shape
 
     path = tiny_model_dir(name)
     counted = {}
@@ -269,7 +270,7 @@ def test_finetune_experts_on_a_dense_model_is_one_line():
 def test_hybrid_model_answers_alike_with_and_without_a_reused_context(family_run, exported):
     """llama-cpp-python reuses a cached prefix by removing the rest of the KV cache, which a recurrent (Gated
     DeltaNet) memory refuses: the kit's llama.cpp answers for Qwen3.5 must not depend on what was asked before."""
-    from kit import llama
+    from kit.export import llama
 
     import data
 

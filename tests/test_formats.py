@@ -276,7 +276,7 @@ def conversation_rows(charts):
 def processor():
     from transformers import AutoProcessor
 
-    from kit.chat import set_pixels
+    from kit.inputs.chat import set_pixels
     from kit.model import tiny_model_dir
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir())
@@ -286,8 +286,8 @@ def processor():
 
 def test_every_turn_and_image_of_a_conversation_reaches_the_batch(tmp_path, charts, processor):
     import data
-    from kit import plan
-    from kit.chat import IGNORE, VisionCollator
+    from kit.inputs.chat import IGNORE, VisionCollator
+    from kit.plan import estimate
 
     path = write_json(tmp_path / "chats.json", conversation_rows(charts))
     samples = data.load({"dataset": f"jsonl:{path}", "dataset_split": "train", "limit": 0})
@@ -296,7 +296,7 @@ def test_every_turn_and_image_of_a_conversation_reaches_the_batch(tmp_path, char
     batch = VisionCollator(processor, max_length=512)(samples)
     tokenizer = processor.tokenizer
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    findings, counts = plan.preflight(samples, processor, {"system_prompt": "", "max_length": 512})
+    findings, counts = estimate.preflight(samples, processor, {"system_prompt": "", "max_length": 512})
     assert findings == []
     for row, (sample, (image_tokens, text_tokens)) in enumerate(zip(samples, counts)):
         ids = batch["input_ids"][row][batch["attention_mask"][row] == 1]

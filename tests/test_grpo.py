@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from tests.conftest import ROOT, read_jsonl, run_train
 
 import recipes
-from kit.grpo import answer_of, relaxed_accuracy, short_answer
+from kit.train.grpo import answer_of, relaxed_accuracy, short_answer
 from recipes import RecipeError
 
 # 2 questions x 4 answers a step: a group with a spread, and few tokens for the Triton interpreter

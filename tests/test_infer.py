@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import read_jsonl
 
 import infer
+from tests.conftest import read_jsonl
 
 
 def infer_cli(args):
@@ -64,7 +64,7 @@ def test_batch_reads_training_rows_and_feeds_eval_score(full_run, questions, bat
     """The same questions in training's {"images", "messages"} shape (the answer as the assistant turn, which is
     not shown to the model) get the same predictions, and eval.py --score scores the answers file as written."""
     import eval as evaluate
-    from kit.metrics import relaxed_correct
+    from kit.evaluate.scoring import relaxed_correct
 
     shutil.copytree(questions.parent / "charts", tmp_path / "charts")
     rows = [{"id": row["id"], "images": [row["image"]], "messages": [
@@ -139,7 +139,7 @@ def test_missing_target_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def gguf_dir(full_run, tmp_path_factory):
     import merge
-    from kit.converter import find_converter
+    from kit.export.converter import find_converter
 
     out = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as patch:

@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from kit import converter, gguf
+from kit.export import converter, gguf
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def merge_cli(*args):
 def greedy(model, processor, sample, system_prompt):
     import torch
 
-    from kit import chat
+    from kit.inputs import chat
 
     inputs = chat.generation_inputs(processor, [sample], system_prompt)
     with torch.no_grad():
@@ -95,7 +95,8 @@ def test_gguf_of_the_tiny_model_has_qwen2vl_metadata_and_runs_in_llama_cpp(full_
     assert gguf_value(text, "general.architecture") == "qwen2vl"
     assert gguf_value(text, "qwen2vl.rope.dimension_sections") == (sections + [0] * 4)[:4]  # llama.cpp pads to 4
     with safe_open(merged_dir / "model.safetensors", "pt") as weights:
-        hf_text_tensors = [k for k in weights.keys() if not k.startswith(("visual.", "model.visual."))]
+        hf_text_tensors = [k for k in weights.keys()  # noqa: SIM118  (a safetensors handle does not iterate)
+                           if not k.startswith(("visual.", "model.visual."))]
     assert len(text.tensors) == len(hf_text_tensors)
     mmproj = GGUFReader(gguf_dir / report["mmproj"])
     assert gguf_value(mmproj, "clip.projector_type") == "qwen2vl_merger"

@@ -6,9 +6,19 @@ import random
 
 import pytest
 
-from kit.metrics import (accuracy, bootstrap_interval, exact_correct, grouped_accuracy, mcnemar_exact,
-                         paired_counts, reference_number, relaxed_correct, relaxed_correctness, relaxed_match,
-                         to_number)
+from kit.evaluate.scoring import (
+    accuracy,
+    bootstrap_interval,
+    exact_correct,
+    grouped_accuracy,
+    mcnemar_exact,
+    paired_counts,
+    reference_number,
+    relaxed_correct,
+    relaxed_correctness,
+    relaxed_match,
+    to_number,
+)
 
 # --- ChartQA's reference rule (pix2struct relaxed_correctness) ------------------------------------------------
 # pix2struct's metrics_test.py scores these 8 predictions against these targets. By the rule, one at a time:

@@ -1,4 +1,4 @@
-"""Packing (kit/packing.py): the same loss and gradients as padding, no attention across samples, steps and
+"""Packing (kit/inputs/packing.py): the same loss and gradients as padding, no attention across samples, steps and
 epochs counted in samples, and held-out evaluation and generation on padded batches."""
 
 import copy
@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import read_jsonl, train_cli
-
 from kit import families
+from tests.conftest import read_jsonl, train_cli
 
 # every family the kit has whose samples stay apart in a packed row; the others refuse packing (below)
 MODELS = [f"tiny:{name}" for name in families.names() if families.by_name(name).packs]
@@ -34,7 +33,8 @@ SAMPLES = [sample(56, 56, "How many bars are in the chart?", "3"),
 def load(name: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from kit import chat, model as models
+    from kit import model as models
+    from kit.inputs import chat
 
     path = models.resolve(name)
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def load(name: str):
 
 
 def collators(model, processor, max_length: int):
-    from kit import chat, packing
+    from kit.inputs import chat, packing
 
     packer = packing.for_model(model, {"packing": True, "max_length": max_length}, processor.tokenizer.pad_token_id)
     return chat.VisionCollator(processor, 512), chat.VisionCollator(processor, 512, packer=packer)
@@ -73,7 +73,7 @@ def capacity_for(rows: int, lengths: list[int]) -> int:
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("rows", [1, 2, 0])
 def test_packed_loss_and_gradients_equal_padded(name, rows):
-    from kit.packing import pack_rows
+    from kit.inputs.packing import pack_rows
 
     model, processor = load(name)
     lengths = collators(model, processor, 512)[0](SAMPLES)["attention_mask"].sum(dim=1).tolist()
@@ -125,7 +125,8 @@ def test_changing_one_sample_leaves_the_others_in_its_row_unchanged(name):
 def spy(monkeypatch):
     """Every forward of the trained model (training flag, attention mask given, position rows) and every packed
     micro-batch's sample count, from a train.py run in this process."""
-    from kit import model as models, packing
+    from kit import model as models
+    from kit.inputs import packing
 
     calls, packed = [], []
     load_for_training, pack = models.load_for_training, packing.Packer.__call__
@@ -219,7 +220,7 @@ def test_held_out_evaluation_and_generation_never_pack(tmp_path, spy, name):
 
 
 def test_rows_hold_whole_samples_longest_first():
-    from kit.packing import first_fit, pack_rows, padding_fraction
+    from kit.inputs.packing import first_fit, pack_rows, padding_fraction
 
     assert first_fit([500, 700, 300, 600, 200], 1024) == [[0, 2, 4], [1], [3]]
     lengths = [200, 500, 400, 700, 100, 300, 800]
@@ -232,7 +233,7 @@ def test_rows_hold_whole_samples_longest_first():
 
 def test_plan_shows_padding_both_ways_and_never_plans_less_memory_for_packing(tmp_path):
     from kit.model import resolve
-    from kit.plan import estimate_memory, model_shape
+    from kit.plan.estimate import estimate_memory, model_shape
     from recipes import load as load_recipe
 
     result = train_cli(["--recipe", "demo", "--plan", "--output", str(tmp_path / "run"), "--set", "packing=true",

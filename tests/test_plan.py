@@ -1,8 +1,8 @@
 import json
 
 from data.synthetic import generate
-from kit.chat import VisionCollator, set_pixels
-from kit.plan import estimate_memory, model_shape, per_gpu_memory, token_counts, trained_state_bytes, weight_parts
+from kit.inputs.chat import VisionCollator, set_pixels
+from kit.plan.estimate import estimate_memory, model_shape, per_gpu_memory, preflight, trained_state_bytes, weight_parts
 from recipes import load
 from tests.conftest import train_cli
 
@@ -17,7 +17,8 @@ def test_plan_token_counts_equal_the_collators(tmp_path):
     set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     samples = generate("train", 16, seed=2, question_types=["count", "max", "value"], grid=28, cache=tmp_path,
                        progress=False)
-    counts = token_counts(samples, processor, "Answer briefly.")
+    findings, counts = preflight(samples, processor, {"system_prompt": "Answer briefly.", "max_length": 512})
+    assert not findings and len(counts) == len(samples)
     collator = VisionCollator(processor, max_length=512, system_prompt="Answer briefly.")
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for sample, (image, text) in zip(samples, counts):

@@ -1,9 +1,8 @@
 import hashlib
 from pathlib import Path
 
-from PIL import Image
-
 import pytest
+from PIL import Image
 
 from data.synthetic import LABELS, SyntheticError, generate, make_spec
 

@@ -1,6 +1,6 @@
 """Videos in rows (a file, or a list of frame files): decoded per batch through the processor's video path,
 counted by the plan as the collator makes them, trained, linted, evaluated and asked about (infer.py --video).
-The tests make their own small videos (kit/video.write_test_video); nothing is downloaded."""
+The tests make their own small videos (tests/conftest.write_test_video); nothing is downloaded."""
 
 import json
 
@@ -9,8 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from data.lint import lint
-from kit.video import write_test_video
-from tests.conftest import train_cli
+from tests.conftest import train_cli, write_test_video
 
 
 @pytest.fixture()
@@ -37,7 +36,7 @@ def video_rows(clips):
 def processor():
     from transformers import AutoProcessor
 
-    from kit.chat import set_pixels
+    from kit.inputs.chat import set_pixels
     from kit.model import tiny_model_dir
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir())
@@ -48,15 +47,16 @@ def processor():
 @pytest.mark.parametrize("fps, max_frames", [(2.0, 16), (4.0, 3), (1.0, 16)])
 def test_plan_counts_the_video_tokens_the_collator_makes(tmp_path, clips, processor, fps, max_frames):
     import data
-    from kit import plan, video
-    from kit.chat import IGNORE, VisionCollator
+    from kit.inputs import video
+    from kit.inputs.chat import IGNORE, VisionCollator
+    from kit.plan import estimate
 
     video.set_sampling(processor, fps, max_frames)
     path = tmp_path / "videos.json"
     path.write_text(json.dumps(video_rows(clips), indent=2))
     samples = data.load({"dataset": f"jsonl:{path}", "dataset_split": "train", "limit": 0})
     assert lint(samples) == [] and [len(s["videos"]) for s in samples] == [1, 1, 1]
-    findings, counts = plan.preflight(samples, processor, {"system_prompt": "", "max_length": 1024, "fps": fps,
+    findings, counts = estimate.preflight(samples, processor, {"system_prompt": "", "max_length": 1024, "fps": fps,
                                                             "max_frames": max_frames})
     assert findings == []
     batch = VisionCollator(processor, max_length=1024)(samples)

@@ -22,13 +22,13 @@ What every family provides (the fields of `Family` below):
 - `random_shapes`: {"qwen2.5-vl-7b": ...} the true shapes behind `random:NAME`, and `build_random(shape, folder,
   weights)` that writes config + processor (+ random bf16 weights when `weights`);
 - `llama`: its llama.cpp names (LlamaNames: text arch, `clip.projector_type`); llama.cpp is prompted with the
-  chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs` (kit/llama.py).
+  chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs` (kit/export/llama.py).
 
 How a family is found:
 - from a model folder or hub id: `of_model(path)` reads its config.json (`of_model_type(config.model_type)`);
 - from a built name: `tiny:qwen2.5-vl` and `random:qwen2.5-vl-7b` (`of_name`); plain `tiny` is `tiny:qwen2-vl`;
 - from a run folder: run_config.json's "family" (`of_run(run_config)`), which train.py writes as `family.name`;
-  runs from before the seam have none and were all Qwen2-VL;
+  a run_config.json without it is Qwen2-VL, the only family such runs could hold;
 - from a processor: `of_processor(processor)` (the collator, the plan and image resizing get one without a model);
 - from a GGUF pair: what merge.py wrote beside it (gguf_report.json "family"), else `of_llama_arch(arch)`.
 A model_type or name no family serves is a UnknownFamily (a UserError) that names the families there are.
@@ -61,7 +61,7 @@ class Markup:
     end_of_text: str = "<|endoftext|>"
     assistant_header: str = "assistant\n"  # what follows im_start where an answer begins
     # ("<think>", "</think>") for families whose template writes a thinking block; None for none. Such a block
-    # stays out of the loss unless the data's answer has one (kit/chat.py's answer spans skip `empty_think`).
+    # stays out of the loss unless the data's answer has one (kit/inputs/chat.py's answer spans skip `empty_think`).
     think: tuple[str, str] | None = None
 
     @property
@@ -203,6 +203,25 @@ class Family:
     # position_ids, but a layer that carries state along the row (Qwen3.5's Gated DeltaNet) would let one sample
     # see the one before it. Such a family refuses packing rather than train on what it never sees at inference.
     packs: bool = True
+    # Whether the processor writes each video frame group's time ("<1.5 seconds>", then the group's own vision
+    # start / pads / end) where the template put the one video pad (Qwen3-VL's processor, Qwen3.5's too)
+    video_timestamps: bool = False
+    # (frames, width, height, processor) -> a video frame's (width, height) after the video processor's resize;
+    # None: each frame is sized as an image is (target_size). Qwen3-VL's bounds the pixels of all frames together.
+    video_size: Callable | None = None
+
+    def video_frame_size(self, frames: int, width: int, height: int, processor) -> tuple[int, int]:
+        if self.video_size is None:
+            return self.target_size(width, height, processor)
+        return self.video_size(frames, width, height, processor)
+
+    def video_placeholder(self, seconds: list[float]) -> str:
+        """What the processor writes for one video's pad (one pad standing for each frame group's tokens), given
+        the time of each frame group: the plan counts a video row's text tokens from it."""
+        if not self.video_timestamps:
+            return self.markup.video_pad
+        m = self.markup
+        return "".join(f"<{t:.1f} seconds>{m.vision_start}{m.video_pad}{m.vision_end}" for t in seconds)
 
     def chat_text(self, processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as this family's chat template writes it (with its chat_template_kwargs)."""

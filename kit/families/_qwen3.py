@@ -7,6 +7,7 @@ llama.cpp's models/templates/Qwen3.5-4B.jinja).
 """
 
 import json
+import math
 from pathlib import Path
 
 from kit.families import Linear, Markup
@@ -34,6 +35,26 @@ PROCESSOR_CLASSES = ("Qwen3VLProcessor",)
 # bounds (shortest_edge 65536, longest_edge 16777216) are the recipe's min/max_pixels here.
 PIXELS = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 32 * 32 * 4, 32 * 32 * 1280
+
+
+def video_size(frames: int, width: int, height: int, processor) -> tuple[int, int]:
+    """A video frame's (width, height) after Qwen3-VL's video resize: sides rounded to the grid, and the pixels of
+    all frames (rounded to whole frame groups) within the video processor's [shortest_edge, longest_edge]."""
+    vp = processor.video_processor
+    grid, temporal = vp.patch_size * vp.merge_size, vp.temporal_patch_size
+    low, high = vp.size["shortest_edge"], vp.size["longest_edge"]
+    if height < grid or width < grid:
+        scale = max(grid / height, grid / width)
+        height, width = int(height * scale), int(width * scale)
+    h, w = round(height / grid) * grid, round(width / grid) * grid
+    t = round(frames / temporal) * temporal
+    if t * h * w > high:
+        beta = math.sqrt(frames * height * width / high)
+        h, w = max(grid, math.floor(height / beta / grid) * grid), max(grid, math.floor(width / beta / grid) * grid)
+    elif t * h * w < low:
+        beta = math.sqrt(low / (frames * height * width))
+        h, w = math.ceil(height * beta / grid) * grid, math.ceil(width * beta / grid) * grid
+    return w, h
 
 
 def chat_template(name: str) -> str:

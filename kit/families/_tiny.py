@@ -37,7 +37,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
 # here, not imported, so the kit's models do not depend on a data source).
 CHART_TEXT = ("A", "B", "C", "D", "E", "F", "G", "H", "How many bars are in the chart?",
               "Which label has the highest value?", "Which label has the lowest value?", "What is the value of A?")
-WORDS = ("the a of in and to is what which how many value highest lowest largest smallest bar line "
+WORDS = ("the a of in and to is what which how many value highest lowest largest smallest bar line "  # noqa: SIM905
          "chart year percent total average difference between sum number answer question image picture "
          "shows label axis title red blue green orange purple you are helpful assistant system user "
          "latex formula equation write read this reply with word only").split()

@@ -5,6 +5,7 @@ merger into `out_hidden_size`. llama.cpp: text arch qwen2vl, projector qwen2.5vl
 """
 
 from dataclasses import replace
+from functools import partial
 
 from kit.families import Linear, LlamaNames, LoraNames, Shape
 from kit.families import _tiny, qwen2_vl
@@ -35,10 +36,6 @@ def shape(config) -> Shape:
                                  vision.out_hidden_size)
 
 
-def build_processor(tokenizer):
-    return qwen2_vl.build_processor(tokenizer, "Qwen2_5_VLProcessor")
-
-
 def config(tokenizer, text: dict, vision: dict, **extra):
     from transformers import Qwen2_5_VLConfig
 
@@ -49,6 +46,7 @@ def config(tokenizer, text: dict, vision: dict, **extra):
 
 
 # tiny: Qwen2-VL's tiny text model and init with the 2.5 tower in small; random: 3B ~7.5 GB, 7B ~16.6 GB of disk
+build_processor = partial(qwen2_vl.build_processor, processor_class="Qwen2_5_VLProcessor")
 build_tiny, build_random = qwen2_vl.builders("Qwen2_5_VLForConditionalGeneration", config, build_processor,
                                              TEXT_SHAPES, VISION, TINY_VISION)
 

@@ -138,7 +138,7 @@ DENSE_TINY, DENSE_RANDOM = builders(moe=False)
 MOE_TINY, MOE_RANDOM = builders(moe=True)
 COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, shape=shape,
               chat_template_kwargs=_qwen3.THINKING_OFF, claims_processor=_qwen3.uses_qwen3_5_tokenizer,
-              tiny_version="v2",
+              tiny_version="v2", video_timestamps=True, video_size=_qwen3.video_size,  # its processor is Qwen3-VL's
               # transformers 5.17's Gated DeltaNet (torch path) runs its causal conv and recurrent state across a
               # packed row: packed loss 6.3795 against 6.3756 padded on the tiny model (tests/test_packing.py)
               packs=False)

@@ -110,7 +110,7 @@ MOE_TINY, MOE_RANDOM = builders(moe=True)
 COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, shape=shape,
               # Qwen3-VL-Instruct's template has no thinking and reads no flag for it (a flag it does not read,
               # transformers takes for a processor argument and warns about at every call)
-              claims_processor=claims, tiny_version="v2")
+              claims_processor=claims, tiny_version="v2", video_timestamps=True, video_size=_qwen3.video_size)
 FAMILIES = (
     Family(name="qwen3-vl", model_types=("qwen3_vl",), lora=LORA, build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
            build_random=DENSE_RANDOM, llama=LlamaNames(text_arch="qwen3vl", projector="qwen3vl_merger"), **COMMON),

@@ -43,7 +43,7 @@ def bare_venv() -> Path:
 
 def start(python: Path, args: list[str], report: Path) -> subprocess.Popen:
     """`python args... --dry-run --report report` in the background; stdout/stderr kept beside the report."""
-    log = open(report.with_suffix(".log"), "w")
+    log = open(report.with_suffix(".log"), "w")  # noqa: SIM115  (the child process writes it after we return)
     return subprocess.Popen([str(python), *args, "--dry-run", "--report", str(report)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
 

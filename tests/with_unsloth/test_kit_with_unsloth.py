@@ -50,7 +50,7 @@ def test_unsloth_patches_are_active():
     from transformers import Qwen2VLImageProcessor
 
     from kit.backend import unsloth_compile_dir
-    from kit.sft import trainer_class
+    from kit.train.sft import trainer_class
 
     pixels = Qwen2VLImageProcessor.__dict__["min_pixels"]
     assert isinstance(pixels, property) and pixels.fset is None
@@ -66,7 +66,7 @@ def test_processor_setup_and_collator():
     from transformers import AutoProcessor
 
     from data.synthetic import generate
-    from kit.chat import IGNORE, VisionCollator, set_pixels
+    from kit.inputs.chat import IGNORE, VisionCollator, set_pixels
     from kit.model import resolve
 
     processor = AutoProcessor.from_pretrained(resolve("tiny"))
@@ -92,7 +92,7 @@ def test_plan(tmp_path):
 
 
 def test_train_writes_checkpoints_and_an_adapter(lora_run):
-    """train.py's trainer (kit/sft.py; checkpoints marked complete by kit/checkpoints.py) around Unsloth's
+    """train.py's trainer (kit/train/sft.py; checkpoints marked complete by kit/train/checkpoints.py) around Unsloth's
     generated SFTTrainer, with Unsloth's for_training; the base comes from the from_pretrained stand-in."""
     folder, output = lora_run
     assert "backend unsloth" in output
@@ -173,7 +173,7 @@ def test_contract_keywords_bind_to_the_installed_unsloth(calls, changes, expecte
     recipe's gradient_checkpointing / unsloth_dynamic_4bit / finetune reach them."""
     import recipes
     from kit import model as models
-    from kit.generate import prepare_for_inference
+    from kit.evaluate.generate import prepare_for_inference
 
     recipe, _ = recipes.load("demo", [*LORA, "lora_r=8", *[f"{k}={v}" for k, v in changes.items()]])
     model, _ = models.load_for_training(models.resolve("tiny"), recipe, "unsloth", __import__("torch").float32)
