@@ -40,7 +40,7 @@ from pathlib import Path
 
 import click
 
-from kit import report
+from kit import heldout, report
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 from kit.metrics import METRICS, exact_correct, relaxed_correct, split_think
@@ -203,23 +203,6 @@ def default_out(kind: str, run_dir: Path | None, weights_dir: Path | None) -> Pa
     return (weights_dir or run_dir) / "eval"
 
 
-def heldout_samples(recipe, run_dir: Path, limit: int):
-    """The run's held-out rows (heldout.jsonl, in the order training scored them), from its own dataset."""
-    import data
-
-    rows = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines() if line.strip()]
-    rows = rows[:limit] if limit else rows
-    source = data.load(recipe, rows[0]["split"], progress=False)
-    picked = source.select([r["index"] for r in rows]) if hasattr(source, "select") else \
-        [source[r["index"]] for r in rows]
-    for row, sample in zip(rows, picked):
-        if sample.get("id") != row["id"]:
-            raise UserError(f"{run_dir}/heldout.jsonl: row {row['index']} of {recipe['dataset']} "
-                            f"({row['split']}) is now {sample.get('id')!r}, not {row['id']!r}: the data changed "
-                            "since training; pass --data/--split to score other rows")
-    return picked
-
-
 def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | None = None):
     """(usable samples, skipped rows, split shown): every row checked (image opens, answer present) before any
     model loads. Without --data/--split: the run's held-out rows, else its dataset's test split."""
@@ -240,7 +223,7 @@ def load_samples(recipe, data_spec, split, limit, on_bad_row, run_dir: Path | No
                         "was trained on; pass --data jsonl:OTHER_FILE, or train with --set eval_fraction=0.05")
     try:
         if held:
-            samples, split = heldout_samples(recipe, run_dir, limit), "held-out rows of the run"
+            samples, split = heldout.heldout_samples(recipe, run_dir, limit), "held-out rows of the run"
         else:
             split = "every row of the file" if files else split or "test"
             samples = data.load(eval_recipe, split)
