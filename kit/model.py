@@ -145,7 +145,11 @@ def add_lora(model, recipe: dict, backend: str):
             # get_peft_model switches checkpointing on by itself ("unsloth") unless told otherwise
             use_gradient_checkpointing="unsloth" if recipe["gradient_checkpointing"] else False)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
+    # peft draws lora_A from torch's global generator: seeded, two runs of a recipe start from the same adapter
+    # (what Unsloth's random_state does), so a resumed run can match an uninterrupted one bit for bit
+    set_seed(recipe["seed"])
     if recipe["load_in_4bit"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
     config = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
