@@ -94,8 +94,8 @@ def get_peft_model_standin(model, *args, **kwargs):
               "finetune_attention_modules": bound["finetune_attention_modules"],
               "finetune_mlp_modules": bound["finetune_mlp_modules"], "lora_r": bound["r"],
               "lora_alpha": bound["lora_alpha"], "lora_dropout": bound["lora_dropout"], "load_in_4bit": False,
-              "gradient_checkpointing": bound["use_gradient_checkpointing"] is not False}
-    torch.manual_seed(bound["random_state"])
+              "gradient_checkpointing": bound["use_gradient_checkpointing"] is not False,
+              "seed": bound["random_state"]}  # add_lora seeds peft's initialisation with it, as Unsloth does
     return add_lora(model, recipe, "hf")
 
 
