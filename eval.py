@@ -4,6 +4,7 @@ ChartQA's relaxed accuracy, exact match, ANLS, CER / WER or ROUGE-L.
     python eval.py runs/chartqa --compare base,base+prompt,finetuned
     python eval.py runs/demo --compare base,finetuned --control shuffled
     python eval.py runs/demo-qlora --compare base,finetuned --question-types count,max --out runs/demo-qlora/eval-old
+    python eval.py runs/qlora --compare finetuned,merged,gguf    # as trained vs what merge.py exported
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
     python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
     python eval.py --score runs/demo/eval/predictions.jsonl --relaxed-rule lenient --out runs/demo/eval-lenient
@@ -18,8 +19,11 @@ its dataset's test split; never silently on its training rows.
 
 Systems: `finetuned` is the run's model with the recipe's system prompt, as it was trained; `base` is the run's
 base model with only the chat template's default system message; `base+prompt` is the base model with the
-recipe's system prompt (the prompt-only baseline). `--control shuffled` scores each system again with every
-question shown another test chart, which tells how much of the score comes from looking at the chart.
+recipe's system prompt (the prompt-only baseline); `merged` and `gguf` are what merge.py exported from the run
+(RUN/export.json): its merged 16-bit folder and every GGUF text model as gguf:QUANT (gguf:q4_k_m for one), scored
+on the same questions against `finetuned` (for a QLoRA run, its 4-bit base + adapter, as trained).
+`--control shuffled` scores each system again with every question shown another test chart, which tells how much
+of the score comes from looking at the chart.
 
 The metric is the run's recipe's metric_for_best_model (what training kept its best checkpoint by and GRPO
 rewards), or --metric: relaxed_accuracy (charts; with exact match), exact_match, anls (documents; with exact
@@ -50,7 +54,7 @@ import click
 
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
-from kit.evaluate import predictions, report, task_metrics
+from kit.evaluate import exported, predictions, report, task_metrics
 from kit.evaluate.questions import derangement, load_samples, shown_other, with_question_types
 from kit.evaluate.scoring import METRICS as RELAXED_RULES
 
@@ -65,7 +69,9 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--split", help="Dataset split (ignored for jsonl). Default: the run's held-out rows (heldout.jsonl, "
                               "what it evaluated during training), else the test split; never its training rows.")
 @click.option("--limit", default=0, help="Score only the first N samples (0 = all).")
-@click.option("--compare", default="base,base+prompt,finetuned", help="Comma-separated systems to score.")
+@click.option("--compare", default="base,base+prompt,finetuned",
+              help="Comma-separated systems to score: base, base+prompt, finetuned, and what merge.py exported: "
+                   "merged, gguf (every GGUF file) or gguf:QUANT, e.g. --compare finetuned,merged,gguf.")
 @click.option("--control", type=click.Choice(["none", "shuffled"]), default="none",
               help="shuffled: also score every system with each question shown another question's image.")
 @click.option("--batch-size", default=8, help="Questions generated together in one call (left padding).")
@@ -141,10 +147,7 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     max_new_tokens = max_new_tokens or recipe.get("max_completion_length", 32)
     if question_types:  # a run's held-out rows ask its own types: the test split asks the chosen ones
         recipe, split = with_question_types(recipe, question_types, data_spec), split or "test"
-    systems = [name.strip() for name in compare.split(",") if name.strip()]
-    unknown = [name for name in systems if name not in SYSTEMS]
-    if unknown or not systems:
-        raise UserError(f"--compare {compare}: choose from {', '.join(SYSTEMS)}")
+    systems, deployed = exported.choose(compare, SYSTEMS, run_dir, kind)  # merged, gguf: from RUN/export.json
     if "base+prompt" in systems and not recipe["system_prompt"]:
         click.echo("note: base+prompt left out: the recipe has no system_prompt, so it would be the same as base")
         systems.remove("base+prompt")
@@ -173,6 +176,9 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     if "finetuned" in systems:
         score_systems("finetuned", ["finetuned"], run_dir, recipe, backend, samples, donors, batch_size,
                       max_new_tokens, answers, seconds, weights_dir, kind)
+    for name, path in deployed.items():
+        score_systems(name, [name], run_dir, recipe, backend, samples, donors, batch_size, max_new_tokens, answers,
+                      seconds, path, "deployed")
 
     # --- save ---------------------------------------------------------------------------------------
     rows = predictions.model_rows(samples, donors, answers, metric, relaxed_rule)
@@ -238,11 +244,11 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     from kit.evaluate.generate import generate_answers, prepare_for_inference
     from kit.inputs import chat, video
 
-    if model_kind == "finetuned" and target_kind == "gguf":
-        score_gguf(weights_dir, recipe, samples, donors, max_new_tokens, answers, seconds)
+    if model_kind == "finetuned" and target_kind == "gguf" or model_kind.startswith("gguf:"):
+        score_gguf(weights_dir, recipe, samples, donors, max_new_tokens, answers, seconds, model_kind)
         return
     dtype = backends.torch_dtype(backends.precision())
-    if model_kind == "finetuned" and target_kind == "model":
+    if model_kind == "finetuned" and target_kind == "model" or model_kind == "merged":
         model, processor = models.load_base(models.resolve(str(weights_dir)), backend, False, dtype,
                                             gradient_checkpointing=False)
     elif model_kind == "finetuned":
@@ -270,16 +276,16 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
         torch.cuda.empty_cache()
 
 
-def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds):
-    """The GGUF pair as the `finetuned` system, one question at a time in llama.cpp (greedy)."""
+def score_gguf(path, recipe, samples, donors, max_new_tokens, answers, seconds, system="finetuned"):
+    """The GGUF pair as `system`, one question at a time in llama.cpp (greedy)."""
     from tqdm import tqdm
 
     from kit.export.llama import gguf_answers
 
     shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None
-    for name, batch in [("finetuned", samples)] + ([("finetuned (shuffled)", shuffled)] if shuffled else []):
-        with tqdm(total=len(batch), desc=f"{name} (gguf)", mininterval=2) as bar:
+    for name, batch in [(system, samples)] + ([(f"{system} (shuffled)", shuffled)] if shuffled else []):
+        with tqdm(total=len(batch), desc=name if name.startswith("gguf") else f"{name} (gguf)", mininterval=2) as bar:
             answers[name], spent = gguf_answers(path, recipe, batch, recipe["system_prompt"], max_new_tokens,
                                                 bar.update)
         seconds[name] = spent / len(batch)

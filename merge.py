@@ -7,7 +7,10 @@
 
 merged/  safetensors and every processor file (AutoModelForImageTextToText / AutoProcessor load it), the run's
          run_config.json, and merge_report.json: the unmerged model against the reloaded merged one on 4 fixed
-         charts (largest logit difference, identical greedy answers).
+         charts (largest logit difference, identical greedy answers). A run trained on a 4-bit base (QLoRA) is
+         also compared as it was trained (NF4 base + adapter, what eval.py scored) with the merged 16-bit model
+         on 16 held-out rows ("as_trained"): the base's quantization error is gone from the merged model and the
+         GGUF, and this says how much that changes; eval.py RUN --compare finetuned,merged,gguf scores it.
 gguf/    <run>-<quant>.gguf (arch qwen2vl) for each --quant and mmproj-<run>-f16.gguf (f32 when --quant has f32),
          written by llama.cpp's own convert_hf_to_gguf.py, with gguf_report.json: every file run in llama.cpp on a
          chart question and on the same question without the chart, its greedy tokens against the merged model's.
@@ -16,16 +19,19 @@ appear under their names only once complete. RUN_DIR/export.json then says what 
 figures, every llama.cpp proof and the llama.cpp commands (the board reads it; nothing needs the printed lines).
 """
 
+import json
 import shlex
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from kit import families, run_checks
-from kit.export import gguf, llama, merging
+from kit.export import as_trained as as_trained_run
+from kit.export import gguf, gguf_export, llama, merging
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
 
@@ -56,47 +62,80 @@ def main(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force
         run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
 
 
+AS_TRAINED_PROMPTS = 16  # held-out rows on which a 4-bit run as trained meets its merged model
+
+
+@dataclass
+class Job:
+    """What merge.py was asked to do: the run, what to write where, and the llama.cpp tools for it."""
+    run_dir: Path
+    recipe: dict
+    name: str
+    adapter: bool  # a LoRA run (else a full fine-tune, already merged)
+    targets: list[str]
+    quants: list[str]
+    folders: dict[str, Path]  # target -> its final folder
+    converter: Path | None = None
+    quantizer: str | None = None
+
+    @property
+    def four_bit(self) -> bool:
+        """Trained on an NF4 base: the merged 16-bit model is then another model than the one trained."""
+        return self.adapter and bool(self.recipe.get("load_in_4bit"))
+
+
 def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force):
     started = time.time()
     from kit.noise import silence_known_noise
 
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
+    job = setup(run_dir, targets, quants, out, llama_cpp_dir, verify, force)
+    results = export(job, dtype_name, verify)
+    save(job, results, started)
 
-    # --- options: what to write, where, and with which tools -------------------------------------------------
+
+def setup(run_dir: Path, targets: str, quants: str, out, llama_cpp_dir, verify: bool, force: bool) -> Job:
+    """The options checked and the tools found, before any slow work."""
     run_config = run_checks.read_run_config(run_dir)
     run_checks.check(run_dir, run_config, run_checks.run_fix(run_dir))  # before any slow work, in one line
     recipe = run_config["recipe"]
     targets = _choices(targets, ("merged", "gguf"), "--to")
-    quants = _choices(quants, QUANTS, "--quant") if "gguf" in targets else []
     name = run_dir.resolve().name
-    folders = {t: out / t if out else run_dir.resolve().parent / f"{name}-{t}" for t in targets}
-    for folder in folders.values():
+    job = Job(run_dir, recipe, name, (run_dir / "adapter_config.json").exists(), targets,
+              _choices(quants, QUANTS, "--quant") if "gguf" in targets else [],
+              {t: out / t if out else run_dir.resolve().parent / f"{name}-{t}" for t in targets})
+    for folder in job.folders.values():
         if folder.exists() and not force:
             raise UserError(f"{folder} already exists: add --force to replace it, or --out to write elsewhere")
-    if "gguf" in targets:  # before any slow work: the converter, the quantizer, llama-cpp-python
+    if "gguf" in targets:  # the converter, the quantizer, llama-cpp-python
         from kit.export.converter import find_converter
 
-        converter = find_converter(llama_cpp_dir)
-        quantizer = gguf.check_gguf_tools(quants, verify, llama_cpp_dir)
-        click.echo(f"converter: {converter}")
+        job.converter = find_converter(llama_cpp_dir)
+        job.quantizer = gguf.check_gguf_tools(job.quants, verify, llama_cpp_dir)
+        click.echo(f"converter: {job.converter}")
+    return job
 
-    # --- load: the run's model with its adapter still separate, and what it says on fixed prompts ---------------
+
+def export(job: Job, dtype_name: str, verify: bool) -> dict:
+    """Merge, reload and compare (with the run as trained too, for a 4-bit run); convert, quantize, prove in
+    llama.cpp. What it proved, for export.json."""
     from kit.model import resolve
 
-    adapter = (run_dir / "adapter_config.json").exists()
+    recipe, system_prompt = job.recipe, job.recipe["system_prompt"]
+    # first, so that the 4-bit and the 16-bit model are never in memory together
+    as_trained = as_trained_run.probe(job.run_dir, recipe, AS_TRAINED_PROMPTS) if job.four_bit else None
     device, dtype, dtype_name = merging.plan_merge(
-        resolve(recipe["model_name_or_path"]) if adapter else str(run_dir), dtype_name)
-    what = f"{recipe['model_name_or_path']} + the LoRA adapter" if adapter else "the fully fine-tuned model"
-    click.echo(f"loading {what} from {run_dir} ({dtype_name} on {device}; never 4-bit for merging)")
-    model, processor = merging.load_unmerged(run_dir, recipe, device, dtype)
-    system_prompt = recipe["system_prompt"]
+        resolve(recipe["model_name_or_path"]) if job.adapter else str(job.run_dir), dtype_name)
+    what = f"{recipe['model_name_or_path']} + the LoRA adapter" if job.adapter else "the fully fine-tuned model"
+    click.echo(f"loading {what} from {job.run_dir} ({dtype_name} on {device}; never 4-bit for merging)")
+    model, processor = merging.load_unmerged(job.run_dir, recipe, device, dtype)
     samples, samples_from = merging.parity_samples(recipe)
     click.echo(f"parity prompts: {samples_from}")
     unmerged = [merging.probe(model, processor, sample, system_prompt) for sample in samples]
-
-    # --- run: merge, reload, compare; convert, quantize, prove in llama.cpp --------------------------------------
-    with merging.staged(folders) as staging, tempfile.TemporaryDirectory(
-            prefix=".merged-scratch-", dir=next(iter(folders.values())).parent) as scratch:
+    results = {"dtype": dtype_name, "device": device, "gguf": None, "sample": samples[0],
+               "chat_template": processor.chat_template}
+    with merging.staged(job.folders) as staging, tempfile.TemporaryDirectory(
+            prefix=".merged-scratch-", dir=next(iter(job.folders.values())).parent) as scratch:
         merged_dir = staging.get("merged", Path(scratch))
         merging.merge_and_save(model, processor, merged_dir)
         del model
@@ -105,48 +144,67 @@ def run(run_dir, targets, quants, out, llama_cpp_dir, dtype_name, verify, force)
         probes = [merging.probe(merged, merged_processor, sample, system_prompt) for sample in samples]
         stop_ids = merging.stop_ids(merged)
         parity = merging.parity_report(samples, unmerged, probes, stop_ids, merged_processor.tokenizer)
-        report_parity(parity, "LoRA adapter on the base" if adapter else "run's model")
-        if "merged" in targets:
-            shutil.copy(run_dir / "run_config.json", merged_dir)
+        report_parity(parity, "LoRA adapter on the 16-bit base" if job.adapter else "run's model")
+        results["parity"] = {"prompts": samples_from, **parity}
+        if as_trained:
+            results["as_trained"] = as_trained_run.compare(as_trained, merged, merged_processor, stop_ids,
+                                                           system_prompt)
+        if "merged" in job.targets:
+            shutil.copy(job.run_dir / "run_config.json", merged_dir)
             merging.write_json(merged_dir / "merge_report.json", {
-                "run_dir": str(run_dir), "finetune": "lora" if adapter else "full",
-                "base": recipe["model_name_or_path"], "dtype": dtype_name, "device": device, **parity})
-        if "gguf" in targets:
+                "run_dir": str(job.run_dir), "finetune": "lora" if job.adapter else "full",
+                "base": recipe["model_name_or_path"], "dtype": dtype_name, "device": device, **parity,
+                **({"as_trained": results["as_trained"]} if as_trained else {})})
+        if "gguf" in job.targets:  # the merged model's answers to hold llama.cpp's against, then its memory freed
             text_sample = merging.without_image(samples[0])
-            references = {"image": (samples[0], probes[0]),
-                          "text": (text_sample, merging.probe(merged, merged_processor, text_sample, system_prompt))}
+            references = {"image": (samples[0], probes[0]), "text": (text_sample, merging.probe(
+                merged, merged_processor, text_sample, system_prompt))}
             image_token_id = merged.config.image_token_id
             del merged
             merging.release_memory()
-            gguf_dir = staging["gguf"]
-            report = write_gguf(converter, quantizer, merged_dir, gguf_dir, folders["gguf"], name, quants,
-                                recipe["model_name_or_path"])
-            family = families.of_model(str(merged_dir))  # config.json: a processor alone does not tell MoE from dense
-            report.update(llama.image_token_limits(recipe, family.grid(merged_processor)), family=family.name,
-                          system_prompt=system_prompt)
-            if verify:
-                from importlib.metadata import version
+            results["gguf"] = export_gguf(job, staging["gguf"], merged_dir, merged_processor, references,
+                                          image_token_id, stop_ids, verify)
+    return results
 
-                report.update(llama_cpp_python=version("llama_cpp_python"), verification=prove(
-                    gguf_dir, report, references, merged_processor, stop_ids, image_token_id, system_prompt))
-            shutil.copy(run_dir / "run_config.json", gguf_dir)
-            merging.write_json(gguf_dir / "gguf_report.json", report)
 
-    # --- save: the folders are in place now; say what is where and how to run it ------------------------------
-    for target, folder in folders.items():
+def export_gguf(job: Job, gguf_dir: Path, merged_dir: Path, processor, references: dict, image_token_id: int,
+                stop_ids: set, verify: bool) -> dict:
+    """The GGUF files written into `gguf_dir` and, with --verify, proven in llama.cpp against the merged model's
+    `references` ({kind: (prompt, its probe)})."""
+    system_prompt = job.recipe["system_prompt"]
+    report = gguf_export.write_gguf(job.converter, job.quantizer, merged_dir, gguf_dir, job.folders["gguf"],
+                                    job.name, job.quants, job.recipe["model_name_or_path"])
+    family = families.of_model(str(merged_dir))  # config.json: a processor alone does not tell MoE from dense
+    report.update(llama.image_token_limits(job.recipe, family.grid(processor)), family=family.name,
+                  system_prompt=system_prompt)
+    if verify:
+        from importlib.metadata import version
+
+        report.update(llama_cpp_python=version("llama_cpp_python"), verification=gguf_export.prove(
+            gguf_dir, report, references, processor, stop_ids, image_token_id, system_prompt))
+    shutil.copy(job.run_dir / "run_config.json", gguf_dir)
+    merging.write_json(gguf_dir / "gguf_report.json", report)
+    return report
+
+
+def save(job: Job, results: dict, started: float):
+    """The folders are in place now: say what is where and how to run it, and write RUN/export.json."""
+    for target, folder in job.folders.items():
         click.echo(f"{target}: {folder}")
-    commands = llama_commands(folders["gguf"], report, samples[0], system_prompt,
-                              merged_processor.chat_template) if "gguf" in targets else {}
-    if commands:
+    report, commands = results["gguf"], {}
+    if report:
+        commands = llama_commands(job.folders["gguf"], report, results["sample"], job.recipe["system_prompt"],
+                                  results["chat_template"])
         click.echo("run it in llama.cpp:")
         for command in commands.values():
             click.echo("  " + shlex.join(command))
-    merging.write_json(run_dir / "export.json", {
-        "run_dir": str(run_dir), "finetune": "lora" if adapter else "full", "dtype": dtype_name, "device": device,
-        "outputs": {target: str(folder) for target, folder in folders.items()},
-        "parity": {"prompts": samples_from, **parity},
+    merging.write_json(job.run_dir / "export.json", {
+        "run_dir": str(job.run_dir), "finetune": "lora" if job.adapter else "full", "four_bit": job.four_bit,
+        "dtype": results["dtype"], "device": results["device"],
+        "outputs": {target: str(folder) for target, folder in job.folders.items()},
+        "parity": results["parity"], "as_trained": results.get("as_trained"),
         "gguf": {key: report[key] for key in ("models", "mmproj", "quantization", "pre_tokenizer_forced_qwen2",
-                                              "verification") if key in report} if "gguf" in targets else None,
+                                              "verification") if key in report} if report else None,
         "llama_cpp_commands": commands, "seconds": round(time.time() - started, 1)})
     click.echo(f"done in {time.time() - started:.0f} s")
 
@@ -169,89 +227,6 @@ def report_parity(parity: dict, unmerged_name: str):
     if parity["identical_answers"] < parity["num_samples"]:
         click.echo("note: some greedy answers differ; in 16-bit the merged weights are rounded once more than "
                    "base + adapter, which can flip a near-tie (see merge_report.json)")
-
-
-def write_gguf(converter, quantizer, merged_dir: Path, gguf_dir: Path, final_dir: Path, name: str,
-               quants: list[str], base: str) -> dict:
-    """The text model in every --quant and the vision projector, written into `gguf_dir` (renamed to `final_dir`)."""
-    logs = gguf_dir / "logs"
-    logs.mkdir()
-    metadata = logs / "metadata.json"  # the run's name, not the temporary folder's, in general.name/finetune
-    merging.write_json(metadata, gguf.gguf_metadata(name, base))
-    report = {"name": name, "converter": str(converter), "models": {}, "quantization": {},
-              "pre_tokenizer_forced_qwen2": False}
-
-    def convert(filename: str, outtype: str, mmproj: bool = False) -> Path:
-        path, started = gguf_dir / filename, time.time()
-        forced = gguf.convert(converter, merged_dir, path, outtype, name, mmproj, logs / f"convert-{path.stem}.log",
-                                metadata)
-        if forced and not report["pre_tokenizer_forced_qwen2"]:
-            click.echo(f"note: {gguf.forced_pre_note(families.of_model(str(merged_dir)).llama.pre_tokenizer)}")
-        report["pre_tokenizer_forced_qwen2"] |= forced
-        wrote(path, started)
-        return path
-
-    def wrote(path: Path, started: float):
-        where = final_dir / path.name if path.parent == gguf_dir else "the quantizer's input, removed at the end"
-        click.echo(f"wrote {where} ({path.stat().st_size / 1e6:,.1f} MB, {time.time() - started:.1f} s)")
-
-    for quant in quants:
-        if quant in gguf.CONVERTER_TYPES:
-            report["models"][quant] = convert(f"{name}-{quant}.gguf", quant).name
-    quantizer_input = gguf_dir / f"{name}-f16.gguf" if "f16" in quants else logs / f"{name}-f16.gguf"
-    for quant in (q for q in quants if q in gguf.QUANTIZER_TYPES):
-        if not quantizer_input.exists():
-            convert(str(quantizer_input.relative_to(gguf_dir)), "f16")
-        path, started = gguf_dir / f"{name}-{quant}.gguf", time.time()
-        gguf.quantize(quantizer, quantizer_input, path, quant, logs / f"quantize-{path.stem}.log")
-        wrote(path, started)
-        types = gguf.tensor_types(path)
-        note = gguf.k_quant_note(quant, types)
-        if note:
-            click.echo(f"note: {note}")
-        report["quantization"][quant] = {"quantizer": quantizer, **types, "note": note}
-        report["models"][quant] = path.name
-    if quantizer_input.parent == logs:
-        quantizer_input.unlink(missing_ok=True)
-    report["models"] = {quant: report["models"][quant] for quant in quants}  # --quant's order: the first is shown
-    # The vision tower is small: f16 as usual, f32 beside an f32 text model so that one can be compared exactly.
-    mmproj_type = "f32" if "f32" in quants else "f16"
-    report["mmproj"] = convert(f"mmproj-{name}-{mmproj_type}.gguf", mmproj_type, mmproj=True).name
-    return report
-
-
-def prove(gguf_dir: Path, report: dict, references: dict, processor, stop_ids: set, image_token_id: int,
-          system_prompt: str) -> dict:
-    """Each GGUF text model with the mmproj in llama.cpp, on the chat text the merged model saw."""
-    results = {}
-    for quant, filename in report["models"].items():
-        pair = llama.LlamaCppPair(gguf_dir / filename, gguf_dir / report["mmproj"], report["image_min_tokens"],
-                                   report["image_max_tokens"], family=families.by_name(report["family"]))
-        try:
-            results[quant] = {}
-            for kind, (sample, hf) in references.items():
-                text = merging.chat_text(processor, sample, system_prompt)
-                ours = pair.run(text, sample["images"][0] if sample["images"] else None, len(hf["answer_ids"]))
-                result = merging.compare_runs(hf, ours, image_token_id, stop_ids, processor.tokenizer)
-                results[quant][kind] = {"question": sample["messages"][0]["content"][-1]["text"], **result}
-                click.echo(f"llama.cpp {filename}, {kind} prompt: {describe(result)}")
-        finally:
-            pair.close()
-    return results
-
-
-def describe(result: dict) -> str:
-    if result["prompt_identical"]:
-        prompt = f"same {result['prompt_tokens']} prompt tokens, max |logit diff| {result['max_abs_logit_diff']:.1e}"
-    else:
-        prompt = "PROMPT TOKENS DIFFER from the merged model's"
-    answer = f"answer {result['llama_cpp_answer']!r}"
-    count = len(result["hf_tokens"])
-    if result["agree"]:
-        return f"{prompt}; {answer}, greedy tokens {count}/{count} the merged model's"
-    at = result["first_divergence"]
-    return (f"{prompt}; {answer} vs merged {result['hf_answer']!r}: greedy tokens part at {at} of {count} "
-            f"(llama.cpp {result['llama_cpp_tokens'][at]}, merged model {result['hf_tokens'][at]})")
 
 
 def llama_commands(gguf_dir: Path, report: dict, sample: dict, system_prompt: str,

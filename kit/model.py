@@ -105,7 +105,8 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+            llm_int8_skip_modules=modules_kept_16bit(path))
     if torch.cuda.is_available():
         from kit.train.distributed import device_map
 
@@ -113,6 +114,14 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
+
+
+def modules_kept_16bit(path: str) -> list[str] | None:
+    """BitsAndBytesConfig's llm_int8_skip_modules for the family of the model at `path`: None (transformers'
+    default, the output head) when the family quantizes every other Linear. A list replaces that default rather
+    than adding to it (transformers 5.17's bnb quantizer), so the head is named again."""
+    kept = families.of_model(path).keep_16bit
+    return ["lm_head", *kept] if kept else None
 
 
 def add_lora(model, recipe: dict, backend: str):
@@ -137,7 +146,11 @@ def add_lora(model, recipe: dict, backend: str):
             # get_peft_model switches checkpointing on by itself ("unsloth") unless told otherwise
             use_gradient_checkpointing="unsloth" if recipe["gradient_checkpointing"] else False)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
+    # peft draws lora_A from torch's global generator: seeded, two runs of a recipe start from the same adapter
+    # (what Unsloth's random_state does), so a resumed run can match an uninterrupted one bit for bit
+    set_seed(recipe["seed"])
     if recipe["load_in_4bit"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
     config = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],

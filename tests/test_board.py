@@ -351,3 +351,29 @@ def test_a_folder_holding_only_a_plan_is_no_run_yet(tmp_path):
     assert not board_runs.holds_run(run) and board_runs.log_path(run) == tmp_path / "runs" / ".r1.train.log"
     (run / "run_config.json").write_text("{}")
     assert board_runs.holds_run(run) and board_runs.log_path(run) == run / "train.log"
+
+
+def test_export_tab_shows_the_run_as_trained_against_what_was_exported():
+    """A 4-bit run's export: export.json's as-trained comparison, and eval.py's scores of the merged model and the
+    GGUF files against the run as trained (report.json of eval.py --compare finetuned,merged,gguf)."""
+    from kit.board import runs as board_runs
+
+    comparison = {"num_samples": 4, "identical_answers": 4, "max_abs_logit_diff": 1e-6, "prompts": "4 charts"}
+    export = {"finetune": "lora", "outputs": {"merged": "runs/q-merged"}, "llama_cpp_commands": {},
+              "parity": comparison,
+              "as_trained": {**comparison, "identical_answers": 14, "num_samples": 16, "max_abs_logit_diff": 0.25,
+                             "prompts": "the first 16 usable synthetic test charts"}}
+    systems = {name: {"relaxed": {"accuracy": accuracy}} for name, accuracy in
+               (("finetuned", 0.5), ("merged", 0.45), ("gguf:q4_k_m", 0.4))}
+    pairs = [{"baseline": "finetuned", "candidate": name, "fixed": 1, "broken": broken, "mcnemar_p": 0.5}
+             for name, broken in (("merged", 2), ("gguf:q4_k_m", 3))]
+    proven, _ = board_runs.export_view(export, {"samples": 20, "systems": systems, "pairs": pairs})
+    assert ("as trained (4-bit base + adapter) vs the merged 16-bit model on the first 16 usable synthetic test "
+            "charts: identical greedy answers 14/16; max |logit difference| 2.50e-01") in proven
+    assert "eval.py on 20 questions: as trained (finetuned) 50.0 %" in proven
+    assert "merged 45.0 %: fixed 1, broken 2 against as trained" in proven
+    assert "gguf:q4_k_m 40.0 %: fixed 1, broken 3 against as trained" in proven
+    plain, _ = board_runs.export_view({**export, "as_trained": None}, {"samples": 20, "systems": systems, "pairs": []})
+    assert "as trained (4-bit" not in plain
+    assert board_runs.export_view(export, {"systems": {"finetuned": systems["finetuned"]}, "pairs": []}) == \
+        board_runs.export_view(export)  # an evaluation without exported systems adds nothing

@@ -299,3 +299,34 @@ def test_score_bad_input_is_named(tmp_path):
     assert (tmp_path / "out" / "report.json").read_text() == before
     result = eval_cli([])
     assert result.exit_code == 2 and "--score" in result.output
+
+
+def test_exported_systems_come_from_export_json_or_one_line_naming_the_fix(tmp_path):
+    """--compare merged / gguf / gguf:QUANT: found through RUN/export.json, each file checked; what is missing is one
+    line with the merge.py command that writes it."""
+    from kit.evaluate import exported
+    from kit.errors import UserError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert exported.choose("base,finetuned", ("base", "finetuned"), run, "run") == (["base", "finetuned"], {})
+    with pytest.raises(UserError, match="export.json does not exist.*merge.py"):
+        exported.choose("finetuned,merged", ("finetuned",), run, "run")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "run-f16.gguf").write_bytes(b"")
+    (tmp_path / "merged").mkdir()
+    (run / "export.json").write_text(json.dumps({
+        "outputs": {"merged": str(tmp_path / "merged"), "gguf": str(tmp_path / "gguf")},
+        "gguf": {"models": {"f16": "run-f16.gguf"}}}))
+    systems, deployed = exported.choose("finetuned,merged,gguf", ("finetuned",), run, "run")
+    assert systems == ["finetuned"]
+    assert deployed == {"merged": tmp_path / "merged", "gguf:f16": tmp_path / "gguf" / "run-f16.gguf"}
+    with pytest.raises(UserError, match="has GGUF f16; write q4_k_m with python merge.py .* --quant f16,q4_k_m"):
+        exported.choose("gguf:q4_k_m", ("finetuned",), run, "run")
+    with pytest.raises(UserError, match="choose from finetuned, merged, gguf"):
+        exported.choose("finetuned,mergd", ("finetuned",), run, "run")
+    with pytest.raises(UserError, match="give the run folder"):
+        exported.choose("merged", ("finetuned",), None, "gguf")
+    (tmp_path / "gguf" / "run-f16.gguf").unlink()
+    with pytest.raises(UserError, match="run-f16.gguf .* is gone"):
+        exported.choose("gguf", ("finetuned",), run, "run")

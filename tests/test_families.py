@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from kit import families
-from tests.conftest import QUICK, train_cli
+from tests.conftest import QLORA, QUICK, train_cli
 
 MATRIX = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe"]
 # what llama.cpp calls each family (its converter's arch and clip.projector_type), checked in the GGUF files
@@ -116,6 +116,99 @@ def test_infer_answers_alike_from_run_merged_and_gguf(family_run, exported):
         answers[target.name] = result.stdout.strip().splitlines()[-1].strip()
     # greedy at f32 on the same chat text and image size: the same answer three ways
     assert len(set(answers.values())) == 1, answers
+
+
+# QLoRA on every family, kept short: the run need not learn much, only go through every step on a 4-bit base
+QLORA_SHORT = ["synthetic_num_train=64", "synthetic_num_test=40", "max_steps=12", "logging_steps=4", "save_steps=12",
+               "warmup_steps=2"]
+
+
+@pytest.fixture(scope="module", params=MATRIX)
+def qlora_export(request, tmp_path_factory):
+    """(family name, run folder, export folder): a short QLoRA run on the family's tiny model, merged from the
+    16-bit base and exported to GGUF f32 and q4_k_m with the proof in llama.cpp."""
+    import merge
+    from kit.export.converter import find_converter
+
+    folder = tmp_path_factory.mktemp(f"qlora-{request.param}") / "run"
+    args = ["--recipe", "demo", "--output", str(folder), "--set", f"model_name_or_path=tiny:{request.param}"]
+    for item in [*QLORA, *QLORA_SHORT, *FAMILY_SETS.get(request.param, [])]:
+        args += ["--set", item]
+    result = train_cli(args)
+    assert result.exit_code == 0, result.output
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMA_CPP_DIR", str(find_converter().parent))
+        result = cli(merge, folder, "--to", "merged,gguf", "--quant", "f32,q4_k_m", "--out", folder.parent / "export")
+    assert result.exit_code == 0, result.output
+    return request.param, folder, folder.parent / "export"
+
+
+@pytest.mark.slow
+def test_qlora_trains_merges_from_the_16bit_base_and_passes_the_llama_cpp_proof(qlora_export):
+    name, run, export = qlora_export
+    recipe = json.loads((run / "run_config.json").read_text())["recipe"]
+    assert recipe["load_in_4bit"] and (run / "adapter_model.safetensors").exists()
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    exported = json.loads((run / "export.json").read_text())
+    assert exported["four_bit"]
+    parity = exported["parity"]  # the adapter on the 16-bit base against the merged model: the same model in fp32
+    assert parity["identical_answers"] == parity["num_samples"] > 0 and parity["max_abs_logit_diff"] < 1e-4
+    as_trained = exported["as_trained"]  # the NF4 base + adapter that trained: another model, measured
+    assert as_trained["num_samples"] == 16 and 0 <= as_trained["identical_answers"] <= 16
+    assert as_trained["max_abs_logit_diff"] > 1e-3
+    report = json.loads((export / "gguf" / "gguf_report.json").read_text())
+    assert report["family"] == name and list(report["models"]) == ["f32", "q4_k_m"]
+    for kind in ("image", "text"):
+        proof = report["verification"]["f32"][kind]
+        assert proof["prompt_identical"] and proof["agree"], proof
+
+
+@pytest.mark.slow
+def test_eval_compares_the_run_as_trained_with_what_was_exported(qlora_export):
+    """eval.py --compare finetuned,merged,gguf: the run on its 4-bit base, the merged folder and every GGUF file,
+    on the same questions, each paired against the run as trained."""
+    import eval as evaluate
+
+    _, run, export = qlora_export
+    out = run.parent / "eval-deployed"
+    result = cli(evaluate, run, "--limit", 6, "--compare", "finetuned,merged,gguf", "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "report.json").read_text())
+    systems = ["finetuned", "merged", "gguf:f32", "gguf:q4_k_m"]
+    assert list(summary["systems"]) == systems and all(s["samples"] == 6 for s in summary["systems"].values())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    against = {pair["candidate"]: pair for pair in summary["pairs"] if pair["baseline"] == "finetuned"}
+    for system in systems[1:]:
+        changed = [row["systems"][system]["relaxed"] != row["systems"]["finetuned"]["relaxed"] for row in rows]
+        assert against[system]["fixed"] + against[system]["broken"] == sum(changed)
+    # the f32 GGUF is the merged model in llama.cpp: the same greedy answers as the merged folder
+    answers = {system: [row["systems"][system]["answer"] for row in rows] for system in ("gguf:f32", "merged")}
+    assert answers["gguf:f32"] == answers["merged"]
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_every_family_generates_on_a_4bit_base_with_its_small_layers_kept_16bit(name):
+    """bitsandbytes' CPU kernels take Linears whose outputs come in blocks of 32: the family names the narrower ones
+    (Qwen3.5's per-head in_proj_a / in_proj_b, the MoE's one-output shared_expert_gate), which stay 16-bit; every
+    other Linear but the output head is NF4."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    from data.synthetic import generate
+    from kit.inputs import chat
+    from kit.model import load_base, tiny_model_dir
+
+    model, processor = load_base(str(tiny_model_dir(name)), "hf", True, torch.float32, gradient_checkpointing=False)
+    kept = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert kept == {"lm_head", *families.by_name(name).keep_16bit}
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) > 10
+    grid = families.by_name(name).grid(processor)
+    sample = generate("test", 1, seed=1, size=5 * grid, grid=grid, cache=None, progress=False)[0]
+    inputs = chat.generation_inputs(processor, [sample], "")
+    with torch.no_grad():
+        output = model.eval().generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
 @pytest.mark.parametrize("name", MATRIX)

@@ -53,6 +53,16 @@ def test_merged_lora_reloads_and_answers_like_the_adapter(lora_run):
     assert report["identical_answers"] == report["num_samples"] > 0
     assert report["max_abs_logit_diff"] < 1e-4  # fp32 on the CPU: only summation order differs
     assert "identical greedy answers" in result.output
+    # trained on a 4-bit base: the run as trained (NF4 + adapter) against the merged 16-bit model, on test charts
+    export = json.loads((lora_run / "export.json").read_text())
+    as_trained = export["as_trained"]
+    assert export["four_bit"] and report["as_trained"] == as_trained
+    assert as_trained["num_samples"] == 16 and "synthetic test charts" in as_trained["prompts"]
+    assert 0 <= as_trained["identical_answers"] <= 16
+    assert as_trained["identical_answers"] == sum(row["identical_answer"] for row in as_trained["samples"])
+    # the NF4 base's rounding is gone from the merged model: were the two the same model, this would be ~1e-6
+    assert 1e-3 < as_trained["max_abs_logit_diff"] < 10
+    assert "as trained (4-bit base + adapter) vs the merged 16-bit model" in result.output
 
     # Independently: the merged folder through the ordinary loaders against base + adapter, on charts the
     # report did not use.

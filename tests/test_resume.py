@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, read_jsonl
+from tests.conftest import QLORA, ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +121,46 @@ def test_lora_run_killed_after_its_last_checkpoint_saves_that_checkpoints_adapte
     assert read_jsonl(run / "metrics.jsonl") == before  # nothing trained again
     final = load_file(run / "adapter_model.safetensors")
     assert final.keys() == wanted.keys() and all(final[k].equal(wanted[k]) for k in wanted)
+
+
+# The family matrix's tiny models (tests/test_families.py), each on its own chart grid
+FAMILY_SETS = {"qwen2-vl": [], "qwen2.5-vl": [], **{name: ["synthetic_size=160", "max_pixels=25600"]
+                                                    for name in ("qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe")}}
+ADAPTER_SETTINGS = ["synthetic_num_train=32", "max_steps=4", "logging_steps=1", "save_steps=2", "warmup_steps=1",
+                    "save_total_limit=1"]
+
+
+@pytest.mark.parametrize("family, four_bit", [("qwen2-vl", False), *[(name, True) for name in FAMILY_SETS]])
+def test_lora_run_killed_after_a_checkpoint_resumes_from_it(family, four_bit, tmp_path):
+    """An adapter run (QLoRA on every family; 16-bit LoRA on the demo's) killed with SIGKILL right after its
+    checkpoint at step 2 resumes from that checkpoint and ends with the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    settings = [*QLORA, f"load_in_4bit={str(four_bit).lower()}", f"model_name_or_path=tiny:{family}",
+                *ADAPTER_SETTINGS, *FAMILY_SETS[family]]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    result = train("--recipe", "demo", "--output", str(reference), *sets(settings))
+    assert result.returncode == 0, result.stdout + result.stderr
+    process = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_during_save.py"), "saved", "2",
+                              "--recipe", "demo", "--output", str(killed), *sets(settings)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == -signal.SIGKILL, process.stdout + process.stderr
+    assert not (killed / "adapter_model.safetensors").exists()
+    resumed = train("--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+
+    rows, wanted_rows = read_jsonl(killed / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [row["step"] for row in wanted_rows] == [1, 2, 3, 4]
+    assert [row["loss"] for row in rows[:2]] == [row["loss"] for row in wanted_rows[:2]]  # before the kill
+    final, wanted = load_file(killed / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert final.keys() == wanted.keys()
+    largest = max(float((final[k] - wanted[k]).abs().max()) for k in wanted)
+    scale = max(float(wanted[k].abs().max()) for k in wanted)
+    assert largest <= 0.05 * scale, (largest, scale)  # resumed from step 2, not trained again from the start
+    if four_bit and largest > 0:
+        # Measured: on a 4-bit base the first resumed step's loss differs from the uninterrupted run's in the
+        # fifth digit although its inputs, adapter, 4-bit weights and quantization state are bit-identical at that
+        # step (bitsandbytes' CPU path); a 16-bit base resumes bit for bit.
+        pytest.xfail(f"QLoRA resume on the CPU is close, not bit-identical: adapter differs by {largest:.1e}")
+    assert largest == 0  # bit-identical

@@ -180,7 +180,9 @@ def export_run(root: Path, name, chosen_targets, chosen_quants, force):
     if written is None:
         yield f"$ {runs.shown(cmd)}\n{output}", f"**merge.py failed (exit {code})**: see its output above", ""
         return
-    yield f"$ {runs.shown(cmd)}\n{output}", *runs.export_view(written)
+    # beside what merge.py proved: eval.py's scores of the exports, when the run's evaluation compared them
+    report = runs.read_json(root / name / "eval" / "report.json")
+    yield f"$ {runs.shown(cmd)}\n{output}", *runs.export_view(written, report)
 
 
 def chat_answer(target, picture, text):

@@ -201,6 +201,26 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def deployed_scores(evaluation: dict) -> list[str]:
+    """eval.py's scores of the exported systems (merged, gguf:QUANT) against the run as trained, one line each."""
+    from kit.evaluate.exported import is_deployed
+
+    systems = evaluation.get("systems", {})
+    if "finetuned" not in systems or not any(is_deployed(name) for name in systems):
+        return []
+    lines = [f"- eval.py on {evaluation['samples']} questions: as trained (finetuned) "
+             f"{relaxed_percent(systems['finetuned'])}"]
+    for pair in evaluation.get("pairs", []):
+        if pair["baseline"] == "finetuned" and is_deployed(pair["candidate"]):
+            lines.append(f"  - {pair['candidate']} {relaxed_percent(systems[pair['candidate']])}: fixed {pair['fixed']}, broken "
+                         f"{pair['broken']} against as trained (McNemar p {pair['mcnemar_p']:.2g})")
+    return lines
+
+
+def relaxed_percent(system: dict) -> str:
+    return f"{100 * system['relaxed']['accuracy']:.1f} %"
+
+
 def plan_text(plan: dict) -> str:
     """plan.json (train.py --plan) as the board shows it."""
     gib = 1024**3
@@ -227,13 +247,21 @@ def plan_text(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def export_view(export: dict) -> tuple[str, str]:
-    """export.json (merge.py) as the board shows it: (what was proven, as markdown; the llama.cpp commands)."""
+def export_view(export: dict, evaluation: dict | None = None) -> tuple[str, str]:
+    """export.json (merge.py) as the board shows it: (what was proven, as markdown; the llama.cpp commands).
+    `evaluation`: the run's eval report.json, whose merged / gguf scores (eval.py --compare finetuned,merged,gguf)
+    are shown beside it."""
     parity = export["parity"]
-    unmerged = "LoRA adapter on the base" if export["finetune"] == "lora" else "run's model"
+    unmerged = "LoRA adapter on the 16-bit base" if export["finetune"] == "lora" else "run's model"
     lines = [f"- parity, {unmerged} vs the reloaded merged model on {parity['num_samples']} fixed charts "
              f"({parity['prompts']}): max |logit difference| {parity['max_abs_logit_diff']:.2e}; identical greedy "
              f"answers {parity['identical_answers']}/{parity['num_samples']}"]
+    as_trained = export.get("as_trained")
+    if as_trained:
+        lines.append(f"- as trained (4-bit base + adapter) vs the merged 16-bit model on {as_trained['prompts']}: "
+                     f"identical greedy answers {as_trained['identical_answers']}/{as_trained['num_samples']}; max "
+                     f"|logit difference| {as_trained['max_abs_logit_diff']:.2e}")
+    lines += deployed_scores(evaluation or {})
     gguf = export.get("gguf") or {}
     for quant, kinds in (gguf.get("verification") or {}).items():
         for kind, result in kinds.items():

@@ -135,6 +135,35 @@ def synthetic_parity_samples(recipe: dict, count: int) -> list[dict]:
                     size=recipe["synthetic_size"], grid=recipe.get("synthetic_grid", 0), progress=False)
 
 
+def heldout_prompts(run_dir: Path, recipe: dict, count: int) -> tuple[list[dict], str]:
+    """(up to `count` rows the run never trained on, where they come from): its heldout.jsonl rows, else the
+    synthetic test charts, else its dataset's eval_split or test split; the parity prompts, said to be training
+    rows, only when none of those can be read here."""
+    from data.lint import sample_problems
+
+    try:
+        if (run_dir / "heldout.jsonl").exists():
+            from kit.evaluate.questions import heldout_samples
+
+            rows, source = heldout_samples(recipe, run_dir, 4 * count), "held-out rows of the run (heldout.jsonl)"
+        elif recipe["dataset"] == "synthetic":
+            rows, source = synthetic_parity_samples(recipe, count), "synthetic test charts"
+        else:
+            import data
+
+            split = recipe.get("eval_split") or "test"
+            rows = data.load({**recipe, "limit": 4 * count}, split, progress=False)
+            source = f"rows of {recipe['dataset']}'s {split} split"
+        usable = [row for row in rows if not sample_problems(row)][:count]
+        if usable:
+            return usable, f"the first {len(usable)} usable {source}"
+        why = "no usable row"
+    except Exception as error:  # any failure to read held-out rows: the parity prompts still compare the two
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    samples, source = parity_samples(recipe, count)
+    return samples, f"{source} (no held-out rows could be read here: {why})"
+
+
 def without_image(sample: dict) -> dict:
     user = [{"role": "user", "content": [c for c in sample["messages"][0]["content"] if c["type"] == "text"]}]
     return {**sample, "images": [], "messages": user}
@@ -171,12 +200,15 @@ def stop_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def parity_report(samples, before: list[dict], after: list[dict], stop_ids: set[int], tokenizer) -> dict:
+def parity_report(samples, before: list[dict], after: list[dict], stop_ids: set[int], tokenizer,
+                  before_name: str = "unmerged") -> dict:
+    """Per prompt: both greedy answers (as `<before_name>_answer` and merged_answer), whether their tokens are
+    identical and the largest logit difference over the prompt; and those figures over all prompts."""
     rows = []
     for sample, a, b in zip(samples, before, after):
         rows.append({"id": sample["id"], "question": sample["messages"][0]["content"][-1]["text"],
                      "expected": sample["answers"][0],
-                     "unmerged_answer": answer_text(a["answer_ids"], stop_ids, tokenizer),
+                     f"{before_name}_answer": answer_text(a["answer_ids"], stop_ids, tokenizer),
                      "merged_answer": answer_text(b["answer_ids"], stop_ids, tokenizer),
                      "identical_answer": a["answer_ids"] == b["answer_ids"],
                      "max_abs_logit_diff": float((a["logits"] - b["logits"]).abs().max())})

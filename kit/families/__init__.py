@@ -21,6 +21,7 @@ What every family provides (the fields of `Family` below):
   `tiny_version` (part of its cache folder's name: bump it when build_tiny changes);
 - `random_shapes`: {"qwen2.5-vl-7b": ...} the true shapes behind `random:NAME`, and `build_random(shape, folder,
   weights)` that writes config + processor (+ random bf16 weights when `weights`);
+- `keep_16bit`: the Linear layers that stay 16-bit under a 4-bit base (kit/model.py's BitsAndBytesConfig);
 - `llama`: its llama.cpp names (LlamaNames: text arch, `clip.projector_type`); llama.cpp is prompted with the
   chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs` (kit/export/llama.py).
 
@@ -222,6 +223,10 @@ class Family:
             return self.markup.video_pad
         m = self.markup
         return "".join(f"<{t:.1f} seconds>{m.vision_start}{m.video_pad}{m.vision_end}" for t in seconds)
+    # Linear layers (last names, as BitsAndBytesConfig's llm_int8_skip_modules matches them) that stay 16-bit when
+    # the base loads in 4-bit: layers a few outputs wide, where NF4 saves nothing and bitsandbytes' CPU kernels
+    # (blocks of 32 outputs) cannot run them. () quantizes every Linear but the output head.
+    keep_16bit: tuple[str, ...] = ()
 
     def chat_text(self, processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as this family's chat template writes it (with its chat_template_kwargs)."""

@@ -142,10 +142,18 @@ COMMON = dict(processor_classes=_qwen3.PROCESSOR_CLASSES, markup=_qwen3.MARKUP, 
               # transformers 5.17's Gated DeltaNet (torch path) runs its causal conv and recurrent state across a
               # packed row: packed loss 6.3795 against 6.3756 padded on the tiny model (tests/test_packing.py)
               packs=False)
+# Under a 4-bit base, in_proj_b / in_proj_a (one beta and one decay per value head: 32 outputs in the real models,
+# 4 in the tiny one) stay 16-bit: in the 9B they weigh 2 x 24 layers x 4096 x 32 x 2 bytes = 12.6 MB, so NF4 would
+# save 9 MB of 5 GB, and their error would land in every step of every head's recurrence. The MoE's
+# shared_expert_gate has ONE output (in the real 35B-A3B too): bitsandbytes' CPU kernels, which pack weights in
+# blocks of 32 outputs, cannot run it at all, and a 1-wide Linear saves nothing in 4-bit anyway.
+KEEP_16BIT = ("in_proj_b", "in_proj_a")
 FAMILIES = (
     Family(name="qwen3.5", model_types=("qwen3_5",), lora=LORA, build_tiny=DENSE_TINY, random_shapes=TEXT_SHAPES,
-           build_random=DENSE_RANDOM, llama=LlamaNames(text_arch="qwen35", **LLAMA), **COMMON),
+           build_random=DENSE_RANDOM, llama=LlamaNames(text_arch="qwen35", **LLAMA), keep_16bit=KEEP_16BIT,
+           **COMMON),
     # No random: shapes for the MoE (its smallest checkpoint, 35B-A3B, is no single-24GB-GPU model).
     Family(name="qwen3.5-moe", model_types=("qwen3_5_moe",), lora=MOE_LORA, build_tiny=MOE_TINY, random_shapes={},
-           build_random=MOE_RANDOM, llama=LlamaNames(text_arch="qwen35moe", **LLAMA), **COMMON),
+           build_random=MOE_RANDOM, llama=LlamaNames(text_arch="qwen35moe", **LLAMA),
+           keep_16bit=(*KEEP_16BIT, "shared_expert_gate"), **COMMON),
 )

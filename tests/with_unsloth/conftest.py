@@ -13,6 +13,10 @@ UNSLOTH_ALLOW_CPU=1 and kit.backend's test switch. What is real and what stands 
   first check that the kit's keywords bind to the installed signatures as named parameters (nothing lost in
   **kwargs), record them, then load the model / attach LoRA through transformers + peft (the hf backend's code).
   for_training and for_inference are Unsloth's own, as are the trainer and everything after the load.
+- QLoRA (load_in_4bit=true) is therefore tested as far as CPU mode allows: the kit asks Unsloth's loader for a
+  4-bit base, trains, evaluates and merges under Unsloth's patches, but the 4-bit base is bitsandbytes' NF4 loaded
+  by transformers. Unsloth's own 4-bit loading, its pre-quantized dynamic-4bit checkpoints
+  (unsloth_dynamic_4bit) and its QLoRA kernels need CUDA and are not run here.
 """
 
 import inspect
@@ -90,8 +94,8 @@ def get_peft_model_standin(model, *args, **kwargs):
               "finetune_attention_modules": bound["finetune_attention_modules"],
               "finetune_mlp_modules": bound["finetune_mlp_modules"], "lora_r": bound["r"],
               "lora_alpha": bound["lora_alpha"], "lora_dropout": bound["lora_dropout"], "load_in_4bit": False,
-              "gradient_checkpointing": bound["use_gradient_checkpointing"] is not False}
-    torch.manual_seed(bound["random_state"])
+              "gradient_checkpointing": bound["use_gradient_checkpointing"] is not False,
+              "seed": bound["random_state"]}  # add_lora seeds peft's initialisation with it, as Unsloth does
     return add_lora(model, recipe, "hf")
 
 

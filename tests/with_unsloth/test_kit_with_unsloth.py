@@ -144,6 +144,33 @@ def test_eval_generates_with_the_run(lora_run, tmp_path, calls):
     assert ("for_inference", {}) in calls
 
 
+def test_qlora_trains_evaluates_on_its_4bit_base_and_merges(tmp_path, calls):
+    """QLoRA under Unsloth's trainer: train.py with load_in_4bit=true asks Unsloth's loader for the 4-bit base (the
+    stand-in loads bitsandbytes' NF4 through transformers, with the family's 16-bit layers); eval.py scores the run
+    on that base through Unsloth's for_inference; merge.py compares it, as trained, with the merged 16-bit model.
+    Not run here (CUDA only): Unsloth's own 4-bit loading and pre-quantized dynamic-4bit checkpoints, and its
+    QLoRA kernels; the GGUF steps after merging do not involve Unsloth and are tested in the main lane."""
+    import eval as evaluate
+    import merge
+    import train
+
+    folder = tmp_path / "qlora"
+    result = invoke(train.main, train_args(folder, "load_in_4bit=true"))
+    assert result.exit_code == 0, result.output
+    assert [kw["load_in_4bit"] for name, kw in calls if name == "from_pretrained"] == [True]
+    calls.clear()
+    result = invoke(evaluate.main, [folder, "--limit", 4, "--compare", "finetuned", "--backend", "unsloth",
+                                    "--max-new-tokens", 4, "--out", tmp_path / "eval"])
+    assert result.exit_code == 0, result.output
+    assert [kw["load_in_4bit"] for name, kw in calls if name == "from_pretrained"] == [True]  # scored as trained
+    assert len(read_jsonl(tmp_path / "eval" / "predictions.jsonl")) == 4
+    result = invoke(merge.main, [folder, "--to", "merged", "--out", tmp_path / "export"])
+    assert result.exit_code == 0, result.output
+    export = json.loads((folder / "export.json").read_text())
+    assert export["four_bit"] and export["as_trained"]["num_samples"] == 16
+    assert export["parity"]["identical_answers"] == export["parity"]["num_samples"]
+
+
 def test_infer_answers_a_question(lora_run, tmp_path):
     """infer.py on the run with --backend unsloth, as its docstring shows (same stand-in as for eval.py)."""
     import infer
