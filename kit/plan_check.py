@@ -47,15 +47,16 @@ def table(results, recipe, overrides, steps, warmup) -> str:
             planned, measured = r["plan"][part] / GIB, r["host"][part] / GIB
             lines.append(f"| {r['backend']} | {part} | {planned:.2f} | {measured:.2f} | "
                          f"{measured / planned:.2f} |")
+    notes = []  # paragraphs under the table
     if ok:
         first = next(iter(ok.values()))
-        lines += ["", f"{first['model']}, batch {first['batch']}, {first['plan']['tokens']} tokens a sample, "
-                      f"{first['device']}, {first['date']}; measured: resident host memory (VmRSS/VmHWM) above "
-                      f"the process before loading ({first['host']['process_baseline'] / GIB:.2f} GB)."]
+        notes.append(f"{first['model']}, batch {first['batch']}, {first['plan']['tokens']} tokens a sample, "
+                     f"{first['device']}, {first['date']}; measured: resident host memory (VmRSS/VmHWM) above "
+                     f"the process before loading ({first['host']['process_baseline'] / GIB:.2f} GB).")
     if len(ok) == 2:
         ratio = ok["4-bit"]["host"][PARTS[0]] / ok["16-bit"]["host"][PARTS[0]]
-        lines.append(f"4-bit / 16-bit base weights, measured: {ratio:.2f}x")
+        notes.append(f"4-bit / 16-bit base weights, measured: {ratio:.2f}x")
     for label, r in ok.items():
         error = (r["plan"][PARTS[0]] + r["plan"][PARTS[1]]) / (r["host"][PARTS[0]] + r["host"][PARTS[1]]) - 1
-        lines.append(f"{label}: plan's weights + adapter + optimizer {error:+.1%} against measured")
-    return "\n".join(lines)
+        notes.append(f"{label}: plan's weights + adapter + optimizer {error:+.1%} against measured")
+    return "\n".join(lines + [line for note in notes for line in ("", note)])
