@@ -226,8 +226,8 @@ def activation_parts(shape: dict, recipe: dict, max_tokens: int, max_image_token
     else:
         activations = rows * shape["layers"] * (tokens * (h * 8 + shape["inter"] * 3) * half)
     # hf: fp32 tensors of tokens x vocab live at once: the logits, the loss's log-softmax, TRL's shifted copy for
-    # its token accuracy, and in the backward pass the softmax and the gradients. bench.py --memory measured 6.1
-    # and 5.7 on random:qwen2-vl-2b (371 tokens, 4-bit and 16-bit base)
+    # its token accuracy, and in the backward pass the softmax and the gradients. bench.py --memory measured 5.7
+    # to 7.3 on random:qwen2-vl-2b (371 tokens, two runs each of the 4-bit and the 16-bit base)
     logits = rows * tokens * shape["vocab"] * 4 * LOGIT_COPIES.get(backend, LOGIT_COPIES["hf"])
     patches = max_image_tokens * 4  # 2x2 patches merge into one token
     vision = batch * patches * shape["vision_embed"] * half * 12  # one block's forward, frozen tower
