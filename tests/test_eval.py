@@ -304,8 +304,8 @@ def test_score_bad_input_is_named(tmp_path):
 def test_exported_systems_come_from_export_json_or_one_line_naming_the_fix(tmp_path):
     """--compare merged / gguf / gguf:QUANT: found through RUN/export.json, each file checked; what is missing is one
     line with the merge.py command that writes it."""
-    from kit.evaluate import exported
     from kit.errors import UserError
+    from kit.evaluate import exported
 
     run = tmp_path / "run"
     run.mkdir()
