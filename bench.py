@@ -4,6 +4,7 @@
     python bench.py --recipe kaggle_t4 --model random:qwen2-vl-7b --backends unsloth --memory-cap 16GB
     python bench.py --recipe demo --backends hf --steps 30                                   # CPU, tiny model
     python bench.py --recipe chartqa --model tiny --backends hf --packing --data hf:runs/charts/chartqa-400-varied
+    python bench.py --recipe demo --backends hf --memory --steps 2 --set finetune=lora   # CPU: plan vs host memory
 
 Each backend runs in its own process (unsloth patches transformers for the whole process) with the same
 recipe: batch, sequence lengths, LoRA targets, precision, synthetic charts at ChartQA size and the recipe's
@@ -13,7 +14,10 @@ Results are printed as a markdown table and saved as JSON; --markdown appends th
 
 --packing runs the first backend twice, padded and packed (packing=false / true), on the same samples in
 the same seeded order and the same steps, and ends with the padding share and tokens/s of each and their
-ratio. --data takes a dataset spec (hf:FOLDER, jsonl:FILE, ...) instead of the synthetic charts, e.g. the
+ratio. --memory (a CPU machine) runs the first backend twice, base in 4-bit and in 16-bit, and prints the host
+memory of each part (base weights, adapter + gradients + optimizer, activations + logits) beside train.py --plan's
+estimate for the same sample, batch and bf16 (BENCHMARKS.md, "QLoRA memory", has it for the 2B shapes).
+--data takes a dataset spec (hf:FOLDER, jsonl:FILE, ...) instead of the synthetic charts, e.g. the
 ChartQA-shaped parquet that `python bench_data.py --build-only --varied-sizes` writes.
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 import click
 
 from kit.cli import help_with_examples
+from kit.errors import UserError
 
 # Dense bf16 peak of the cards we report on (vendor datasheets), for model FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "RTX 4090": 165.0,
@@ -47,38 +52,36 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 6
 @click.option("--packing", is_flag=True, help="Padded against packed (the first backend), each in its own process.")
 @click.option("--data", "data_spec", help="Train on this dataset spec (hf:FOLDER, jsonl:FILE) instead of synthetic "
               "ChartQA-sized charts.")
+@click.option("--memory", is_flag=True, help="Host memory of the first backend's LoRA steps with the base in 4-bit "
+              "and in 16-bit (each in its own process, weights in bf16 as on a GPU), beside train.py --plan's "
+              "estimate by part; for a CPU machine (Linux), e.g. --model random:qwen2-vl-2b --steps 2 --warmup 1.")
 @click.option("--worker", hidden=True, help="Internal: run one backend in this process and print JSON.")
 def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, json_path, markdown, packing, data_spec,
-         worker):
+         memory, worker):
     """Benchmark training throughput and peak memory per backend."""
     from kit.cli import user_errors
 
     with user_errors():
         overrides = list(overrides) + ([f"model_name_or_path={model_name}"] if model_name else [])
+        options = dict(steps=steps, warmup=warmup, memory_cap=memory_cap, data_spec=data_spec, memory=memory)
         if worker:
-            print("BENCH " + json.dumps(measure(worker, recipe, overrides, steps, warmup, memory_cap, data_spec)))
+            print("BENCH " + json.dumps(measure(worker, recipe, overrides, **options)))
             return
+        first = backends.split(",")[0]
         # (label, backend, extra overrides) per process
-        runs = [(name, backends.split(",")[0], [f"packing={name == 'packed'}"]) for name in ("padded", "packed")] \
-            if packing else [(backend, backend, []) for backend in backends.split(",")]
-        results = []
-        for label, backend, extra in runs:
-            click.echo(f"--- {label}: {warmup} warm-up + {steps} timed steps ...")
-            command = [sys.executable, __file__, "--worker", backend, "--recipe", recipe, "--steps", str(steps),
-                       "--warmup", str(warmup), *[a for o in [*overrides, *extra] for a in ("--set", o)]]
-            if memory_cap:
-                command += ["--memory-cap", memory_cap]
-            if data_spec:
-                command += ["--data", data_spec]
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
-            if done.returncode or not lines:
-                click.echo(f"{label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", err=True)
-                results.append({"backend": label, "error": (done.stderr or done.stdout)[-500:]})
-                continue
-            result = json.loads(lines[-1][6:])
-            results.append({**result, "backend": label, "backend_used": result["backend"]})
-        table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing, data_spec)
+        if memory:
+            runs = [(name, first, [f"load_in_4bit={name == '4-bit'}"]) for name in ("4-bit", "16-bit")]
+        elif packing:
+            runs = [(name, first, [f"packing={name == 'packed'}"]) for name in ("padded", "packed")]
+        else:
+            runs = [(backend, backend, []) for backend in backends.split(",")]
+        results = [run_worker(label, backend, recipe, [*overrides, *extra], options) for label, backend, extra in runs]
+        if memory:
+            from kit import plan_check
+
+            table = plan_check.table(results, recipe, overrides, steps, warmup)
+        else:
+            table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing, data_spec)
         click.echo(table)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2))
@@ -90,7 +93,27 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
             click.echo(packing_lines(results))
 
 
-def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, data_spec=None):
+def run_worker(label, backend, recipe, overrides, options) -> dict:
+    """One measurement in its own process (unsloth patches transformers for the whole process; the memory readings
+    need a fresh one): its result, or {"backend": label, "error": ...}."""
+    click.echo(f"--- {label}: {options['warmup']} warm-up + {options['steps']} timed steps ...")
+    command = [sys.executable, __file__, "--worker", backend, "--recipe", recipe, "--steps", str(options["steps"]),
+               "--warmup", str(options["warmup"]), *[a for o in overrides for a in ("--set", o)]]
+    if options["memory_cap"]:
+        command += ["--memory-cap", options["memory_cap"]]
+    if options["data_spec"]:
+        command += ["--data", options["data_spec"]]
+    command += ["--memory"] if options["memory"] else []
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+    if done.returncode or not lines:
+        click.echo(f"{label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", err=True)
+        return {"backend": label, "error": (done.stderr or done.stdout)[-500:]}
+    result = json.loads(lines[-1][6:])
+    return {**result, "backend": label, "backend_used": result["backend"]}
+
+
+def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None, data_spec=None, memory=False):
     import recipes
     from kit import backend as backends
 
@@ -100,32 +123,28 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
     backend, _ = backends.select(recipe["backend"])
     import torch
 
-    from data.synthetic import generate
-    from kit import families, model as models
+    from kit import families, host_memory, plan_check
+    from kit import model as models
     from kit.inputs import chat, packing
     from kit.plan import estimate
     from kit.train import heldout, progress, sft
 
     cuda = torch.cuda.is_available()
+    if memory and (cuda or not host_memory.available()):
+        raise UserError("--memory reads host memory on a Linux machine without a GPU (on a GPU the table's peak "
+                        "allocated column is the measurement); run it there, or leave --memory out")
     if memory_cap and cuda:
         cap = float(memory_cap.upper().rstrip("GB")) * 1024**3
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     precision = backends.precision(recipe["precision"], backend)
-    batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
     if recipe["dataset"] != "synthetic" and not data_spec:
         # ChartQA-sized synthetic charts: no download, same pixel budget
         recipe.update(dataset="synthetic", synthetic_layout="chartqa")
     path = models.resolve(recipe["model_name_or_path"])
-    model, processor = models.load_for_training(path, recipe, backend, backends.torch_dtype(precision))
+    model, processor, baseline, loaded = load_model(path, recipe, backend, backends.torch_dtype(precision), memory)
     recipe = estimate.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
-    if data_spec:  # the first rows of the spec, in the trainer's seeded order
-        import data
-
-        samples = data.load(recipe, recipe["dataset_split"], progress=False, limit=batch * (warmup + steps))
-    else:
-        samples = generate("train", batch * (warmup + steps), seed=0, chart_types=recipe["synthetic_chart_types"],
-                           question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
-                           size=recipe["synthetic_size"], grid=recipe["synthetic_grid"], progress=False)
+    batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    samples = bench_samples(recipe, batch * (warmup + steps), data_spec)
     chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
     packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)
     collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"],
@@ -134,15 +153,56 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap, dat
 
     # The training train.py runs, only without logging and checkpoints.
     args = sft.sft_config(recipe, precision, backend, "/tmp/qwen2vl-kit-bench", max_steps=warmup + steps,
-                               logging_steps=10**9, logging_first_step=False, save_strategy="no",
-                               eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
-    timer = progress.StepTimer(counter, collator, warmup)
+                          logging_steps=10**9, logging_first_step=False, save_strategy="no",
+                          eval_strategy="no", load_best_model_at_end=False)  # no held-out set here
+    timer, at_step = progress.StepTimer(counter, collator, warmup), progress.HostMemoryAtStep()
     dataset, collate = heldout.indexed_dataset(samples, counter)
-    trainer = sft.trainer_class()(
-        model=model, args=args, train_dataset=dataset, data_collator=collate,
-        processing_class=processor, callbacks=[timer])
+    trainer = sft.trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                                  processing_class=processor, callbacks=[timer, at_step])
+    if memory:
+        host_memory.reset_peak()  # the load's own peak (quantizing from the bf16 checkpoint) is not training's
     trainer.train()
+    result = timing_result(model, recipe, backend, precision, batch, steps, warmup, timer, counter, collator)
+    if memory:
+        result["host"] = plan_check.measured_parts(model, baseline, loaded, at_step.at_step, host_memory.peak())
+        result["plan"] = plan_check.planned_parts(path, recipe, samples, processor, backend)
+    return result
 
+
+def load_model(path, recipe, backend, dtype, memory):
+    """(model ready to train, processor, resident bytes before loading, after): with --memory the base is loaded
+    in bf16, as a GPU holds it (a CPU run would load it in fp32), and read in whole before the reading."""
+    import torch
+
+    from kit import host_memory
+    from kit import model as models
+
+    if not memory:
+        return (*models.load_for_training(path, recipe, backend, dtype), 0, 0)
+    baseline = host_memory.resident()
+    model, processor = models.load_for_training(path, recipe, backend, torch.bfloat16)
+    host_memory.touch(model)
+    return model, processor, baseline, host_memory.resident()
+
+
+def bench_samples(recipe, count, data_spec):
+    """`count` training rows: the first rows of --data in the trainer's seeded order, else synthetic charts."""
+    if data_spec:
+        import data
+
+        return data.load(recipe, recipe["dataset_split"], progress=False, limit=count)
+    from data.synthetic import generate
+
+    return generate("train", count, seed=0, chart_types=recipe["synthetic_chart_types"],
+                    question_types=recipe["synthetic_question_types"], layout=recipe["synthetic_layout"],
+                    size=recipe["synthetic_size"], grid=recipe["synthetic_grid"], progress=False)
+
+
+def timing_result(model, recipe, backend, precision, batch, steps, warmup, timer, counter, collator) -> dict:
+    """Throughput of the timed steps, peak GPU memory and model FLOPs utilisation, with what was measured on."""
+    import torch
+
+    cuda = torch.cuda.is_available()
     timed = slice(warmup, None)
     seconds, tokens = sum(timer.times[timed]), sum(timer.tokens[timed])
     # 4-bit weights are stored two to a uint8 element

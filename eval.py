@@ -3,6 +3,7 @@ ChartQA's relaxed accuracy, exact match, ANLS, CER / WER or ROUGE-L.
 
     python eval.py runs/chartqa --compare base,base+prompt,finetuned
     python eval.py runs/demo --compare base,finetuned --control shuffled
+    python eval.py runs/demo-qlora --compare base,finetuned --question-types count,max --out runs/demo-qlora/eval-old
     python eval.py runs/qlora --compare finetuned,merged,gguf    # as trained vs what merge.py exported
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
     python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
@@ -46,18 +47,15 @@ charts), and skipped.jsonl with --on-bad-row skip.
 """
 
 import gc
-import json
 import re
 from pathlib import Path
 
 import click
 
-from kit.evaluate import exported
-from kit.evaluate import predictions, task_metrics
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
-from kit.evaluate.questions import derangement, load_samples, shown_other
-from kit.evaluate import report
+from kit.evaluate import exported, predictions, report, task_metrics
+from kit.evaluate.questions import derangement, load_samples, shown_other, with_question_types
 from kit.evaluate.scoring import METRICS as RELAXED_RULES
 
 SYSTEMS = ("base", "base+prompt", "finetuned")
@@ -94,11 +92,13 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--relaxed-rule", type=click.Choice(list(RELAXED_RULES)), default="chartqa",
               help="Relaxed accuracy rule. chartqa: ChartQA's reference (pix2struct; \"45%\" is 0.45), comparable "
                    "with published numbers. lenient: \"%\" dropped, so \"45%\" = \"45\".")
+@click.option("--question-types", help="Synthetic data only: ask these question types instead of the run's, e.g. "
+              "--question-types count,max for what the base was trained on after an adapter taught another.")
 @click.option("--score", "score_files", multiple=True, type=click.Path(path_type=Path),
               help="Score a predictions JSONL file instead of running a model (no TARGET), e.g. "
                    "--score questions.answers.jsonl; repeat to compare systems.")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-         on_bad_row, metric, relaxed_rule, score_files):
+         on_bad_row, metric, relaxed_rule, question_types, score_files):
     """Score TARGET: a run folder made by train.py, one of its checkpoints/checkpoint-N, a merged folder, a model
     folder or hub id, or a GGUF pair (TARGET is then the `finetuned` system); or score --score FILE."""
     with user_errors():
@@ -110,7 +110,7 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
             raise UserError("give TARGET (a run folder made by train.py), or --score FILE.jsonl; see --help")
         else:
             run(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
-                on_bad_row, metric, relaxed_rule)
+                on_bad_row, metric, relaxed_rule, question_types)
 
 
 def score(files, metric, relaxed_rule, out, force):
@@ -134,7 +134,7 @@ def check_out(out: Path, force: bool, inputs=()):
 
 
 def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_tokens, backend_name, out,
-        force, on_bad_row, metric=None, relaxed_rule="chartqa"):
+        force, on_bad_row, metric=None, relaxed_rule="chartqa", question_types=None):
     from kit.noise import silence_known_noise
 
     silence_known_noise()  # two library warnings that ask nothing of the user (kit/noise.py)
@@ -145,6 +145,8 @@ def run(run_dir, data_spec, split, limit, compare, control, batch_size, max_new_
     # a run from before these keys: chart answers
     metric = metric or recipe.get("metric_for_best_model", "relaxed_accuracy")
     max_new_tokens = max_new_tokens or recipe.get("max_completion_length", 32)
+    if question_types:  # a run's held-out rows ask its own types: the test split asks the chosen ones
+        recipe, split = with_question_types(recipe, question_types, data_spec), split or "test"
     systems, deployed = exported.choose(compare, SYSTEMS, run_dir, kind)  # merged, gguf: from RUN/export.json
     if "base+prompt" in systems and not recipe["system_prompt"]:
         click.echo("note: base+prompt left out: the recipe has no system_prompt, so it would be the same as base")

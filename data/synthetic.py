@@ -7,7 +7,9 @@ Two layouts:
 - `chartqa` (benchmarks): a ChartQA-sized chart (about 800x600) with axes, a title and category names.
 
 Question types: `count` (how many bars/points), `max` / `min` (which label is highest/lowest), `value`
-(the value of one label). Rendered PNGs are cached, keyed by everything that changes the pixels.
+(the value of one label), `last` (the label of the rightmost bar/point: a position question, which a model that
+counts the bars can answer without reading their heights). Rendered PNGs are cached, keyed by everything that
+changes the pixels.
 """
 
 import hashlib
@@ -31,6 +33,7 @@ QUESTION_TEMPLATES = {
     "max": "Which label has the highest value?",
     "min": "Which label has the lowest value?",
     "value": "What is the value of {label}?",
+    "last": "What is the label of the last {mark}?",
 }
 CHART_TYPES = ("bar", "line")
 # Each split draws from its own index range of the same seed, so no chart or question is in two splits.
@@ -54,7 +57,7 @@ def make_spec(index: int, seed: int, chart_types, question_types, layout: str, s
     mark = "bar" if chart == "bar" else "point"
     question = QUESTION_TEMPLATES[qtype].format(mark=mark, label=labels[target])
     answer = {"count": str(count), "max": labels[values.index(max(values))],
-              "min": labels[values.index(min(values))], "value": str(values[target])}[qtype]
+              "min": labels[values.index(min(values))], "value": str(values[target]), "last": labels[-1]}[qtype]
     return dict(chart=chart, qtype=qtype, labels=labels, values=values, question=question, answer=answer,
                 layout=layout, size=size, slots=slots)
 

@@ -27,7 +27,7 @@ CHOICES = {
 # List keys whose every item must be one of these (data/synthetic.py draws exactly these).
 LIST_CHOICES = {
     "synthetic_chart_types": ("bar", "line"),
-    "synthetic_question_types": ("count", "max", "min", "value"),
+    "synthetic_question_types": ("count", "max", "min", "value", "last"),
 }
 # The meaningful values of every numeric key in base.py, as intervals ("[" includes the end, "(" leaves it out;
 # inf: no bound; "-1 or ..." a special value besides). tests/test_recipes.py checks that no numeric key lacks one.

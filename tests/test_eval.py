@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import read_jsonl
 
 import eval as evaluate
 from kit.evaluate import report
 from kit.evaluate.scoring import bootstrap_interval, exact_correct, mcnemar_exact, paired_counts, relaxed_correct
+from tests.conftest import read_jsonl
 
 
 def eval_cli(args):
@@ -148,6 +148,20 @@ def test_out_holding_the_run_is_refused(full_run):
     result = eval_cli([full_run, "--out", full_run.parent, "--force", "--compare", "finetuned"])
     assert result.exit_code == 2 and "choose another --out" in result.output
     assert (full_run / "run_config.json").exists()
+
+
+def test_question_types_ask_other_synthetic_questions(full_run, tmp_path):
+    """--question-types: the test charts ask the chosen types (what make demo-qlora scores the base's own skills
+    with); an unknown type or non-synthetic data is one line."""
+    out = tmp_path / "eval-last"
+    result = eval_cli([full_run, "--question-types", "last", "--limit", 6, "--compare", "finetuned", "--out", out])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {row["qtype"] for row in rows} == {"last"}
+    assert all(row["question"].endswith("What is the label of the last bar?") for row in rows)
+    for extra in (["--question-types", "lowest"], ["--question-types", "count", "--data", "chartqa"]):
+        result = eval_cli([full_run, *extra, "--compare", "finetuned", "--out", tmp_path / "x"])
+        assert result.exit_code == 2 and "--question-types" in result.output, result.output
 
 
 @pytest.fixture
@@ -290,8 +304,8 @@ def test_score_bad_input_is_named(tmp_path):
 def test_exported_systems_come_from_export_json_or_one_line_naming_the_fix(tmp_path):
     """--compare merged / gguf / gguf:QUANT: found through RUN/export.json, each file checked; what is missing is one
     line with the merge.py command that writes it."""
-    from kit.evaluate import exported
     from kit.errors import UserError
+    from kit.evaluate import exported
 
     run = tmp_path / "run"
     run.mkdir()

@@ -2,7 +2,7 @@ import json
 
 from data.synthetic import generate
 from kit.inputs.chat import VisionCollator, set_pixels
-from kit.plan.estimate import estimate_memory, model_shape, preflight
+from kit.plan.estimate import estimate_memory, model_shape, per_gpu_memory, preflight, trained_state_bytes, weight_parts
 from recipes import load
 from tests.conftest import train_cli
 
@@ -36,8 +36,27 @@ def test_memory_estimate_grows_with_what_it_should():
     bigger_batch = estimate_memory(shape, dict(recipe, per_device_train_batch_size=4), 700, 400, "bf16")
     sixteen_bit = estimate_memory(shape, dict(recipe, load_in_4bit=False), 700, 400, "bf16")
     assert bigger_batch["total"] > base["total"] and bigger_batch["base weights"] == base["base weights"]
-    assert sixteen_bit["base weights"] > 2 * base["base weights"]  # embeddings stay 16-bit in both
+    assert sixteen_bit["base weights"] > 2 * base["base weights"]  # embeddings are not quantized in either
     assert base["total"] > sum(v for k, v in base.items() if k != "total")  # fragmentation margin
+
+
+def test_memory_parts_have_one_source():
+    """The printed weight parts, the total and the per-GPU strategies price weights and trained state alike."""
+    from kit.model import resolve
+
+    shape = model_shape(resolve("random:qwen2-vl-7b", weights=False))
+    recipe, _ = load("chartqa")
+    for four_bit in (True, False):
+        for backend in ("hf", "unsloth"):
+            chosen = dict(recipe, load_in_4bit=four_bit)
+            memory = estimate_memory(shape, chosen, 700, 400, "bf16", backend)
+            assert memory["base weights"] == sum(weight_parts(shape, chosen, "bf16", backend).values())
+            assert memory["LoRA/trained weights + grads + optimizer"] == trained_state_bytes(shape, chosen)
+            ddp = per_gpu_memory(shape, chosen, memory, 2, "bf16")["DDP"]
+            assert ddp > memory["total"]  # DDP adds its gradient buckets to the one-GPU peak
+    # peft's prepare_model_for_kbit_training (hf backend) casts the 16-bit embeddings of a 4-bit base to fp32
+    hf, unsloth = (estimate_memory(shape, recipe, 700, 400, "bf16", b)["base weights"] for b in ("hf", "unsloth"))
+    assert hf - unsloth == shape["embed"] * 2
 
 
 def test_plan_cli_prints_histograms_and_a_verdict(tmp_path):

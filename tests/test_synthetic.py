@@ -1,9 +1,8 @@
 import hashlib
 from pathlib import Path
 
-from PIL import Image
-
 import pytest
+from PIL import Image
 
 from data.synthetic import LABELS, SyntheticError, generate, make_spec
 
@@ -31,7 +30,7 @@ def test_train_and_test_do_not_share_charts(tmp_path):
 
 def test_answers_follow_from_the_drawn_values():
     for index in range(300):
-        spec = make_spec(index, 0, ["bar", "line"], ["count", "max", "min", "value"], "aligned", 140, GRID)
+        spec = make_spec(index, 0, ["bar", "line"], ["count", "max", "min", "value", "last"], "aligned", 140, GRID)
         labels, values = spec["labels"], spec["values"]
         assert len(set(values)) == len(values)  # max/min are unambiguous
         assert labels == LABELS[:len(values)]
@@ -39,6 +38,7 @@ def test_answers_follow_from_the_drawn_values():
             "count": str(len(values)),
             "max": labels[max(range(len(values)), key=values.__getitem__)],
             "min": labels[min(range(len(values)), key=values.__getitem__)],
+            "last": labels[len(values) - 1],  # the rightmost bar or point
         }.get(spec["qtype"])
         if spec["qtype"] == "value":
             asked = spec["question"].rstrip("?").split()[-1]

@@ -8,6 +8,18 @@ from pathlib import Path
 from kit.errors import UserError
 
 
+def with_question_types(recipe: dict, question_types: str, data_spec: str | None) -> dict:
+    """--question-types: the synthetic test charts asking these types instead of the recipe's."""
+    from data.synthetic import QUESTION_TEMPLATES
+
+    chosen = [name.strip() for name in question_types.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in QUESTION_TEMPLATES]
+    if (data_spec or recipe["dataset"]) != "synthetic" or unknown or not chosen:
+        raise UserError(f"--question-types {question_types}: for synthetic data only, types among "
+                        f"{', '.join(QUESTION_TEMPLATES)}")
+    return {**recipe, "synthetic_question_types": chosen}
+
+
 def heldout_samples(recipe, run_dir: Path, limit: int):
     """The run's held-out rows (heldout.jsonl, in the order training scored them), from its own dataset."""
     import data

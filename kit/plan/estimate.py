@@ -10,8 +10,8 @@ import math
 import click
 
 from kit import families
-from kit.inputs.chat import with_system
 from kit.errors import UserError
+from kit.inputs.chat import with_system
 from kit.inputs.video import video_tokens
 
 GIB = 1024**3
@@ -128,22 +128,60 @@ def lora_parameters(shape: dict, recipe: dict) -> int:
                if x.part in parts and x.kind in kinds)
 
 
+# --- the memory model's arithmetic: every figure of estimate_memory and per_gpu_memory comes from here ----------
+NF4_BYTES = 4.127 / 8  # NF4 codes (4 bits) + double-quantised absmax scales, per parameter
+# fp32 tensors of tokens x vocab at the peak of the loss (activation_parts says which), by backend: measured on
+# hf; Unsloth's loss works through the vocabulary in chunks (not measured here: logits and their gradient)
+LOGIT_COPIES = {"hf": 6, "unsloth": 2}
+
+
+def element_bytes(precision: str) -> int:
+    """Bytes of one 16-bit or fp32 weight or activation in the run's precision."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
+def dense_parameters(shape: dict) -> int:
+    """Every weight the plan counts: the Linear layers (language, experts, vision tower, merger) and embeddings."""
+    return shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"] + shape["embed"]
+
+
+def trainable_parameters(shape: dict, recipe: dict) -> int:
+    """What the optimizer updates: the adapters for finetune=lora, else every weight."""
+    return lora_parameters(shape, recipe) if recipe["finetune"] == "lora" else dense_parameters(shape)
+
+
+def optimizer_bytes(recipe: dict) -> int:
+    """Optimizer state per trained parameter: AdamW's two fp32 moments, or bitsandbytes' two 8-bit ones."""
+    return 2 if "8bit" in recipe["optim"] else 8
+
+
+def trained_state_bytes(shape: dict, recipe: dict) -> float:
+    """The trained weights in fp32, their fp32 gradients and the optimizer states."""
+    return trainable_parameters(shape, recipe) * (4 + 4 + optimizer_bytes(recipe))
+
+
 def module_names(shape: dict, part: str) -> str:
     """The family's module names in one part ("language": "q_proj k_proj ..."), as the plan's parts show them."""
     return " ".join(dict.fromkeys(x.name for x in shape["linears"] if x.part == part))
 
 
-def weight_parts(shape: dict, recipe: dict, precision: str) -> dict:
-    """The base weights' bytes by part, each named by the family's modules in it (what "base weights" holds)."""
-    half = 2 if precision in ("bf16", "fp16") else 4
-    per_parameter = 4.127 / 8 if recipe["load_in_4bit"] else half  # NF4 + double-quantised scales
+def weight_parts(shape: dict, recipe: dict, precision: str, backend: str = "hf") -> dict:
+    """The base weights' bytes by part, each named by the family's modules in it (what "base weights" holds).
+
+    Under load_in_4bit every Linear is NF4 and the embeddings are not quantized; on the hf backend peft's
+    prepare_model_for_kbit_training then casts every 16-bit parameter that is not 4-bit (embeddings, norms) to
+    fp32, which bench.py --memory measured (4 bytes each); Unsloth keeps them 16-bit."""
+    half = element_bytes(precision)
+    four_bit = recipe["load_in_4bit"]
+    per_parameter = NF4_BYTES if four_bit else half
     parts = {}
     for part in ("language", "vision", "merger"):
         count = sum(x.parameters for x in shape["linears"] if x.part == part)
         if count:
             parts[f"{part} ({module_names(shape, part)})"] = count * per_parameter
-    parts["embeddings" + (" + output head" if shape["embed"] > shape["vocab"] * shape["hidden"] else "")] = \
-        shape["embed"] * half  # embeddings stay 16-bit under 4-bit loading
+    upcast = four_bit and backend == "hf" and recipe["finetune"] == "lora"
+    parts["embeddings" + (" + output head" if shape["embed"] > shape["vocab"] * shape["hidden"] else "")
+          + (" (fp32: peft upcasts them)" if upcast else "")] = shape["embed"] * (4 if upcast else half)
     return parts
 
 
@@ -160,20 +198,24 @@ def lora_targets(shape: dict, recipe: dict) -> str:
     return "; ".join(found) or "none"
 
 
-def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str) -> dict:
+def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str,
+                    backend: str = "hf") -> dict:
     """Peak GPU bytes by part, for the largest sample in a batch of per_device_train_batch_size (with packing:
     that many samples as long as the largest, packed into rows of up to max_length)."""
+    parts = {"base weights": sum(weight_parts(shape, recipe, precision, backend).values()),
+             "LoRA/trained weights + grads + optimizer": trained_state_bytes(shape, recipe),
+             **activation_parts(shape, recipe, max_tokens, max_image_tokens, precision, backend),
+             "CUDA overhead": CUDA_OVERHEAD}
+    parts["total"] = sum(parts.values()) * 1.1  # allocator fragmentation, seen at 5-15 %
+    return parts
+
+
+def activation_parts(shape: dict, recipe: dict, max_tokens: int, max_image_tokens: int, precision: str,
+                     backend: str = "hf") -> dict:
+    """{"activations (largest sample)", "logits"}: bytes live at the peak of the backward pass."""
     from kit.inputs.packing import worst_rows
 
-    half = 2 if precision in ("bf16", "fp16") else 4
-    linear = shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"]
-    if recipe["load_in_4bit"]:
-        weights = linear * 4.127 / 8 + shape["embed"] * half  # NF4 + double-quantised scales; embeddings stay 16-bit
-    else:
-        weights = (linear + shape["embed"]) * half
-    trainable = lora_parameters(shape, recipe) if recipe["finetune"] == "lora" else linear + shape["embed"]
-    optimizer_bytes = 2 if "8bit" in recipe["optim"] else 8
-    adapter = trainable * (4 + 4 + optimizer_bytes)  # fp32 weights + grads + optimizer states
+    half = element_bytes(precision)
     batch, h, tokens = recipe["per_device_train_batch_size"], shape["hidden"], max_tokens
     # the language model runs on rows: a batch of padded samples, or fewer, longer packed rows
     rows, tokens = worst_rows(batch, tokens, recipe["max_length"]) if recipe["packing"] else (batch, tokens)
@@ -183,14 +225,13 @@ def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens
         activations = rows * (tokens * per_token_layer * shape["layers"] + recompute)
     else:
         activations = rows * shape["layers"] * (tokens * (h * 8 + shape["inter"] * 3) * half)
-    logits = rows * tokens * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
+    # hf: fp32 tensors of tokens x vocab live at once: the logits, the loss's log-softmax, TRL's shifted copy for
+    # its token accuracy, and in the backward pass the softmax and the gradients. bench.py --memory measured 5.7
+    # to 7.3 on random:qwen2-vl-2b (371 tokens, two runs each of the 4-bit and the 16-bit base)
+    logits = rows * tokens * shape["vocab"] * 4 * LOGIT_COPIES.get(backend, LOGIT_COPIES["hf"])
     patches = max_image_tokens * 4  # 2x2 patches merge into one token
     vision = batch * patches * shape["vision_embed"] * half * 12  # one block's forward, frozen tower
-    parts = {"base weights": weights, "LoRA/trained weights + grads + optimizer": adapter,
-             "activations (largest sample)": activations + vision, "logits": logits,
-             "CUDA overhead": CUDA_OVERHEAD}
-    parts["total"] = sum(parts.values()) * 1.1  # allocator fragmentation, seen at 5-15 %
-    return parts
+    return {"activations (largest sample)": activations + vision, "logits": logits}
 
 
 def gpu_memory(named: str | None) -> tuple[str, int | None]:
@@ -272,7 +313,7 @@ def preflight(samples, processor, recipe):
 
 
 def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, processor, shape=None,
-               precision="bf16"):
+               precision="bf16", backend="hf"):
     images, texts = [i for i, _ in counts], [t for _, t in counts]
     for name, values in (("image tokens", images), ("text tokens", texts), ("total tokens",
                                                                             [i + t for i, t in counts])):
@@ -289,11 +330,12 @@ def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, p
     click.echo(f"steps per epoch: {steps_per_epoch(len(samples), recipe)}")
     print_padding(counts, recipe)
     click.echo(f"peak GPU memory estimate ({recipe['model_name_or_path']}, "
-               f"{'4-bit' if recipe['load_in_4bit'] else '16-bit'}, batch {recipe['per_device_train_batch_size']}):")
+               f"{'4-bit' if recipe['load_in_4bit'] else '16-bit'}, batch {recipe['per_device_train_batch_size']}, "
+               f"{backend} backend):")
     for part, value in memory.items():
         click.echo(f"  {part:<42} {gb(value)}")
         if shape and part == "base weights":  # what they are, in the family's module names
-            for name, size in weight_parts(shape, recipe, precision).items():
+            for name, size in weight_parts(shape, recipe, precision, backend).items():
                 click.echo(f"    {name:<40} {gb(size)}")
         if shape and part.startswith("LoRA") and recipe["finetune"] == "lora":
             click.echo(f"    adapters on: {lora_targets(shape, recipe)}")
@@ -339,20 +381,18 @@ def per_gpu_memory(shape: dict, recipe: dict, memory: dict, gpus: int, precision
     Activations and logits stay per device (each GPU runs per_device_train_batch_size samples); what the
     strategies split is the model state. DDP keeps everything and adds its gradient buckets; ZeRO-2 splits
     gradients and optimizer states; ZeRO-3 and FSDP also split the weights and gather one layer at a time."""
-    half = 2 if precision in ("bf16", "fp16") else 4
-    trainable = lora_parameters(shape, recipe) if recipe["finetune"] == "lora" else (
-        shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"] + shape["embed"])
-    optimizer = 2 if "8bit" in recipe["optim"] else 8
+    half = element_bytes(precision)
+    trainable = trainable_parameters(shape, recipe)
     weights, state = memory["base weights"], memory["LoRA/trained weights + grads + optimizer"]
     rest = memory["activations (largest sample)"] + memory["logits"] + memory["CUDA overhead"]
     bucket = trainable * 4  # DDP's fp32 gradient buckets, a second copy of the gradients for all-reduce
     # ZeRO-3/FSDP gather one decoder layer's weights (two with prefetch) on top of their shard. They run with
     # a 16-bit base: train.py refuses to shard 4-bit weights.
-    sharded = (shape["attn_linear"] + shape["mlp_linear"] + shape["vision_linear"] + shape["embed"]) * half
+    sharded = dense_parameters(shape) * half
     layer = 2 * (shape["attn_linear"] + shape["mlp_linear"]) / shape["layers"] * half
     totals = {
         "DDP": weights + state + bucket + rest,
-        "ZeRO-2": weights + trainable * 4 + trainable * (4 + optimizer) / gpus + rest,
+        "ZeRO-2": weights + trainable * 4 + trainable * (4 + optimizer_bytes(recipe)) / gpus + rest,
         "ZeRO-3 / FSDP" + (" (load_in_4bit=false)" if recipe["load_in_4bit"] else ""):
             ((sharded if recipe["load_in_4bit"] else weights) + state) / gpus + layer + rest,
     }

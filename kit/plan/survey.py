@@ -35,7 +35,7 @@ def survey(setup, options) -> dict:
     planned = estimate.planning_precision(setup.precision, recipe["precision"], gpu)  # the card's, not this one's
     shape = estimate.model_shape(base_path)
     memory = estimate.estimate_memory(shape, recipe, max(i + t for i, t in counts or [(0, 0)]),
-                                      max((i for i, _ in counts), default=0), planned)
+                                      max((i for i, _ in counts), default=0), planned, setup.backend)
     return dict(base_path=base_path, family=family, processor=processor, train_samples=train_samples,
                 eval_samples=eval_samples, heldout_rows=heldout_rows, findings=findings, counts=counts, gpus=gpus,
                 gpu=gpu, gpu_name=gpu_name, gpu_bytes=gpu_bytes, planned=planned, shape=shape, memory=memory)
@@ -56,7 +56,7 @@ def write_plan(setup, loaded: dict):
     gpus, gpu_name, gpu_bytes, shape = loaded["gpus"], loaded["gpu_name"], loaded["gpu_bytes"], loaded["shape"]
     click.echo(f"memory planned in {planned}" + (f" for --gpu {loaded['gpu']}" if loaded["gpu"] else ""))
     estimate.print_plan(samples, loaded["counts"], loaded["findings"], memory, gpu_name, gpu_bytes, recipe,
-                        loaded["processor"], shape, planned)
+                        loaded["processor"], shape, planned, setup.backend)
     per_gpu = estimate.per_gpu_memory(shape, recipe, memory, gpus, planned) if gpus > 1 else None
     if per_gpu:
         estimate.print_multi_gpu(len(samples), recipe, per_gpu, gpus, gpu_name, gpu_bytes)

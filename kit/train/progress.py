@@ -171,3 +171,16 @@ class StepTimer(TrainerCallback):
         if state.global_step == self.warmup and self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.mark()
+
+
+class HostMemoryAtStep(TrainerCallback):
+    """bench.py --memory: the resident set at each optimizer step (after the update, before the gradients are
+    cleared: weights, adapter, gradients and optimizer states live, activations gone); the largest is kept."""
+
+    def __init__(self):
+        self.at_step = 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        from kit import host_memory
+
+        self.at_step = max(self.at_step, host_memory.resident())
