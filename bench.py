@@ -77,9 +77,9 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
             runs = [(backend, backend, []) for backend in backends.split(",")]
         results = [run_worker(label, backend, recipe, [*overrides, *extra], options) for label, backend, extra in runs]
         if memory:
-            from kit import plan_check
+            from kit.plan import measured
 
-            table = plan_check.table(results, recipe, overrides, steps, warmup)
+            table = measured.table(results, recipe, overrides, steps, warmup)
         else:
             table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing, data_spec)
         click.echo(table)
@@ -123,7 +123,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     backend, _ = backends.select(recipe["backend"])
     import torch
 
-    from kit import families, host_memory, plan_check
+    from kit import families
+    from kit.plan import host_memory, measured
     from kit import model as models
     from kit.inputs import chat, packing
     from kit.plan import estimate
@@ -164,8 +165,8 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     trainer.train()
     result = timing_result(model, recipe, backend, precision, batch, steps, warmup, timer, counter, collator)
     if memory:
-        result["host"] = plan_check.measured_parts(model, baseline, loaded, at_step.at_step, host_memory.peak())
-        result["plan"] = plan_check.planned_parts(path, recipe, samples, processor, backend)
+        result["host"] = measured.measured_parts(model, baseline, loaded, at_step.at_step, host_memory.peak())
+        result["plan"] = measured.planned_parts(path, recipe, samples, processor, backend)
     return result
 
 
@@ -174,7 +175,7 @@ def load_model(path, recipe, backend, dtype, memory):
     in bf16, as a GPU holds it (a CPU run would load it in fp32), and read in whole before the reading."""
     import torch
 
-    from kit import host_memory
+    from kit.plan import host_memory
     from kit import model as models
 
     if not memory:

@@ -181,6 +181,6 @@ class HostMemoryAtStep(TrainerCallback):
         self.at_step = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        from kit import host_memory
+        from kit.plan import host_memory
 
         self.at_step = max(self.at_step, host_memory.resident())

@@ -1,5 +1,5 @@
 """bench.py --memory: train.py --plan's memory model set against host memory measured over a few LoRA steps on
-the CPU (kit/host_memory.py), part by part, for the same model, samples, batch and precision.
+the CPU (kit/plan/host_memory.py), part by part, for the same model, samples, batch and precision.
 """
 
 from kit.plan import estimate
