@@ -124,10 +124,9 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     import torch
 
     from kit import families
-    from kit.plan import host_memory, measured
     from kit import model as models
     from kit.inputs import chat, packing
-    from kit.plan import estimate
+    from kit.plan import estimate, host_memory, measured
     from kit.train import heldout, progress, sft
 
     cuda = torch.cuda.is_available()
@@ -175,8 +174,8 @@ def load_model(path, recipe, backend, dtype, memory):
     in bf16, as a GPU holds it (a CPU run would load it in fp32), and read in whole before the reading."""
     import torch
 
-    from kit.plan import host_memory
     from kit import model as models
+    from kit.plan import host_memory
 
     if not memory:
         return (*models.load_for_training(path, recipe, backend, dtype), 0, 0)

@@ -19,7 +19,6 @@ appear under their names only once complete. RUN_DIR/export.json then says what 
 figures, every llama.cpp proof and the llama.cpp commands (the board reads it; nothing needs the printed lines).
 """
 
-import json
 import shlex
 import shutil
 import tempfile
@@ -30,10 +29,10 @@ from pathlib import Path
 import click
 
 from kit import families, run_checks
-from kit.export import as_trained as as_trained_run
-from kit.export import gguf, gguf_export, llama, merging
 from kit.cli import help_with_examples, user_errors
 from kit.errors import UserError
+from kit.export import as_trained as as_trained_run
+from kit.export import gguf, gguf_export, llama, merging
 
 QUANTS = gguf.CONVERTER_TYPES + gguf.QUANTIZER_TYPES
 

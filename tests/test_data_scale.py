@@ -1,7 +1,6 @@
 """Hugging Face sources at scale: hf: folders, lazy samples, flat memory, held-out rows, in-training accuracy."""
 
 import json
-import subprocess
 import sys
 
 import pytest

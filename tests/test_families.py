@@ -100,9 +100,8 @@ def test_merge_parity_and_gguf_proof(family_run, exported):
 
 @pytest.mark.slow
 def test_infer_answers_alike_from_run_merged_and_gguf(family_run, exported):
-    import infer
-
     import data
+    import infer
 
     _, run = family_run
 
@@ -297,8 +296,7 @@ def test_a_think_block_is_in_the_loss_only_when_the_answer_has_one(name):
 
 
 def test_eval_scores_after_a_think_block_and_counts_it():
-    from kit.evaluate import predictions
-    from kit.evaluate import report
+    from kit.evaluate import predictions, report
 
     samples = [{"id": str(i), "images": [], "answers": ["4"],
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "How many bars?"}]}]}
@@ -314,8 +312,7 @@ def test_eval_scores_after_a_think_block_and_counts_it():
 
 def test_eval_score_rescores_after_a_think_block(tmp_path):
     """eval.py --score on another tool's predictions takes a think block off as eval.py does its own."""
-    from kit.evaluate import predictions
-    from kit.evaluate import report
+    from kit.evaluate import predictions, report
 
     lines = [{"id": "1", "prediction": "<think>\nfour bars\n</think>\n\n4", "answer": "4"},
              {"id": "2", "prediction": "5", "answer": "4"}]
@@ -363,9 +360,8 @@ def test_finetune_experts_on_a_dense_model_is_one_line():
 def test_hybrid_model_answers_alike_with_and_without_a_reused_context(family_run, exported):
     """llama-cpp-python reuses a cached prefix by removing the rest of the KV cache, which a recurrent (Gated
     DeltaNet) memory refuses: the kit's llama.cpp answers for Qwen3.5 must not depend on what was asked before."""
-    from kit.export import llama
-
     import data
+    from kit.export import llama
 
     _, run = family_run
     recipe = json.loads((run / "run_config.json").read_text())["recipe"]

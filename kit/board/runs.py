@@ -5,6 +5,7 @@ board; the board finds them again from the run folder and the process table. Eve
 infer) runs attached and is streamed line by line, or character by character for a chat answer.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -119,10 +120,8 @@ def metrics(run_dir: Path) -> list[dict]:
         return []
     rows = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
             rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            pass
     return rows
 
 
@@ -212,8 +211,9 @@ def deployed_scores(evaluation: dict) -> list[str]:
              f"{relaxed_percent(systems['finetuned'])}"]
     for pair in evaluation.get("pairs", []):
         if pair["baseline"] == "finetuned" and is_deployed(pair["candidate"]):
-            lines.append(f"  - {pair['candidate']} {relaxed_percent(systems[pair['candidate']])}: fixed {pair['fixed']}, broken "
-                         f"{pair['broken']} against as trained (McNemar p {pair['mcnemar_p']:.2g})")
+            lines.append(f"  - {pair['candidate']} {relaxed_percent(systems[pair['candidate']])}: "
+                         f"fixed {pair['fixed']}, broken {pair['broken']} against as trained "
+                         f"(McNemar p {pair['mcnemar_p']:.2g})")
     return lines
 
 
@@ -272,7 +272,7 @@ def export_view(export: dict, evaluation: dict | None = None) -> tuple[str, str]
                       f"{result['max_abs_logit_diff']:.1e}" if result["prompt_identical"] else "PROMPT TOKENS DIFFER")
             lines.append(f"- llama.cpp {gguf['models'][quant]}, {kind} prompt: {prompt}; answer "
                          f"{result['llama_cpp_answer']!r}; greedy tokens {agree}")
-    for quant, quantized in (gguf.get("quantization") or {}).items():
+    for quantized in (gguf.get("quantization") or {}).values():
         if quantized.get("note"):
             lines.append(f"- note: {quantized['note']}")
     outputs = ", ".join(f"{target} in `{folder}`" for target, folder in export["outputs"].items())

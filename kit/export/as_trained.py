@@ -15,7 +15,8 @@ from kit.export import merging
 def probe(run_dir: Path, recipe: dict, count: int) -> dict:
     """The run as it was trained and as eval.py scores it (its 4-bit base + the adapter) on up to `count`
     held-out rows: {"samples", "prompts" (where they come from), "probes"}."""
-    from kit import backend as backends, model as models
+    from kit import backend as backends
+    from kit import model as models
     from kit.evaluate.generate import prepare_for_inference
 
     samples, source = merging.heldout_prompts(run_dir, recipe, count)

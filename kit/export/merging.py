@@ -2,8 +2,8 @@
 
 The base is reloaded in 16-bit (never 4-bit) with plain transformers + peft, the adapter merged in, saved as
 safetensors with every processor file; then the adapter model and the reloaded merged model are compared on fixed
-prompts (largest logit difference, identical greedy answers). compare_runs holds a llama.cpp run (kit/export/llama.py) up
-against the merged model's the same way.
+prompts (largest logit difference, identical greedy answers). compare_runs holds a llama.cpp run
+(kit/export/llama.py) up against the merged model's the same way.
 """
 
 import contextlib
@@ -16,6 +16,7 @@ import click
 
 from kit import families, paths
 from kit.errors import UserError
+
 
 def plan_merge(model_path: str, dtype_name: str):
     """(device, dtype, dtype name) for merging: the GPU when the weights fit in its free memory with room to run,

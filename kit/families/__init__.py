@@ -23,7 +23,8 @@ What every family provides (the fields of `Family` below):
   weights)` that writes config + processor (+ random bf16 weights when `weights`);
 - `keep_16bit`: the Linear layers that stay 16-bit under a 4-bit base (kit/model.py's BitsAndBytesConfig);
 - `llama`: its llama.cpp names (LlamaNames: text arch, `clip.projector_type`); llama.cpp is prompted with the
-  chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs` (kit/export/llama.py).
+  chat template the converter stored in the GGUF, rendered with the family's `chat_template_kwargs`
+  (kit/export/llama.py).
 
 How a family is found:
 - from a model folder or hub id: `of_model(path)` reads its config.json (`of_model_type(config.model_type)`);
@@ -37,8 +38,8 @@ A model_type or name no family serves is a UnknownFamily (a UserError) that name
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kit.errors import UserError
 

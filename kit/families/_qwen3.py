@@ -10,8 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from kit.families import Linear, Markup
-from kit.families import _tiny
+from kit.families import Linear, Markup, _tiny
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Qwen3.5's tokenizer.json adds combining marks (\p{M}) to letters; llama.cpp's pre-tokenizer "qwen35" is this

@@ -7,8 +7,7 @@ merger into `out_hidden_size`. llama.cpp: text arch qwen2vl, projector qwen2.5vl
 from dataclasses import replace
 from functools import partial
 
-from kit.families import Linear, LlamaNames, LoraNames, Shape
-from kit.families import _tiny, qwen2_vl
+from kit.families import Linear, LlamaNames, LoraNames, Shape, _tiny, qwen2_vl
 
 # The true Qwen2.5-VL shapes (config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct).
 TEXT_SHAPES = {

@@ -5,8 +5,7 @@ Vision: a ViT of `depth` blocks, `embed_dim` wide, attention `qkv`/`proj`, MLP `
 3-D mrope. llama.cpp: text arch qwen2vl, projector qwen2vl_merger.
 """
 
-from kit.families import Family, Linear, LlamaNames, Markup, Shape
-from kit.families import _tiny
+from kit.families import Family, Linear, LlamaNames, Markup, Shape, _tiny
 
 MARKUP = Markup()
 

@@ -14,8 +14,7 @@ Unsloth advises 16-bit LoRA rather than QLoRA for Qwen3.5 (its quantization erro
 
 from dataclasses import replace
 
-from kit.families import Family, Linear, LlamaNames, LoraNames, Shape
-from kit.families import _qwen3, _tiny
+from kit.families import Family, Linear, LlamaNames, LoraNames, Shape, _qwen3, _tiny
 
 # True shapes, from the checkpoints' config.json (see docs/qwen3.md for where each number was read).
 LINEAR_ATTENTION = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,

@@ -12,8 +12,7 @@ is_deepstack_layers flags mark the DeepStack blocks).
 
 from dataclasses import replace
 
-from kit.families import Family, Linear, LlamaNames, LoraNames, Shape
-from kit.families import _qwen3, _tiny
+from kit.families import Family, Linear, LlamaNames, LoraNames, Shape, _qwen3, _tiny
 
 # True shapes, from the checkpoints' config.json (see docs/qwen3.md for where each number was read).
 TEXT_SHAPES = {

@@ -174,7 +174,6 @@ def test_qlora_trains_evaluates_on_its_4bit_base_and_merges(tmp_path, calls):
 def test_infer_answers_a_question(lora_run, tmp_path):
     """infer.py on the run with --backend unsloth, as its docstring shows (same stand-in as for eval.py)."""
     import infer
-
     from data.synthetic import generate
 
     folder, _ = lora_run
@@ -216,10 +215,10 @@ def test_contract_keywords_bind_to_the_installed_unsloth(calls, changes, expecte
 def test_precision_fp32_is_refused_because_unsloths_trainer_replaces_it(tmp_path):
     """Unsloth's generated trainer turns bf16/fp16 autocast on when both are off (the silent replacement);
     the kit therefore refuses precision=fp32 on the unsloth backend in one line."""
-    import train
     import trl
     from datasets import Dataset
 
+    import train
     from kit import model as models
     from kit.backend import BackendError, precision
 
@@ -279,9 +278,9 @@ def qwen25_run(tmp_path_factory):
 
 def test_qwen25vl_trains_answers_and_adapts_its_vision_mlp(qwen25_run, tmp_path):
     """Unsloth's patches with the 2.5 processor and model: train, the adapter on the SwiGLU vision MLP, infer."""
-    import infer
     from safetensors import safe_open
 
+    import infer
     from data.synthetic import generate
     from kit.model import resolve
 
@@ -290,7 +289,7 @@ def test_qwen25vl_trains_answers_and_adapts_its_vision_mlp(qwen25_run, tmp_path)
     config = json.loads((folder / "run_config.json").read_text())
     assert (config["family"], config["backend"]) == ("qwen2.5-vl", "unsloth")
     with safe_open(folder / "adapter_model.safetensors", "pt") as weights:
-        vision = {key.split(".mlp.")[1].split(".")[0] for key in weights.keys() if ".visual." in key and ".mlp." in key}
+        vision = {key.split(".mlp.")[1].split(".")[0] for key in weights.keys() if ".visual." in key and ".mlp." in key}  # noqa: SIM118
     assert vision == {"gate_proj", "up_proj", "down_proj"}
     sample = generate("test", 1, seed=5, size=140, grid=config["recipe"]["synthetic_grid"], layout="aligned",
                       cache=tmp_path, progress=False)[0]
@@ -308,10 +307,10 @@ def test_qwen3_families_train_and_answer_with_unsloth(name, vision_mlp, language
     """Unsloth's patches with the Qwen3-VL processor (16-pixel patches, 32-pixel tokens) and the Qwen3 / Qwen3.5
     models (DeepStack; Gated DeltaNet on the CPU's torch fallback): LoRA trains, adapters sit on the family's
     modules, infer answers with thinking off."""
-    import infer
-    import train
     from safetensors import safe_open
 
+    import infer
+    import train
     from data.synthetic import generate
 
     folder = tmp_path / "run"
@@ -321,8 +320,8 @@ def test_qwen3_families_train_and_answer_with_unsloth(name, vision_mlp, language
     config = json.loads((folder / "run_config.json").read_text())
     assert (config["family"], config["backend"], config["recipe"]["synthetic_grid"]) == (name, "unsloth", 32)
     with safe_open(folder / "adapter_model.safetensors", "pt") as weights:
-        names = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights.keys()}
-        vision = {key.split(".mlp.")[1].split(".")[0] for key in weights.keys() if ".visual." in key and ".mlp." in key}
+        names = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights.keys()}  # noqa: SIM118
+        vision = {key.split(".mlp.")[1].split(".")[0] for key in weights.keys() if ".visual." in key and ".mlp." in key}  # noqa: SIM118
     assert vision == vision_mlp and language <= names
     sample = generate("test", 1, seed=5, size=160, grid=32, layout="aligned", cache=tmp_path, progress=False)[0]
     result = invoke(infer.main, [folder, "--image", sample["images"][0], "--question", "How many bars are there?",
