@@ -35,10 +35,11 @@ class CountingCollator:
         return batch
 
 
-# GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the KL to the
-# starting model and the answers' length; each reward's own mean is added as reward_<name>.
-GRPO_FIELDS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl",
-               "completions/mean_length": "completion_length"}
+# GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the share of groups
+# whose answers all scored the same (no advantage, so no learning signal), the KL to the starting model and the
+# answers' length; each reward's own mean is added as reward_<name>.
+GRPO_FIELDS = {"reward": "reward", "reward_std": "reward_std",
+               "frac_reward_zero_std": "frac_reward_zero_std", "kl": "kl", "completions/mean_length": "completion_length"}
 
 
 def grpo_values(logs: dict) -> dict:

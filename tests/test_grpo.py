@@ -104,6 +104,43 @@ def grpo_run(sft_run, tmp_path_factory):
     return output
 
 
+# --- the RL path: what the trainer samples from, how it scores, what it learns from ------------------------------
+@pytest.fixture(scope="module")
+def probe(sft_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "probe.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "grpo_probe.py"), str(sft_run), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_grpo_samples_from_the_prompt_sft_trained_on_and_eval_asks(probe):
+    assert {row["qtype"] for row in probe["prompts"]} == {"count", "max"}
+    for row in probe["prompts"]:
+        assert row["grpo"] == row["sft"] == row["eval"], row["qtype"]
+        assert row["grpo"].count(probe["image_pad"]) > 0  # the chart is in it
+
+
+@pytest.mark.slow
+def test_the_trainers_reward_call_scores_right_one_and_wrong_zero(probe):
+    rows = probe["rewards"]
+    assert {row["qtype"] for row in rows} == {"count", "max"}
+    for right, wrong in zip(rows[::2], rows[1::2]):
+        assert right["answer"] in right["accepted"] and wrong["answer"] not in wrong["accepted"]
+        # [relaxed_accuracy, short_answer]: both one-word answers, only the right one correct
+        assert right["rewards"] == [1.0, 1.0] and wrong["rewards"] == [0.0, 1.0], (right, wrong)
+
+
+@pytest.mark.slow
+def test_a_group_with_equal_rewards_gives_no_gradient(probe):
+    equal, spread = probe["equal"], probe["spread"]
+    assert len(set(equal["rewards"])) == 1 and equal["advantages"] == [0.0] * len(equal["advantages"])
+    assert equal["grad_norm"] == 0.0
+    # the same loss on a group whose answers differ in reward does move the model
+    assert len(set(spread["rewards"])) > 1 and spread["grad_norm"] > 0
+
+
 @pytest.mark.slow
 def test_grpo_run_folder(sft_run, grpo_run):
     import torch
@@ -117,8 +154,9 @@ def test_grpo_run_folder(sft_run, grpo_run):
     rows = read_jsonl(grpo_run / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows:
-        assert {"loss", "reward", "reward_std", "kl", "completion_length", "reward_relaxed_accuracy",
-                "reward_short_answer"} <= set(row)
+        assert {"loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "completion_length",
+                "reward_relaxed_accuracy", "reward_short_answer"} <= set(row)
+        assert 0 <= row["frac_reward_zero_std"] <= 1
         assert 0 <= row["reward_relaxed_accuracy"] <= 1 and 0 <= row["reward_short_answer"] <= 1
         # the weighted sum TRL ranks by: 1.0 x relaxed accuracy + 0.2 x short answer (demo_grpo's weights)
         assert row["reward"] == pytest.approx(row["reward_relaxed_accuracy"] + 0.2 * row["reward_short_answer"],
