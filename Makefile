@@ -1,4 +1,6 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
+# make demo-grpo: GRPO from the demo's SFT run (runs/demo; trained first if missing), aimed at "which label is
+#   highest"; prints both runs' scores on the same 200 test questions and the paired comparison (McNemar)
 # make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
 # make test : the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
 # make test-fast: the suite without the tests marked slow (pytest.ini), for the edit-test loop
@@ -14,7 +16,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 # The demo's run folder.
 DEMO := runs/demo
 
-.PHONY: demo test test-fast test-unsloth venv llama-cpp clean board browser
+.PHONY: demo demo-grpo test test-fast test-unsloth venv llama-cpp clean board browser
 
 venv: $(VENV)/.installed
 
@@ -84,6 +86,15 @@ demo: $(VENV)/.installed $(VENV)/.llama-cpp $(CONVERTER)
 	$(PY) merge.py $(DEMO) --to merged,gguf --quant f16 --force
 	$(PY) infer.py $(DEMO)-gguf --question "How many bars are in the chart?" \
 	  --image "$$($(PY) -c 'import json; print(json.loads(open("$(DEMO)/eval/predictions.jsonl").readline())["image"])')"
+
+# The SFT run is scored into the GRPO run's folder (eval-sft), so make demo's own eval/ is left as it was.
+demo-grpo: $(VENV)/.installed
+	test -f $(DEMO)/model.safetensors || $(PY) train.py --recipe demo --output $(DEMO) --force
+	$(PY) train.py --recipe demo_grpo --output $(DEMO)-grpo --set init_from=$(DEMO) --force
+	$(PY) eval.py $(DEMO) --compare finetuned --out $(DEMO)-grpo/eval-sft --force
+	$(PY) eval.py $(DEMO)-grpo --compare finetuned --force
+	$(PY) eval.py --score sft=$(DEMO)-grpo/eval-sft/predictions.jsonl --score grpo=$(DEMO)-grpo/eval/predictions.jsonl \
+	  --out $(DEMO)-grpo/eval-vs-sft --force
 
 board: $(VENV)/.installed
 	$(PY) board.py

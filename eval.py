@@ -5,6 +5,7 @@
     python eval.py runs/demo --data jsonl:charts/questions.jsonl --on-bad-row skip --out runs/demo/eval-mine
     python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
     python eval.py --score runs/demo/eval/predictions.jsonl --metric lenient --out runs/demo/eval-lenient
+    python eval.py --score sft=runs/demo/eval/predictions.jsonl --score grpo=runs/demo-grpo/eval/predictions.jsonl
     python eval.py runs/chartqa/checkpoints/checkpoint-400 --limit 300 --compare finetuned   # as in training
     python eval.py runs/chartqa-gguf --compare finetuned --limit 500          # the GGUF pair in llama.cpp
     python eval.py Qwen/Qwen2-VL-2B-Instruct --data chartqa --compare finetuned   # any model, as `finetuned`
@@ -71,9 +72,11 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="chartqa",
               help="Relaxed accuracy rule. chartqa: ChartQA's reference (pix2struct; \"45%\" is 0.45), comparable "
                    "with published numbers. lenient: the kit's earlier rule (\"%\" dropped, so \"45%\" = \"45\").")
-@click.option("--score", "score_files", multiple=True, type=click.Path(path_type=Path),
+@click.option("--score", "score_files", multiple=True,
               help="Score a predictions JSONL file instead of running a model (no TARGET), e.g. "
-                   "--score questions.answers.jsonl; repeat to compare systems.")
+                   "--score questions.answers.jsonl; repeat to compare systems. LABEL=FILE names the file's "
+                   "system, e.g. --score sft=runs/demo/eval/predictions.jsonl "
+                   "--score grpo=runs/demo-grpo/eval/predictions.jsonl (both call theirs finetuned).")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
          on_bad_row, metric, score_files):
     """Score TARGET: a run folder made by train.py, one of its checkpoints/checkpoint-N, a merged folder, a model
@@ -82,7 +85,7 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
         if score_files:
             if target is not None:
                 raise UserError("give a TARGET run to evaluate, or --score FILE to score its answers, not both")
-            score(list(score_files), metric, out, force)
+            score([report.score_file(spec) for spec in score_files], metric, out, force)
         elif target is None:
             raise UserError("give TARGET (a run folder made by train.py), or --score FILE.jsonl; see --help")
         else:
@@ -90,11 +93,13 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
                 on_bad_row, metric)
 
 
-def score(files, metric, out, force):
-    """Scores, intervals and diffs for answers already written by infer.py --batch, eval.py or any tool."""
+def score(labelled, metric, out, force):
+    """Scores, intervals and diffs for answers already written by infer.py --batch, eval.py or any tool;
+    `labelled`: (label or None, file) pairs."""
+    labels, files = [label for label, _ in labelled], [file for _, file in labelled]
     out = out or files[0].with_name(files[0].name.removesuffix(".jsonl") + "-eval")
     check_out(out, force, files)
-    rows, names = report.read_predictions(files, metric)
+    rows, names = report.read_predictions(files, metric, labels)
     summary = report.save(out, rows, names, metric, f"Scores of {', '.join(f.name for f in files)}",
                           f"{len(rows)} questions from {', '.join(map(str, files))}")
     click.echo(f"\n{report.tables(summary)}\n\nwrote {out}/predictions.jsonl, report.md, report.json, report.png, "

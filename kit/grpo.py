@@ -167,12 +167,18 @@ class Prompts:
                 "qtype": [s.get("qtype") for s in samples]}
 
 
-def prompt_dataset(samples, processor, system_prompt: str):
-    """A datasets.Dataset of row numbers (what TRL takes) that reads as Prompts."""
+def prompt_dataset(samples, processor, system_prompt: str, question_types=()):
+    """A datasets.Dataset of row numbers (what TRL takes) that reads as Prompts; with `question_types`, only the
+    rows whose "qtype" is one of them."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"row": list(range(len(samples)))}).with_transform(
-        Prompts(samples, processor, system_prompt))
+    rows = [row for row, sample in enumerate(samples) if not question_types or sample.get("qtype") in question_types]
+    if not rows:
+        found = sorted({str(sample.get("qtype")) for sample in samples})
+        raise UserError(f"grpo_question_types={','.join(question_types)}: no training row has one of these qtypes "
+                        f"(the rows have: {', '.join(found)}); name some of those, or set grpo_question_types= "
+                        "for all rows")
+    return Dataset.from_dict({"row": rows}).with_transform(Prompts(samples, processor, system_prompt))
 
 
 def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, suppress_tokens=(),
@@ -223,7 +229,8 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
     think_end = family.markup.think[1] if family.markup.think else None
     args = grpo_config(recipe, precision, backend, str(checkpoints), vision_ids, family.chat_template_kwargs)
     trainer = trainer_class()(model=model, reward_funcs=reward_functions(think_end), args=args,
-                              train_dataset=prompt_dataset(samples, processor, recipe["system_prompt"]),
+                              train_dataset=prompt_dataset(samples, processor, recipe["system_prompt"],
+                                                           recipe["grpo_question_types"]),
                               processing_class=processor)
     trainer.remove_callback(PrinterCallback)
     return trainer

@@ -37,6 +37,18 @@ def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
     return controls + list(itertools.combinations(plain, 2))
 
 
+def paired(rows: list[dict], baseline: str, candidate: str) -> dict:
+    """The candidate against the baseline on the same questions: paired counts, the change in accuracy with its
+    bootstrap interval, and McNemar's exact p-value."""
+    before = [row["systems"][baseline]["relaxed"] for row in rows]
+    after = [row["systems"][candidate]["relaxed"] for row in rows]
+    counts = paired_counts(before, after)
+    change = bootstrap_interval([int(a) - int(b) for a, b in zip(after, before)])
+    return {"samples": len(rows), **counts, "change": (counts["fixed"] - counts["broken"]) / len(rows),
+            "change_low": change[0], "change_high": change[1],
+            "mcnemar_p": mcnemar_exact(counts["fixed"], counts["broken"])}
+
+
 def summarize(rows: list[dict], names: list[str], metric: str, seconds: dict | None = None) -> dict:
     """Every number of the report (what report.json holds)."""
     systems = {}
@@ -59,15 +71,13 @@ def summarize(rows: list[dict], names: list[str], metric: str, seconds: dict | N
     pairs = []
     for baseline, candidate in comparison_pairs(names):
         both = [row for row in rows if baseline in row["systems"] and candidate in row["systems"]]
-        if not both:
-            continue
-        before = [row["systems"][baseline]["relaxed"] for row in both]
-        after = [row["systems"][candidate]["relaxed"] for row in both]
-        counts = paired_counts(before, after)
-        change = bootstrap_interval([int(a) - int(b) for a, b in zip(after, before)])
-        pairs.append({"baseline": baseline, "candidate": candidate, "samples": len(both), **counts,
-                      "change": (counts["fixed"] - counts["broken"]) / len(both), "change_low": change[0],
-                      "change_high": change[1], "mcnemar_p": mcnemar_exact(counts["fixed"], counts["broken"])})
+        if both:
+            pairs.append({"baseline": baseline, "candidate": candidate, **paired(both, baseline, candidate),
+                          "groups": {key: {group: paired([row for row in both if str(row.get(key)) == group],
+                                                         baseline, candidate)
+                                           for group in sorted({str(row[key]) for row in both
+                                                                if row.get(key) is not None})}
+                                     for key in GROUPS if any(row.get(key) is not None for row in both)}})
     return {"metric": metric, "rules": {"relaxed": METRICS[metric], "exact": EXACT},
             "interval": {"method": "percentile bootstrap over questions", "level": 0.95,
                          "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
@@ -111,17 +121,32 @@ def pairs_table(summary: dict) -> str:
     header = ["baseline", "candidate", "samples", "fixed", "broken", "both right", "both wrong",
               "change (points)", "McNemar p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for pair in summary["pairs"]:
-        change = f"{100 * pair['change']:+.1f} [{100 * pair['change_low']:+.1f}, {100 * pair['change_high']:+.1f}]"
-        lines.append("| " + " | ".join([pair["baseline"], pair["candidate"], str(pair["samples"]), str(pair["fixed"]),
-                                        str(pair["broken"]), str(pair["both_right"]), str(pair["both_wrong"]),
-                                        change, f"{pair['mcnemar_p']:.3g}"]) + " |")
+    lines += [pair_line([pair["baseline"], pair["candidate"]], pair) for pair in summary["pairs"]]
     return "\n".join(lines)
+
+
+def group_pairs_table(summary: dict) -> str:
+    """The same paired comparisons within each question type / subset; "" when the questions have none."""
+    header = ["group", "baseline", "candidate", "samples", "fixed", "broken", "both right", "both wrong",
+              "change (points)", "McNemar p"]
+    lines = [pair_line([f"{key}={group}", pair["baseline"], pair["candidate"]], counts)
+             for pair in summary["pairs"] for key, members in pair.get("groups", {}).items()
+             for group, counts in members.items()]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines]) if lines else ""
+
+
+def pair_line(names: list[str], pair: dict) -> str:
+    change = f"{100 * pair['change']:+.1f} [{100 * pair['change_low']:+.1f}, {100 * pair['change_high']:+.1f}]"
+    return "| " + " | ".join([*names, str(pair["samples"]), str(pair["fixed"]), str(pair["broken"]),
+                              str(pair["both_right"]), str(pair["both_wrong"]), change,
+                              f"{pair['mcnemar_p']:.3g}"]) + " |"
 
 
 def tables(summary: dict) -> str:
     """What eval.py prints at the end: the systems table, then the paired comparisons."""
-    return table(summary) + ("\n\n" + pairs_table(summary) if summary["pairs"] else "")
+    by_group = group_pairs_table(summary)
+    return table(summary) + ("\n\n" + pairs_table(summary) if summary["pairs"] else "") + \
+        ("\n\n" + by_group if by_group else "")
 
 
 def markdown(summary: dict, title: str, source: str) -> str:
@@ -143,6 +168,9 @@ def markdown(summary: dict, title: str, source: str) -> str:
                  "minus baseline in points, with its paired bootstrap interval. McNemar p: exact two-sided binomial "
                  "test of fixed against broken (small p: the difference is unlikely to be chance).", "",
                  pairs_table(summary)]
+    by_group = group_pairs_table(summary)
+    if by_group:
+        text += ["", "The same comparisons within each question type or subset:", "", by_group]
     return "\n".join(text) + "\n"
 
 
@@ -304,31 +332,52 @@ def think_markers() -> set:
     return {family.markup.think for family in families.all_families() if family.markup.think}
 
 
-def read_predictions(paths: list[Path], metric: str) -> tuple[list[dict], list[str]]:
+def score_file(spec: str) -> tuple[str | None, Path]:
+    """(label, path) of an eval.py --score argument: FILE, or LABEL=FILE to name the file's system LABEL (two
+    runs' predictions.jsonl both call theirs `finetuned`)."""
+    label, _, rest = spec.partition("=")
+    if rest and "/" not in label and not Path(spec).exists():
+        return label, Path(rest)
+    return None, Path(spec)
+
+
+def row_answers(row: dict, where: str, path: Path, label: str | None) -> tuple[dict, dict, list[str]]:
+    """({system: answer}, {system: think block}, references) of one --score row; `label` names its system."""
+    thoughts = {}
+    if isinstance(row.get("systems"), dict) and "references" in row:  # eval.py's predictions.jsonl
+        answers = {name: verdict.get("answer", "") for name, verdict in row["systems"].items()}
+        thoughts = {name: verdict["think"] for name, verdict in row["systems"].items() if "think" in verdict}
+        references = [str(r) for r in row["references"]]
+    else:
+        if "prediction" not in row:
+            raise UserError(f"{where}: no \"prediction\"; a row needs the system's answer as \"prediction\" "
+                            "and the reference as \"answer\", \"answers\" or \"messages\"")
+        references = references_of(row)
+        answers = {str(row.get("system") or path.name.removesuffix(".jsonl")): row["prediction"]}
+    if not references:
+        raise UserError(f"{where}: no reference answer; give \"answer\", \"answers\" (a list) or "
+                        "\"messages\" with an assistant turn")
+    if label:
+        renamed = {name: label if len(answers) == 1 else f"{label} {name}" for name in answers}
+        answers = {renamed[name]: answer for name, answer in answers.items()}
+        thoughts = {renamed[name]: thought for name, thought in thoughts.items()}
+    return answers, thoughts, references
+
+
+def read_predictions(paths: list[Path], metric: str, labels=()) -> tuple[list[dict], list[str]]:
     """Scored rows and system names from prediction files. A row is {"prediction", "answer" | "answers" |
     "messages" (its last assistant turn is the reference), optional "system" (default: the file's name), "id",
     "question", "image" / "images" (relative to the file), "subset", "qtype"}, or a row of eval.py's own
-    predictions.jsonl (re-judged under `metric`). Systems are paired on "id", else on image + question, else on
-    the row's position among its system's rows."""
+    predictions.jsonl (re-judged under `metric`). `labels[i]`, when given, names path i's system (its systems
+    "LABEL NAME" when it holds several). Systems are paired on "id", else on image + question, else on the row's
+    position among its system's rows."""
     by_key: dict[str, dict] = {}
     names: list[str] = []
-    for path in paths:
+    for index, path in enumerate(paths):
+        label = labels[index] if index < len(labels) else None
         seen: dict[tuple, int] = {}
         for line, where, row in jsonl_rows(path, "--score"):
-            thoughts = {}
-            if isinstance(row.get("systems"), dict) and "references" in row:  # eval.py's predictions.jsonl
-                answers = {name: verdict.get("answer", "") for name, verdict in row["systems"].items()}
-                thoughts = {name: verdict["think"] for name, verdict in row["systems"].items() if "think" in verdict}
-                references = [str(r) for r in row["references"]]
-            else:
-                if "prediction" not in row:
-                    raise UserError(f"{where}: no \"prediction\"; a row needs the system's answer as \"prediction\" "
-                                    "and the reference as \"answer\", \"answers\" or \"messages\"")
-                references = references_of(row)
-                answers = {str(row.get("system") or path.name.removesuffix(".jsonl")): row["prediction"]}
-            if not references:
-                raise UserError(f"{where}: no reference answer; give \"answer\", \"answers\" (a list) or "
-                                "\"messages\" with an assistant turn")
+            answers, thoughts, references = row_answers(row, where, path, label)
             image = row.get("image") or (row.get("images") or [None])[0]
             if isinstance(image, str) and not Path(image).is_absolute():
                 image = str(path.parent / image)

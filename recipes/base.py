@@ -101,6 +101,9 @@ BASE = {
     # relaxed_accuracy, short_answer: being right counts; no extra words only breaks ties between right answers.
     # Text, as every list key is kept (--set reward_weights=1,0.5 and a config file give the same values)
     "reward_weights": ["1.0", "0.2"],
+    # Ask GRPO only the training rows of these question types (a row's "qtype": synthetic charts have one); empty =
+    # all. Types SFT already answers right give groups with no spread, so no learning signal, at a full step's cost
+    "grpo_question_types": [],
     # --- held-out evaluation during training ------------------------------------------------------
     "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
     "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)
