@@ -8,9 +8,9 @@ OUT.json holds, for a few training questions:
              collator puts before the answer's first trained label, and the ids eval.py generates from;
   rewards    each reward function's score, through the trainer's own reward call, of the row's accepted answer
              and of a wrong one (another label, or the count plus one);
-  gradients  for one question's group (one group a batch): its rewards, advantages and the gradient norm of
-             TRL's loss, sampled at the recipe's temperature and near-greedily (temperature 1e-3: every answer in
-             the group the same, so all rewards equal). beta=0 here: only the reward's part of the loss.
+  gradients  for one question's group of 8 (one group a batch): its rewards, advantages and the gradient norm
+             of TRL's loss, sampled at the recipe's temperature and near-greedily (temperature 1e-3: every answer
+             in the group the same, so all rewards equal). beta=0 here: only the reward's part of the loss.
 """
 
 import json
@@ -111,7 +111,8 @@ def main(run_dir: str, out: str, overrides: list[str]):
     import torch
 
     torch.manual_seed(0)
-    one_group = ["per_device_train_batch_size=4", "num_generations=4", "beta=0.0", *overrides]
+    # the recipe's group size: how many equal rewards TRL averages decides whether their spread is exactly zero
+    one_group = ["per_device_train_batch_size=8", "num_generations=8", "beta=0.0", *overrides]
     with tempfile.TemporaryDirectory() as scratch:
         trainer, processor, samples, recipe = build(run_dir, one_group, Path(scratch))
         found = {"prompts": prompts(trainer, processor, samples, recipe), "rewards": rewards(trainer, samples),

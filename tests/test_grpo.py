@@ -158,8 +158,8 @@ def test_grpo_run_folder(sft_run, grpo_run):
                 "reward_relaxed_accuracy", "reward_short_answer"} <= set(row)
         assert 0 <= row["frac_reward_zero_std"] <= 1
         assert 0 <= row["reward_relaxed_accuracy"] <= 1 and 0 <= row["reward_short_answer"] <= 1
-        # the weighted sum TRL ranks by: 1.0 x relaxed accuracy + 0.2 x short answer (demo_grpo's weights)
-        assert row["reward"] == pytest.approx(row["reward_relaxed_accuracy"] + 0.2 * row["reward_short_answer"],
+        # the weighted sum TRL ranks by: 1.0 x relaxed accuracy + 0.25 x short answer (demo_grpo's weights)
+        assert row["reward"] == pytest.approx(row["reward_relaxed_accuracy"] + 0.25 * row["reward_short_answer"],
                                               abs=1e-5)
         assert row["completion_length"] >= 1 and row["kl"] >= 0
     assert (grpo_run / "loss.png").stat().st_size > 0
