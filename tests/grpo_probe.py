@@ -8,9 +8,10 @@ OUT.json holds, for a few training questions:
              collator puts before the answer's first trained label, and the ids eval.py generates from;
   rewards    each reward function's score, through the trainer's own reward call, of the row's accepted answer
              and of a wrong one (another label, or the count plus one);
-  gradients  for one question's group of 8 (one group a batch): its rewards, advantages and the gradient norm
-             of TRL's loss, sampled at the recipe's temperature and near-greedily (temperature 1e-3: every answer
-             in the group the same, so all rewards equal). beta=0 here: only the reward's part of the loss.
+  spread     for the first question whose group of 8 answers (one group a batch, sampled at the recipe's
+             temperature) differs in reward: the answers, rewards, advantages and the gradient norm of TRL's loss;
+  equal      the same for the first question whose 8 answers all score the same (e.g. all wrong).
+             beta=0 here: only the reward's part of the loss.
 """
 
 import json
@@ -85,24 +86,26 @@ def rewards(trainer, samples) -> list[dict]:
     return found
 
 
-def gradient(trainer, rows) -> dict:
-    """The first group among `rows` with a spread of rewards (or the last one tried): its rewards, advantages and
-    the gradient norm of TRL's loss on it."""
+def gradient(trainer, rows, spread: bool) -> dict:
+    """The first group among `rows` whose rewards have a spread (`spread`) or are all equal: its rewards,
+    advantages and the gradient norm of TRL's loss on it; {} when none is found."""
     import torch
 
     for row in rows:
         scored = trainer._generate_and_score_completions(group(trainer, row))
+        texts = trainer.processing_class.batch_decode(scored["completion_ids"], skip_special_tokens=True)
         weighted = trainer._calculate_rewards(
             [trainer.train_dataset[row]] * trainer.num_generations, [None] * trainer.num_generations,
-            [[{"role": "assistant", "content": text}] for text in trainer.processing_class.batch_decode(
-                scored["completion_ids"], skip_special_tokens=True)], [[0]] * trainer.num_generations)
+            [[{"role": "assistant", "content": text}] for text in texts], [[0]] * trainer.num_generations)
         total = (weighted * trainer.reward_weights).sum(dim=1)
-        if total.std() > 0:
-            break
-    trainer.model.zero_grad()
-    trainer.compute_loss(trainer.model, scored).backward()
-    norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in trainer.model.parameters() if p.grad is not None))
-    return {"rewards": total.tolist(), "advantages": scored["advantages"].tolist(), "grad_norm": norm.item()}
+        if (len(set(total.tolist())) > 1) == spread:
+            trainer.model.zero_grad()
+            trainer.compute_loss(trainer.model, scored).backward()
+            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in trainer.model.parameters()
+                                  if p.grad is not None))
+            return {"answers": texts, "rewards": total.tolist(), "advantages": scored["advantages"].tolist(),
+                    "grad_norm": norm.item()}
+    return {}
 
 
 def main(run_dir: str, out: str, overrides: list[str]):
@@ -116,10 +119,9 @@ def main(run_dir: str, out: str, overrides: list[str]):
     with tempfile.TemporaryDirectory() as scratch:
         trainer, processor, samples, recipe = build(run_dir, one_group, Path(scratch))
         found = {"prompts": prompts(trainer, processor, samples, recipe), "rewards": rewards(trainer, samples),
-                 "spread": gradient(trainer, range(16)),
+                 "spread": gradient(trainer, range(32), spread=True),
+                 "equal": gradient(trainer, range(32), spread=False),
                  "image_pad": processor.tokenizer.convert_tokens_to_ids(processor.image_token)}
-        greedy = build(run_dir, [*one_group, "temperature=0.001"], Path(scratch))[0]
-        found["equal"] = gradient(greedy, range(1))
     Path(out).write_text(json.dumps(found))
 
 
