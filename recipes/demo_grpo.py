@@ -21,7 +21,8 @@ RECIPE = {
     "num_generations": 8,  # 4 answers left 62 % of groups without spread (no signal); 8 leave about half
     "per_device_train_batch_size": 32,  # completions: 4 questions a step
     "max_completion_length": 8,  # the SFT model answers "A" or "3" and stops; 8 leaves room to ramble
-    # 3e-3 broke counting within 40 steps (KL 1.45); 1e-5 to 1e-3 kept it, none lifted "max" significantly
+    # 3e-3 broke counting within 40 steps (KL 1.45), 1e-3 within 300 (KL 3.9, counting 21 %); 3e-4 kept it
+    # through 600 steps (KL <= 0.08). None lifted "max" significantly
     "learning_rate": 3e-4,
     # KL to the SFT model: with beta 0 and only "max" questions asked, counting fell from 100 to 58 % in 40 steps
     "beta": 0.04,
