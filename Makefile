@@ -1,6 +1,8 @@
 # make demo : train the tiny model on synthetic charts, evaluate it, merge, export GGUF, ask it a question
 # make demo-qlora : the demo's model loaded in 4-bit learns a new question through a LoRA adapter (QLoRA on the CPU)
 # make demo-ocr: train the tiny model to read numbers the kit draws, and report its CER against base and controls
+# make demo-grpo: GRPO from the demo's SFT run (runs/demo; trained first if missing), aimed at "which label is
+#   highest"; prints both runs' scores on the same 200 test questions and the paired comparison (McNemar)
 # make board: the web app for the whole workflow (train, evaluate, export, chat) on http://127.0.0.1:7860
 # make test : ruff, then the test suite (CPU, offline, a few minutes; the first run also builds llama.cpp, ~4 min)
 # make test-fast: the suite without the tests marked slow (pytest.ini), for the edit-test loop
@@ -18,7 +20,7 @@ DEMO := runs/demo
 DEMO_OCR := runs/demo-ocr
 DEMO_QLORA := runs/demo-qlora
 
-.PHONY: demo demo-ocr demo-qlora test test-fast test-unsloth venv llama-cpp clean board browser
+.PHONY: demo demo-grpo demo-ocr demo-qlora test test-fast test-unsloth venv llama-cpp clean board browser
 
 venv: $(VENV)/.installed
 
@@ -106,6 +108,15 @@ demo-qlora: $(VENV)/.installed $(DEMO)/config.json
 demo-ocr: $(VENV)/.installed
 	$(PY) train.py --recipe demo_ocr --output $(DEMO_OCR) --force
 	$(PY) eval.py $(DEMO_OCR) --data synthetic_text --compare base,finetuned --control shuffled --force
+
+# The SFT run is scored into the GRPO run's folder (eval-sft), so make demo's own eval/ is left as it was.
+demo-grpo: $(VENV)/.installed
+	test -f $(DEMO)/model.safetensors || $(PY) train.py --recipe demo --output $(DEMO) --force
+	$(PY) train.py --recipe demo_grpo --output $(DEMO)-grpo --set init_from=$(DEMO) --force
+	$(PY) eval.py $(DEMO) --compare finetuned --out $(DEMO)-grpo/eval-sft --force
+	$(PY) eval.py $(DEMO)-grpo --compare finetuned --force
+	$(PY) eval.py --score sft=$(DEMO)-grpo/eval-sft/predictions.jsonl --score grpo=$(DEMO)-grpo/eval/predictions.jsonl \
+	  --out $(DEMO)-grpo/eval-vs-sft --force
 
 board: $(VENV)/.installed
 	$(PY) board.py

@@ -9,7 +9,7 @@ ChartQA's relaxed accuracy, exact match, ANLS, CER / WER or ROUGE-L.
     python eval.py --score questions.answers.jsonl --out runs/mine      # answers from any tool, no model loaded
     python eval.py --score runs/demo/eval/predictions.jsonl --relaxed-rule lenient --out runs/demo/eval-lenient
     python eval.py --score ocr.answers.jsonl --metric cer              # OCR answers: CER, WER, exact match
-    python eval.py runs/latex --metric anls       # another metric than the run's own
+    python eval.py --score sft=runs/demo/eval/predictions.jsonl --score grpo=runs/demo-grpo/eval/predictions.jsonl
     python eval.py runs/chartqa/checkpoints/checkpoint-400 --limit 300 --compare finetuned   # as in training
     python eval.py runs/chartqa-gguf --compare finetuned --limit 500          # the GGUF pair in llama.cpp
     python eval.py Qwen/Qwen2-VL-2B-Instruct --data chartqa --compare finetuned   # any model, as `finetuned`
@@ -34,11 +34,9 @@ number comes with a 95 % bootstrap interval, and every two systems on the same q
 comparison: counts (fixed, broken) and McNemar's exact p for right/wrong metrics, questions better / worse and
 the sign test's p for the others, and the change with its paired bootstrap interval for all.
 
---score FILE.jsonl scores answers that are already there: rows {"prediction", "answer" or "answers" (or
-"messages" with the reference as assistant turn), optional "system", "id", "question", "image", "subset",
-"qtype"}, as `infer.py --batch` writes them, or eval.py's own predictions.jsonl (to re-score under another
---metric or --relaxed-rule). Give --score once per file to compare systems; a file's rows without "system" are
-named after it.
+--score [LABEL=]FILE.jsonl scores answers already written (rows as `infer.py --batch` writes them, or eval.py's
+own predictions.jsonl to re-score; kit/evaluate/predictions.py has the row format), once per file to compare
+systems: a file's system is LABEL, else its rows' "system", else the file's name.
 
 Writes into <RUN>/eval/ (or --out; with --score, <FILE>-eval/ beside the first file): predictions.jsonl (every
 answer, right or not), report.md and report.json (every number of the tables), report.png (relaxed accuracy
@@ -94,9 +92,11 @@ SYSTEMS = ("base", "base+prompt", "finetuned")
                    "with published numbers. lenient: \"%\" dropped, so \"45%\" = \"45\".")
 @click.option("--question-types", help="Synthetic data only: ask these question types instead of the run's, e.g. "
               "--question-types count,max for what the base was trained on after an adapter taught another.")
-@click.option("--score", "score_files", multiple=True, type=click.Path(path_type=Path),
+@click.option("--score", "score_files", multiple=True,
               help="Score a predictions JSONL file instead of running a model (no TARGET), e.g. "
-                   "--score questions.answers.jsonl; repeat to compare systems.")
+                   "--score questions.answers.jsonl; repeat to compare systems. LABEL=FILE names the file's "
+                   "system, e.g. --score sft=runs/demo/eval/predictions.jsonl "
+                   "--score grpo=runs/demo-grpo/eval/predictions.jsonl (both call theirs finetuned).")
 def main(target, data, split, limit, compare, control, batch_size, max_new_tokens, backend, out, force,
          on_bad_row, metric, relaxed_rule, question_types, score_files):
     """Score TARGET: a run folder made by train.py, one of its checkpoints/checkpoint-N, a merged folder, a model
@@ -105,7 +105,8 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
         if score_files:
             if target is not None:
                 raise UserError("give a TARGET run to evaluate, or --score FILE to score its answers, not both")
-            score(list(score_files), metric or "relaxed_accuracy", relaxed_rule, out, force)
+            score([predictions.score_file(spec) for spec in score_files], metric or "relaxed_accuracy", relaxed_rule,
+                  out, force)
         elif target is None:
             raise UserError("give TARGET (a run folder made by train.py), or --score FILE.jsonl; see --help")
         else:
@@ -113,11 +114,13 @@ def main(target, data, split, limit, compare, control, batch_size, max_new_token
                 on_bad_row, metric, relaxed_rule, question_types)
 
 
-def score(files, metric, relaxed_rule, out, force):
-    """Scores, intervals and diffs for answers already written by infer.py --batch, eval.py or any tool."""
+def score(labelled, metric, relaxed_rule, out, force):
+    """Scores, intervals and diffs for answers already written by infer.py --batch, eval.py or any tool;
+    `labelled`: (label or None, file) pairs."""
+    labels, files = [label for label, _ in labelled], [file for _, file in labelled]
     out = out or files[0].with_name(files[0].name.removesuffix(".jsonl") + "-eval")
     check_out(out, force, files)
-    rows, names = predictions.read_predictions(files, metric, relaxed_rule)
+    rows, names = predictions.read_predictions(files, metric, relaxed_rule, labels)
     summary = report.save(out, rows, names, metric, f"Scores of {', '.join(f.name for f in files)}",
                           f"{len(rows)} questions from {', '.join(map(str, files))}", relaxed_rule=relaxed_rule)
     click.echo(f"\n{report.tables(summary)}\n\nwrote {out}/predictions.jsonl, report.md, report.json, report.png, "

@@ -102,8 +102,14 @@ BASE = {
     "loss_type": "dapo",  # TRL's default: token losses averaged over the batch's tokens, no length bias
     "scale_rewards": "group",  # advantages divided by each group's reward std (GRPO as published)
     # relaxed_accuracy, short_answer: being right counts; no extra words only breaks ties between right answers.
-    # Text, as every list key is kept (--set reward_weights=1,0.5 and a config file give the same values)
-    "reward_weights": ["1.0", "0.2"],
+    # Text, as every list key is kept (--set reward_weights=1,0.5 and a config file give the same values).
+    # 0.25, not 0.2: a group of equal rewards must have exactly zero spread in float32. Eight rewards of 1.2
+    # average to 1.2 plus 1e-7, which TRL divides by (std + 1e-4) into advantages of 1e-3, and which its
+    # frac_reward_zero_std (a 1e-8 tolerance) counts as spread
+    "reward_weights": ["1.0", "0.25"],
+    # Ask GRPO only the training rows of these question types (a row's "qtype": synthetic charts have one); empty =
+    # all. Types SFT already answers right give groups with no spread, so no learning signal, at a full step's cost
+    "grpo_question_types": [],
     # --- held-out evaluation during training ------------------------------------------------------
     "eval_split": "",  # a split of the dataset to evaluate on ("" = none); never trained on
     "eval_fraction": 0.0,  # without a split: hold out this share of the training rows (written to heldout.jsonl)

@@ -330,3 +330,33 @@ def test_exported_systems_come_from_export_json_or_one_line_naming_the_fix(tmp_p
     (tmp_path / "gguf" / "run-f16.gguf").unlink()
     with pytest.raises(UserError, match="run-f16.gguf .* is gone"):
         exported.choose("gguf", ("finetuned",), run, "run")
+
+
+def test_score_labels_name_two_runs_systems_and_pairs_go_by_type(tmp_path):
+    """Two runs' predictions.jsonl both call their system `finetuned`: LABEL=FILE tells them apart, and the
+    pair is also compared within each qtype."""
+    def predictions(name, right):
+        (tmp_path / name).mkdir()
+        return write_rows(tmp_path / name / "predictions.jsonl", [
+            {"id": f"q{i}", "question": "?", "references": ["4"], "qtype": "count" if i < 4 else "max",
+             "systems": {"finetuned": {"answer": "4" if ok else "9", "relaxed": ok, "exact": ok}}}
+            for i, ok in enumerate(right)])
+
+    sft = predictions("sft", [True, True, True, True, False, False, False, False])
+    grpo = predictions("grpo", [True, True, True, False, True, True, True, False])
+    out = tmp_path / "vs"
+    result = eval_cli(["--score", f"sft={sft}", "--score", f"grpo={grpo}", "--out", out])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads((out / "report.json").read_text())
+    assert list(numbers["systems"]) == ["sft", "grpo"]
+    pair = numbers["pairs"][0]
+    assert (pair["baseline"], pair["candidate"], pair["fixed"], pair["broken"]) == ("sft", "grpo", 3, 1)
+    by_type = pair["groups"]["qtype"]
+    assert (by_type["count"]["fixed"], by_type["count"]["broken"]) == (0, 1)
+    assert (by_type["max"]["fixed"], by_type["max"]["broken"], by_type["max"]["samples"]) == (3, 0, 4)
+    assert by_type["max"]["mcnemar_p"] == mcnemar_exact(3, 0)
+    per_type = read_table((out / "report.md").read_text(), which=-1)  # the last table: by question type
+    assert per_type["qtype=max"]["fixed"] == "3" and per_type["qtype=count"]["broken"] == "1"
+    assert "qtype=max | sft | grpo" in result.output  # printed too
+    # without labels both files name the same system: one clear line, exit 2
+    assert eval_cli(["--score", sft, "--score", grpo, "--out", tmp_path / "clash"]).exit_code == 2

@@ -13,11 +13,11 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import ROOT, read_jsonl, run_train
 
 import recipes
 from kit.train.grpo import answer_of, relaxed_accuracy, short_answer
 from recipes import RecipeError
+from tests.conftest import ROOT, read_jsonl, run_train
 
 # 2 questions x 4 answers a step: a group with a spread, and few tokens for the Triton interpreter
 GRPO = ["synthetic_num_train=240", "synthetic_num_test=40", "max_steps=4", "logging_steps=1", "save_steps=2",
@@ -104,6 +104,44 @@ def grpo_run(sft_run, tmp_path_factory):
     return output
 
 
+# --- the RL path: what the trainer samples from, how it scores, what it learns from ------------------------------
+@pytest.fixture(scope="module")
+def probe(sft_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "probe.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "grpo_probe.py"), str(sft_run), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_grpo_samples_from_the_prompt_sft_trained_on_and_eval_asks(probe):
+    assert {row["qtype"] for row in probe["prompts"]} == {"count", "max"}
+    for row in probe["prompts"]:
+        assert row["grpo"] == row["sft"] == row["eval"], row["qtype"]
+        assert row["grpo"].count(probe["image_pad"]) > 0  # the chart is in it
+
+
+@pytest.mark.slow
+def test_the_trainers_reward_call_scores_right_one_and_wrong_zero(probe):
+    rows = probe["rewards"]
+    assert {row["qtype"] for row in rows} == {"count", "max"}
+    for right, wrong in zip(rows[::2], rows[1::2]):
+        assert right["answer"] in right["accepted"] and wrong["answer"] not in wrong["accepted"]
+        # [relaxed_accuracy, short_answer]: both one-word answers, only the right one correct
+        assert right["rewards"] == [1.0, 1.0] and wrong["rewards"] == [0.0, 1.0], (right, wrong)
+
+
+@pytest.mark.slow
+def test_a_group_with_equal_rewards_gives_no_gradient(probe):
+    equal, spread = probe["equal"], probe["spread"]
+    assert equal and spread, "no group of 8 with equal rewards, or none with a spread, among 32 questions"
+    assert len(set(equal["rewards"])) == 1 and equal["advantages"] == [0.0] * 8
+    assert equal["grad_norm"] == 0.0
+    # the same loss, sampled the same way, on a group whose answers differ in reward does move the model
+    assert len(set(spread["rewards"])) > 1 and spread["grad_norm"] > 0
+
+
 @pytest.mark.slow
 def test_grpo_run_folder(sft_run, grpo_run):
     import torch
@@ -117,11 +155,12 @@ def test_grpo_run_folder(sft_run, grpo_run):
     rows = read_jsonl(grpo_run / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows:
-        assert {"loss", "reward", "reward_std", "kl", "completion_length", "reward_relaxed_accuracy",
-                "reward_short_answer"} <= set(row)
+        assert {"loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "completion_length",
+                "reward_relaxed_accuracy", "reward_short_answer"} <= set(row)
+        assert 0 <= row["frac_reward_zero_std"] <= 1
         assert 0 <= row["reward_relaxed_accuracy"] <= 1 and 0 <= row["reward_short_answer"] <= 1
-        # the weighted sum TRL ranks by: 1.0 x relaxed accuracy + 0.2 x short answer (demo_grpo's weights)
-        assert row["reward"] == pytest.approx(row["reward_relaxed_accuracy"] + 0.2 * row["reward_short_answer"],
+        # the weighted sum TRL ranks by: 1.0 x relaxed accuracy + 0.25 x short answer (demo_grpo's weights)
+        assert row["reward"] == pytest.approx(row["reward_relaxed_accuracy"] + 0.25 * row["reward_short_answer"],
                                               abs=1e-5)
         assert row["completion_length"] >= 1 and row["kl"] >= 0
     assert (grpo_run / "loss.png").stat().st_size > 0

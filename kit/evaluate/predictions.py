@@ -75,6 +75,24 @@ def question_of(row: dict) -> str | None:
     return None
 
 
+def score_file(spec: str) -> tuple[str | None, Path]:
+    """(label, path) of an eval.py --score argument: FILE, or LABEL=FILE to name the file's system LABEL (two
+    runs' predictions.jsonl both call theirs `finetuned`)."""
+    label, _, rest = spec.partition("=")
+    if rest and "/" not in label and not Path(spec).exists():
+        return label, Path(rest)
+    return None, Path(spec)
+
+
+def labelled(answers: dict, thoughts: dict, label: str | None) -> tuple[dict, dict]:
+    """A file's systems under its --score LABEL: LABEL for a file of one system, "LABEL NAME" for several."""
+    if not label:
+        return answers, thoughts
+    renamed = {name: label if len(answers) == 1 else f"{label} {name}" for name in answers}
+    return ({renamed[name]: answer for name, answer in answers.items()},
+            {renamed[name]: thought for name, thought in thoughts.items()})
+
+
 def answers_of(row: dict, path: Path, where: str) -> tuple[dict, dict, list[str]]:
     """({system: answer}, {system: think block kept apart}, references) of one file row."""
     if isinstance(row.get("systems"), dict) and "references" in row:  # eval.py's predictions.jsonl
@@ -108,15 +126,18 @@ def pairing_key(row: dict, question, image, name: str, seen: dict, where: str) -
     return json.dumps([*base, nth])
 
 
-def read_predictions(paths: list[Path], metric: str = "relaxed_accuracy",
-                     relaxed_rule: str = "chartqa") -> tuple[list[dict], list[str]]:
-    """Scored rows and system names from prediction files (see the module's docstring), judged under `metric`."""
+def read_predictions(paths: list[Path], metric: str = "relaxed_accuracy", relaxed_rule: str = "chartqa",
+                     labels=()) -> tuple[list[dict], list[str]]:
+    """Scored rows and system names from prediction files (see the module's docstring), judged under `metric`;
+    `labels[i]`, when given, names path i's system."""
     by_key: dict[str, dict] = {}
     names: list[str] = []
-    for path in paths:
+    for index, path in enumerate(paths):
+        label = labels[index] if index < len(labels) else None
         seen: dict[tuple, int] = {}
         for line, where, row in jsonl_rows(path, "--score"):
             answers, thoughts, references = answers_of(row, path, where)
+            answers, thoughts = labelled(answers, thoughts, label)
             image = row.get("image") or (row.get("images") or [None])[0]
             if isinstance(image, str) and not Path(image).is_absolute():
                 image = str(path.parent / image)

@@ -32,7 +32,8 @@ def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
 def system_entry(rows: list[dict], name: str, reported: tuple) -> dict:
     """One system's numbers: every reported metric over all its questions and within each group."""
     answered = [row["systems"][name] for row in rows if name in row["systems"]]
-    entry = {"samples": len(answered), **{task_metrics.key(m): task_metrics.score(answered, m) for m in reported}, "groups": {},
+    entry = {"samples": len(answered), **{task_metrics.key(m): task_metrics.score(answered, m) for m in reported},
+             "groups": {},
              # replies that began with a think block, scored on what followed it (eval.py takes it off)
              "think_blocks": sum("think" in verdict for verdict in answered)}
     for group_key in GROUPS:
@@ -64,8 +65,10 @@ def summarize(rows: list[dict], names: list[str], metric: str = "relaxed_accurac
         before, after = [row["systems"][baseline] for row in both], [row["systems"][candidate] for row in both]
         compared = {task_metrics.key(m): task_metrics.compare(before, after, m) for m in reported}
         pairs.append({"baseline": baseline, "candidate": candidate, "samples": len(both),
-                      **compared[task_metrics.key(metric)], "metrics": compared})
-    return {"metric": metric, "key": task_metrics.key(metric), "higher_is_better": task_metrics.higher_is_better(metric),
+                      **compared[task_metrics.key(metric)], "metrics": compared,
+                      "groups": group_pairs(both, baseline, candidate, metric)})
+    return {"metric": metric, "key": task_metrics.key(metric),
+            "higher_is_better": task_metrics.higher_is_better(metric),
             "relaxed_rule": relaxed_rule, "metrics": [task_metrics.key(m) for m in reported],
             "labels": {task_metrics.key(m): task_metrics.label(m, relaxed_rule) for m in reported},
             "rules": task_metrics.rules(metric, relaxed_rule),
@@ -113,6 +116,37 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def group_pairs(both: list[dict], baseline: str, candidate: str, metric: str) -> dict:
+    """The pair compared on the task's metric within each question type / subset the rows carry."""
+    groups = {}
+    for key in GROUPS:
+        members = sorted({str(row[key]) for row in both if row.get(key) is not None})
+        for group in members:
+            inside = [row for row in both if str(row.get(key)) == group]
+            groups.setdefault(key, {})[group] = {"samples": len(inside), **task_metrics.compare(
+                [row["systems"][baseline] for row in inside], [row["systems"][candidate] for row in inside], metric)}
+    return groups
+
+
+def group_pairs_table(summary: dict) -> str:
+    """The paired comparisons on the first metric within each question type / subset; "" when rows have none."""
+    flag = task_metrics.kind(summary["metric"]) == "flag"
+    counts = ("fixed", "broken", "both_right", "both_wrong") if flag else ("better", "worse", "ties")
+    header = ["group", "baseline", "candidate", "samples", *(c.replace("_", " ") for c in counts),
+              "change (points)", "McNemar p" if flag else "sign test p"]
+    lines = []
+    for pair in summary["pairs"]:
+        for key, members in pair.get("groups", {}).items():
+            for group, found in members.items():
+                change = (f"{100 * found['change']:+.1f} [{100 * found['change_low']:+.1f}, "
+                          f"{100 * found['change_high']:+.1f}]")
+                test = found["mcnemar_p" if flag else "sign_test_p"]
+                lines.append("| " + " | ".join([f"{key}={group}", pair["baseline"], pair["candidate"],
+                                                str(found["samples"]), *(str(found[c]) for c in counts), change,
+                                                f"{test:.3g}"]) + " |")
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines]) if lines else ""
+
+
 def pairs_table(summary: dict, metric_key: str | None = None) -> str:
     """Paired comparisons on one metric (the first by default): counts, change with its interval, and the test."""
     metric_key = metric_key or summary["key"]
@@ -132,7 +166,9 @@ def pairs_table(summary: dict, metric_key: str | None = None) -> str:
 
 def tables(summary: dict) -> str:
     """What eval.py prints at the end: the systems table, then the paired comparisons on the first metric."""
-    return table(summary) + ("\n\n" + pairs_table(summary) if summary["pairs"] else "")
+    by_group = group_pairs_table(summary)
+    return table(summary) + ("\n\n" + pairs_table(summary) if summary["pairs"] else "") + \
+        ("\n\n" + by_group if by_group else "")
 
 
 def markdown(summary: dict, title: str, source: str) -> str:
@@ -141,7 +177,8 @@ def markdown(summary: dict, title: str, source: str) -> str:
             f"{source}. Each cell: the metric in % and its 95 % interval [low, high], a percentile bootstrap over "
             f"the questions ({interval['resamples']:,} resamples, seed {interval['seed']}).", ""]
     text += [f"- `{labels[k]}`{' and every `subset=` / `qtype=` column' if k == summary['key'] else ''}: "
-             f"{summary['rules'][k]}{'' if task_metrics.higher_is_better(names_of(summary)[k]) else ' (lower is better)'}."
+             f"{summary['rules'][k]}"
+             f"{'' if task_metrics.higher_is_better(names_of(summary)[k]) else ' (lower is better)'}."
              for k in summary["metrics"]]
     text += ["", table(summary)]
     flags = [entry[k] for entry in summary["systems"].values() for k in summary["metrics"]
@@ -158,6 +195,9 @@ def markdown(summary: dict, title: str, source: str) -> str:
         for metric_key in summary["metrics"]:
             text += ["", f"## Paired comparisons (same questions, {labels[metric_key]})", "",
                      pairs_table(summary, metric_key)]
+    by_group = group_pairs_table(summary)
+    if by_group:
+        text += ["", "## The same comparisons within each question type or subset", "", by_group]
     return "\n".join(text) + "\n"
 
 

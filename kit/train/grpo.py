@@ -15,8 +15,8 @@ inside the functions, after the backend is chosen.
 import json
 from pathlib import Path
 
-from kit.evaluate import task_metrics
 from kit.errors import UserError
+from kit.evaluate import task_metrics
 
 # What the GRPO run takes from the run it starts from: the weights only make sense on the same model, loaded the
 # same way, shown charts at the same size and prompted the same way (eval.py's `finetuned` uses these keys too).
@@ -117,8 +117,8 @@ def use_triton_interpreter_without_cuda():
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return
     if "triton" in sys.modules:
-        raise RuntimeError("internal: triton was imported before kit.train.grpo could switch it to its CPU interpreter; "
-                           "call kit.train.grpo.prepare first, or set TRITON_INTERPRET=1")
+        raise RuntimeError("internal: triton was imported before kit.train.grpo could switch it to its CPU "
+                           "interpreter; call kit.train.grpo.prepare first, or set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 
 
@@ -168,12 +168,18 @@ class Prompts:
                 "qtype": [s.get("qtype") for s in samples]}
 
 
-def prompt_dataset(samples, processor, system_prompt: str):
-    """A datasets.Dataset of row numbers (what TRL takes) that reads as Prompts."""
+def prompt_dataset(samples, processor, system_prompt: str, question_types=()):
+    """A datasets.Dataset of row numbers (what TRL takes) that reads as Prompts; with `question_types`, only the
+    rows whose "qtype" is one of them."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"row": list(range(len(samples)))}).with_transform(
-        Prompts(samples, processor, system_prompt))
+    rows = [row for row, sample in enumerate(samples) if not question_types or sample.get("qtype") in question_types]
+    if not rows:
+        found = sorted({str(sample.get("qtype")) for sample in samples})
+        raise UserError(f"grpo_question_types={','.join(question_types)}: no training row has one of these qtypes "
+                        f"(the rows have: {', '.join(found)}); name some of those, or set grpo_question_types= "
+                        "for all rows")
+    return Dataset.from_dict({"row": rows}).with_transform(Prompts(samples, processor, system_prompt))
 
 
 def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, suppress_tokens=(),
@@ -225,7 +231,8 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
     args = grpo_config(recipe, precision, backend, str(checkpoints), vision_ids, family.chat_template_kwargs)
     trainer = trainer_class()(model=model, reward_funcs=reward_functions(think_end, recipe["metric_for_best_model"]),
                               args=args,
-                              train_dataset=prompt_dataset(samples, processor, recipe["system_prompt"]),
+                              train_dataset=prompt_dataset(samples, processor, recipe["system_prompt"],
+                                                           recipe["grpo_question_types"]),
                               processing_class=processor)
     trainer.remove_callback(PrinterCallback)
     return trainer

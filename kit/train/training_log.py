@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-# GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the KL to the
-# starting model and the answers' length; each reward's own mean is added as reward_<name>.
-GRPO_FIELDS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl",
-               "completions/mean_length": "completion_length"}
+# GRPO's logged values (TRL's names) -> metrics.jsonl fields: the group reward, its spread, the share of groups
+# whose answers all scored the same (no advantage, so no learning signal), the KL to the starting model and the
+# answers' length; each reward's own mean is added as reward_<name>.
+GRPO_FIELDS = {"reward": "reward", "reward_std": "reward_std", "frac_reward_zero_std": "frac_reward_zero_std",
+               "kl": "kl", "completions/mean_length": "completion_length"}
 
 
 def grpo_values(logs: dict) -> dict:
@@ -47,7 +48,8 @@ def log_eval(path: Path, state, logs: dict):
            **({"eval_metric": metric, f"eval_{metric}": logs[f"eval_{metric}"]} if metric else {}),
            "eval_questions": logs.get("eval_questions"), "eval_seconds": logs.get("eval_runtime"), "time": time.time()}
     accuracy = "" if metric is None else \
-        f" | {task_metrics.label(metric)} {100 * row[f'eval_{metric}']:.1f} % of {row['eval_questions']} held-out questions"
+        f" | {task_metrics.label(metric)} {100 * row[f'eval_{metric}']:.1f} % of {row['eval_questions']} held-out " \
+        "questions"
     click.echo(f"eval {row['step']:05d}/{state.max_steps:05d} | eval loss {row['eval_loss']:.4f}{accuracy} | "
                f"{row['eval_seconds'] or 0:.0f} s")
     with path.open("a") as handle:
