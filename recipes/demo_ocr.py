@@ -11,14 +11,11 @@ within 1,000 steps; with up to 5 digits the loss stayed on the "right length, di
 """
 
 from recipes.base import BASE
+from recipes.demo import TINY_FROM_SCRATCH
 
 RECIPE = {
     **BASE,
-    "model_name_or_path": "tiny",
-    "backend": "hf",  # no GPU assumed
-    "load_in_4bit": False,  # a tiny model: nothing to save by quantising
-    "finetune": "full",  # LoRA on a random base never learns to look at the image
-    "gradient_checkpointing": False,  # activations are tiny; recomputing them only costs time
+    **TINY_FROM_SCRATCH,  # the chart demo's model and schedule
     "dataset": "synthetic_text",
     "synthetic_num_train": 3000,  # drawn once (seconds) and cached
     "synthetic_num_test": 200,
@@ -29,16 +26,5 @@ RECIPE = {
     "max_pixels": 2352,
     "metric_for_best_model": "cer",  # reading: character error rate, with WER and exact match beside it
     "max_completion_length": 8,  # 3 digits (one token each), the end of turn, and room to ramble
-    "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "learning_rate": 3e-3,  # as the chart demo, with the tiny model's wider init
-    "max_steps": 1500,  # a step count, not a time budget: step times vary on shared machines
-    "warmup_steps": 50,
-    "lr_scheduler_type": "cosine",
-    "optim": "adamw_torch",  # 8-bit Adam needs CUDA
-    "weight_decay": 0.0,
-    "logging_steps": 50,
-    "save_steps": 500,
     "max_length": 128,
-    "dataloader_num_workers": 0,  # 5-token strips decode in microseconds
 }
