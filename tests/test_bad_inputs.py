@@ -265,7 +265,8 @@ def test_gpu_plans_use_the_named_cards_precision(tmp_path):
     assert "4-bit weights on the CPU" not in t4.all  # the note is about this machine, not the planned card
     sized = run("train.py", "--recipe", "chartqa_2b", "--gpu", "11.5GB", *common)
     assert sized.returncode == 0, sized.all
-    assert "memory planned in bf16 for --gpu 11.5GB" in sized.stdout and "of 11.5 GB on 11.5GB" in sized.all
+    # the 7B at batch 4 on the hf backend's estimate; fits or not, the verdict is against the named 11.5 GB
+    assert "memory planned in bf16 for --gpu 11.5GB" in sized.stdout and " 11.5 GB on 11.5GB" in sized.all
 
 
 def test_gpu_sizes_and_names_parse():
