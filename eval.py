@@ -245,7 +245,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
     from kit import backend as backends
     from kit import model as models
     from kit.evaluate.generate import generate_answers, prepare_for_inference
-    from kit.inputs import chat, video
+    from kit.inputs import chat
 
     if model_kind == "finetuned" and target_kind == "gguf" or model_kind.startswith("gguf:"):
         score_gguf(weights_dir, recipe, samples, donors, max_new_tokens, answers, seconds, model_kind)
@@ -261,8 +261,7 @@ def score_systems(model_kind, systems, run_dir, recipe, backend, samples, donors
                                             recipe["load_in_4bit"], dtype, gradient_checkpointing=False,
                                             dynamic_4bit=recipe.get("unsloth_dynamic_4bit", False))  # as trained
     prepare_for_inference(model, backend)
-    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    video.set_sampling(processor, recipe.get("fps"), recipe.get("max_frames"))  # a run from before videos: defaults
+    chat.set_limits(processor, recipe)
     shuffled = [shown_other(sample, samples[donor]) for sample, donor in zip(samples, donors)] \
         if donors is not None else None
     for system in systems:

@@ -220,10 +220,11 @@ def prepare_run_folder(setup: Setup, loaded: dict, options: Options) -> tuple[li
 
 def load_model(method, setup: Setup, loaded: dict):
     from kit import backend as backends
+    from kit.inputs import chat
 
     model, processor = method.load(loaded["base_path"], setup.recipe, setup.backend,
                                    backends.torch_dtype(setup.precision))
-    survey.set_processor_limits(processor, setup.recipe)
+    chat.set_limits(processor, setup.recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     click.echo(f"model {setup.recipe['model_name_or_path']}: {trainable:,} of {total:,} parameters trained "

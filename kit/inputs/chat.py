@@ -92,6 +92,15 @@ def set_pixels(processor, min_pixels: int, max_pixels: int):
         video_processor.size = type(video_processor.size)(shortest_edge=min_pixels, longest_edge=max_pixels)
 
 
+def set_limits(processor, recipe: dict):
+    """The recipe's image pixel limits and video sampling on the processor, as training used them (a run
+    recorded before videos has no fps / max_frames: the processor's defaults)."""
+    from kit.inputs.video import set_sampling
+
+    set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    set_sampling(processor, recipe.get("fps"), recipe.get("max_frames"))
+
+
 class VisionCollator:
     """Batches {"images", "messages"} samples for training (right padding, labels masked as above)."""
 

@@ -14,6 +14,7 @@ def survey(setup, options) -> dict:
     import data
     from kit import families
     from kit import model as models
+    from kit.inputs import chat
     from kit.plan import estimate
     from kit.train import heldout
 
@@ -28,7 +29,7 @@ def survey(setup, options) -> dict:
         eval_split = data.load(recipe, recipe["eval_split"], progress=False) if recipe["eval_split"] else None
     train_samples, eval_samples, heldout_rows = heldout.hold_out(recipe, train_samples, eval_split)
     click.echo(f"data: {len(train_samples)} training samples from {recipe['dataset']}; model family {family.name}")
-    set_processor_limits(processor, recipe)
+    chat.set_limits(processor, recipe)
     findings, counts = estimate.preflight(train_samples, processor, recipe)
     gpus, gpu = estimate.gpu_count(options.gpu)
     gpu_name, gpu_bytes = estimate.gpu_memory(gpu)
@@ -39,13 +40,6 @@ def survey(setup, options) -> dict:
     return dict(base_path=base_path, family=family, processor=processor, train_samples=train_samples,
                 eval_samples=eval_samples, heldout_rows=heldout_rows, findings=findings, counts=counts, gpus=gpus,
                 gpu=gpu, gpu_name=gpu_name, gpu_bytes=gpu_bytes, planned=planned, shape=shape, memory=memory)
-
-
-def set_processor_limits(processor, recipe: dict):
-    from kit.inputs import chat, video
-
-    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
-    video.set_sampling(processor, recipe["fps"], recipe["max_frames"])
 
 
 def write_plan(setup, loaded: dict):
