@@ -187,7 +187,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(sft_run, grpo_run, t
     process = subprocess.Popen(grpo_command(sft_run, killed), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
-    while not (killed / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+    # killed once checkpoint-2 is complete (its marker is written last): before that, resume rightly starts over
+    while not (killed / "checkpoints" / "checkpoint-2" / "complete.json").exists():
         assert process.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
