@@ -134,6 +134,7 @@ ADAPTER_SETTINGS = ["synthetic_num_train=32", "max_steps=4", "logging_steps=1", 
 def test_lora_run_killed_after_a_checkpoint_resumes_from_it(family, four_bit, tmp_path):
     """An adapter run (QLoRA on every family; 16-bit LoRA on the demo's) killed with SIGKILL right after its
     checkpoint at step 2 resumes from that checkpoint and ends with the uninterrupted run's adapter."""
+    import torch
     from safetensors.torch import load_file
 
     settings = [*QLORA, f"load_in_4bit={str(four_bit).lower()}", f"model_name_or_path=tiny:{family}",
@@ -153,14 +154,8 @@ def test_lora_run_killed_after_a_checkpoint_resumes_from_it(family, four_bit, tm
     rows, wanted_rows = read_jsonl(killed / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
     assert [row["step"] for row in rows] == [row["step"] for row in wanted_rows] == [1, 2, 3, 4]
     assert [row["loss"] for row in rows[:2]] == [row["loss"] for row in wanted_rows[:2]]  # before the kill
+    assert [row["loss"] for row in rows] == [row["loss"] for row in wanted_rows]
     final, wanted = load_file(killed / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
     assert final.keys() == wanted.keys()
-    largest = max(float((final[k] - wanted[k]).abs().max()) for k in wanted)
-    scale = max(float(wanted[k].abs().max()) for k in wanted)
-    assert largest <= 0.05 * scale, (largest, scale)  # resumed from step 2, not trained again from the start
-    if four_bit and largest > 0:
-        # Measured: on a 4-bit base the first resumed step's loss differs from the uninterrupted run's in the
-        # fifth digit although its inputs, adapter, 4-bit weights and quantization state are bit-identical at that
-        # step (bitsandbytes' CPU path); a 16-bit base resumes bit for bit.
-        pytest.xfail(f"QLoRA resume on the CPU is close, not bit-identical: adapter differs by {largest:.1e}")
-    assert largest == 0  # bit-identical
+    assert all(final[k].dtype == torch.float32 for k in final)  # TRL cast a 4-bit base's adapter to bf16: undone
+    assert all(final[k].equal(wanted[k]) for k in wanted)  # bit-identical

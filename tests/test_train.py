@@ -104,3 +104,32 @@ def test_cpu_4bit_needs_a_bitsandbytes_with_cpu_kernels(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.43.1")
     with pytest.raises(backend.BackendError, match="load_in_4bit=false"):
         backend.check_cpu_4bit()
+
+
+def test_a_4bit_base_keeps_its_embeddings_16bit_and_trains_an_fp32_adapter():
+    """kit.model.prepare_4bit_for_training: what peft's prepare_model_for_kbit_training does (frozen base, norms in
+    fp32) but for the embedding tables, which stay as loaded (peft's fp32 copy was 0.87 of a 4-bit 2B's 1.89 GB,
+    bench.py --memory); the 16-bit output head takes the fp32 norm's output, and the adapter learns in fp32."""
+    import recipes
+    from data.synthetic import generate
+    from kit import families
+    from kit.inputs.chat import VisionCollator
+    from kit.model import load_for_training, tiny_model_dir
+
+    recipe, _ = recipes.load("demo", ["finetune=lora", "load_in_4bit=true", "gradient_checkpointing=true"])
+    model, processor = load_for_training(str(tiny_model_dir()), recipe, "hf", torch.bfloat16)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert adapter and all("lora_" in n and p.dtype == torch.float32 for n, p in adapter.items())
+
+    samples = generate("train", 2, seed=3, grid=families.of_processor(processor).grid(processor), cache=None,
+                       progress=False)
+    batch = VisionCollator(processor, max_length=512)(samples)
+    output = model.train()(**batch)
+    assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.loss)
+    output.loss.backward()
+    assert all(adapter[n].grad is not None for n in adapter if "lora_B" in n)
+    assert any(float(adapter[n].grad.abs().max()) > 0 for n in adapter if "lora_B" in n)

@@ -165,12 +165,12 @@ def module_names(shape: dict, part: str) -> str:
     return " ".join(dict.fromkeys(x.name for x in shape["linears"] if x.part == part))
 
 
-def weight_parts(shape: dict, recipe: dict, precision: str, backend: str = "hf") -> dict:
+def weight_parts(shape: dict, recipe: dict, precision: str) -> dict:
     """The base weights' bytes by part, each named by the family's modules in it (what "base weights" holds).
 
-    Under load_in_4bit every Linear is NF4 and the embeddings are not quantized; on the hf backend peft's
-    prepare_model_for_kbit_training then casts every 16-bit parameter that is not 4-bit (embeddings, norms) to
-    fp32, which bench.py --memory measured (4 bytes each); Unsloth keeps them 16-bit."""
+    Under load_in_4bit every Linear is NF4 and the embeddings are not quantized; they stay 16-bit on both backends
+    (kit.model.prepare_4bit_for_training keeps them out of peft's fp32 cast, which bench.py --memory measured
+    doubling them)."""
     half = element_bytes(precision)
     four_bit = recipe["load_in_4bit"]
     per_parameter = NF4_BYTES if four_bit else half
@@ -179,9 +179,8 @@ def weight_parts(shape: dict, recipe: dict, precision: str, backend: str = "hf")
         count = sum(x.parameters for x in shape["linears"] if x.part == part)
         if count:
             parts[f"{part} ({module_names(shape, part)})"] = count * per_parameter
-    upcast = four_bit and backend == "hf" and recipe["finetune"] == "lora"
-    parts["embeddings" + (" + output head" if shape["embed"] > shape["vocab"] * shape["hidden"] else "")
-          + (" (fp32: peft upcasts them)" if upcast else "")] = shape["embed"] * (4 if upcast else half)
+    parts["embeddings" + (" + output head" if shape["embed"] > shape["vocab"] * shape["hidden"] else "")] = \
+        shape["embed"] * half
     return parts
 
 
@@ -202,7 +201,7 @@ def estimate_memory(shape: dict, recipe: dict, max_tokens: int, max_image_tokens
                     backend: str = "hf") -> dict:
     """Peak GPU bytes by part, for the largest sample in a batch of per_device_train_batch_size (with packing:
     that many samples as long as the largest, packed into rows of up to max_length)."""
-    parts = {"base weights": sum(weight_parts(shape, recipe, precision, backend).values()),
+    parts = {"base weights": sum(weight_parts(shape, recipe, precision).values()),
              "LoRA/trained weights + grads + optimizer": trained_state_bytes(shape, recipe),
              **activation_parts(shape, recipe, max_tokens, max_image_tokens, precision, backend),
              "CUDA overhead": CUDA_OVERHEAD}
@@ -335,7 +334,7 @@ def print_plan(samples, counts, findings, memory, gpu_name, gpu_bytes, recipe, p
     for part, value in memory.items():
         click.echo(f"  {part:<42} {gb(value)}")
         if shape and part == "base weights":  # what they are, in the family's module names
-            for name, size in weight_parts(shape, recipe, precision, backend).items():
+            for name, size in weight_parts(shape, recipe, precision).items():
                 click.echo(f"    {name:<40} {gb(size)}")
         if shape and part.startswith("LoRA") and recipe["finetune"] == "lora":
             click.echo(f"    adapters on: {lora_targets(shape, recipe)}")

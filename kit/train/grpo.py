@@ -125,7 +125,7 @@ def use_triton_interpreter_without_cuda():
 def load_start(recipe: dict, backend: str, dtype):
     """(model ready to train, processor): the init_from run's adapter on its base, trainable, or its fully
     fine-tuned weights."""
-    from kit.model import load_base, resolve
+    from kit.model import load_base, prepare_4bit_for_training, resolve
 
     folder = start_run(recipe["init_from"])[0]
     if recipe["finetune"] == "full":
@@ -138,13 +138,13 @@ def load_start(recipe: dict, backend: str, dtype):
                                      recipe["gradient_checkpointing"], dynamic_4bit=recipe["unsloth_dynamic_4bit"])
         FastVisionModel.for_training(model)
         return model, processor
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
     from transformers import AutoProcessor
 
     model, _ = load_base(resolve(recipe["model_name_or_path"]), backend, recipe["load_in_4bit"], dtype,
                          recipe["gradient_checkpointing"])
     if recipe["load_in_4bit"]:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
+        prepare_4bit_for_training(model, recipe["gradient_checkpointing"])
     model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)  # default: frozen, for inference
     return model, AutoProcessor.from_pretrained(folder)
 
@@ -223,6 +223,8 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
     A thinking family's answer is read after its think block."""
     from transformers.trainer_callback import PrinterCallback
 
+    from kit.model import adapter_in_fp32
+
     processor.tokenizer.padding_side = "left"  # prompts end where generation starts
     # A sampled image pad would make the trainer's forward pass find more image tokens than the chart has
     # features (an error); no answer holds one, so vision tokens are never sampled.
@@ -235,6 +237,7 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
                                                            recipe["grpo_question_types"]),
                               processing_class=processor)
     trainer.remove_callback(PrinterCallback)
+    adapter_in_fp32(trainer.model)
     return trainer
 
 

@@ -14,6 +14,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from kit.evaluate import task_metrics
+from kit.model import adapter_in_fp32
 from kit.train.heldout import indexed_datasets, write_heldout
 
 # In-training scores use eval.py's defaults (answers up to the recipe's max_completion_length tokens), so the two
@@ -133,4 +134,5 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
                               eval_metric=recipe["metric_for_best_model"],
                               eval_max_new_tokens=recipe["max_completion_length"])
     trainer.remove_callback(PrinterCallback)
+    adapter_in_fp32(trainer.model)
     return trainer
