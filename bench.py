@@ -79,7 +79,7 @@ def main(recipe, model_name, backends, steps, warmup, memory_cap, overrides, jso
         if memory:
             from kit.plan import measured
 
-            table = measured.table(results, recipe, overrides, steps, warmup)
+            table = measured.table(results, recipe, overrides, steps, warmup, first)
         else:
             table = to_markdown(results, recipe, overrides, steps, warmup, memory_cap, packing, data_spec)
         click.echo(table)

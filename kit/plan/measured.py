@@ -31,9 +31,9 @@ def planned_parts(path, recipe, samples, processor, backend) -> dict:
     return dict(zip(PARTS, parts), total=sum(parts), tokens=max(i + t for i, t in counts))
 
 
-def table(results, recipe, overrides, steps, warmup) -> str:
+def table(results, recipe, overrides, steps, warmup, backend) -> str:
     """--memory: plan against measured by part for each base, then the two goals' figures."""
-    command = f"python bench.py --recipe {recipe} --memory --steps {steps} --warmup {warmup}" + \
+    command = f"python bench.py --recipe {recipe} --backends {backend} --memory --steps {steps} --warmup {warmup}" + \
               "".join(f" --set {o}" for o in overrides)
     lines = [f"Command: `{command}`", "", "| base | part | plan GB | measured GB | measured / plan |",
              "|---|---|---|---|---|"]
@@ -55,7 +55,7 @@ def table(results, recipe, overrides, steps, warmup) -> str:
                      f"the process before loading ({first['host']['process_baseline'] / GIB:.2f} GB).")
     if len(ok) == 2:
         ratio = ok["4-bit"]["host"][PARTS[0]] / ok["16-bit"]["host"][PARTS[0]]
-        notes.append(f"4-bit / 16-bit base weights, measured: {ratio:.2f}x")
+        notes.append(f"4-bit / 16-bit base weights, measured: {ratio:.3f}x")
     for label, r in ok.items():
         error = (r["plan"][PARTS[0]] + r["plan"][PARTS[1]]) / (r["host"][PARTS[0]] + r["host"][PARTS[1]]) - 1
         notes.append(f"{label}: plan's weights + adapter + optimizer {error:+.1%} against measured")
