@@ -199,8 +199,9 @@ def adapter_in_fp32(model):
     they are built (after the QLoRA paper), but resuming from a checkpoint loads it through peft's load_adapter in
     fp32 again, so a resumed run went on with other numbers than an uninterrupted one (the first resumed step's
     loss moved in the fifth digit). fp32 in both keeps a resumed run bit-identical, and the optimizer's updates
-    are not rounded to bf16's 8 bits of mantissa. Costs 2 bytes more per adapter weight (a 7B's r=16 adapter on
-    every language Linear: 40M weights, 80 MB)."""
+    are not rounded to bf16's 8 bits of mantissa; the plan already priced the adapter so. Costs up to 8 bytes more
+    per adapter weight (weight, gradient and AdamW's two moments in fp32): a 7B's r=16 adapter on every language
+    Linear has 40M, so at most 0.32 GB."""
     if not hasattr(model, "peft_config"):  # a full fine-tune trains its weights in the dtype it loaded
         return
     for param in model.parameters():
