@@ -170,6 +170,24 @@ def test_grpo_run_folder(sft_run, grpo_run):
 
 
 @pytest.mark.slow
+def test_grpo_from_a_qlora_run_trains_its_adapter_on_the_4bit_base(lora_run, tmp_path):
+    """GRPO started from a QLoRA run (kit.model.prepare_4bit_for_training under peft's adapter): the adapter is
+    what trains, in fp32 (TRL's trainer casts a 4-bit base's to bf16; the kit undoes it, as for SFT)."""
+    import torch
+    from safetensors.torch import load_file
+
+    output = tmp_path / "grpo-qlora"
+    done = subprocess.run(grpo_command(lora_run, output), cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    recipe = json.loads((output / "run_config.json").read_text())["recipe"]
+    assert recipe["finetune"] == "lora" and recipe["load_in_4bit"]  # taken from the QLoRA run
+    assert not (output / "model.safetensors").exists()
+    before, after = load_file(lora_run / "adapter_model.safetensors"), load_file(output / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(after[key].dtype == torch.float32 for key in after)
+    assert any(not torch.equal(before[key], after[key]) for key in before)  # it trained
+
+
+@pytest.mark.slow
 def test_eval_scores_a_grpo_run_like_any_other(grpo_run):
     import eval as evaluate
 
