@@ -28,5 +28,6 @@ def test_memory_sets_the_plan_beside_host_memory_for_both_bases(tmp_path):
     # the 4-bit base's planned weights are the smaller; the printed table names every part of both
     assert results["4-bit"]["plan"]["base weights"] < results["16-bit"]["plan"]["base weights"]
     for words in ("| 4-bit | base weights |", "| 16-bit | activations + logits |", "4-bit / 16-bit base weights",
-                  "plan's weights + adapter + optimizer"):
+                  "plan's weights + adapter + optimizer",
+                  "Command: `python bench.py --recipe chartqa_2b --backends hf --memory"):  # a command that runs
         assert words in done.stdout, words
