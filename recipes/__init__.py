@@ -21,7 +21,7 @@ CHOICES = {
     "synthetic_layout": ("aligned", "chartqa"),
     "report_to": ("none", "tensorboard", "wandb", "trackio"),
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"),
-    # kit/scores.METRICS, spelled out here: recipes sit below kit/ and do not import it
+    # kit/evaluate/task_metrics.METRICS, spelled out here: recipes sit below kit/ and do not import it
     "metric_for_best_model": ("relaxed_accuracy", "exact_match", "anls", "cer", "wer", "rougeL"),
 }
 # List keys whose every item must be one of these (data/synthetic.py draws exactly these).

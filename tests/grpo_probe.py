@@ -1,5 +1,5 @@
-"""What TRL's GRPOTrainer, built by kit/grpo as train.py builds it, makes of a run's questions; tests/test_grpo.py
-runs it in a subprocess (kit/grpo switches Triton to its interpreter before trl is first imported):
+"""What TRL's GRPOTrainer, built by kit/train/grpo as train.py builds it, makes of a run's questions; tests/test_grpo.py
+runs it in a subprocess (kit/train/grpo switches Triton to its interpreter before trl is first imported):
 
     python tests/grpo_probe.py RUN_DIR OUT.json [recipe overrides, key=value ...]
 

@@ -1,7 +1,7 @@
 """method=grpo: the rewards, the recipe checks, and a few GRPO steps of the tiny model from a short SFT run, with
 its run folder read by eval.py, and a run killed with SIGKILL after a checkpoint that resumes to the same end.
 
-The GRPO runs are subprocesses: on the CPU kit/grpo switches Triton to its interpreter before trl loads its
+The GRPO runs are subprocesses: on the CPU kit/train/grpo switches Triton to its interpreter before trl loads its
 kernels, which an in-process run after other tests (which import trl) could not do."""
 
 import json

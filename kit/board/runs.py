@@ -95,7 +95,7 @@ def stop_training(run_dir: Path) -> bool:
     return pid is not None
 
 
-CHECKPOINT_MARKER = "complete.json"  # kit/checkpoints.MARKER (that module imports transformers: not here)
+CHECKPOINT_MARKER = "complete.json"  # kit/train/checkpoints.MARKER (that module imports transformers: not here)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Scored rows (what kit/evaluate/report.py reports) from a model's answers (eval.py) or from prediction files any tool
-wrote (eval.py --score): each answer judged under the task's metric (kit/task_metrics.verdicts) after any think block
-is taken off.
+wrote (eval.py --score): each answer judged under the task's metric (kit/evaluate/task_metrics.verdicts) after any
+think block is taken off.
 
 A prediction file's row is {"prediction", "answer" | "answers" | "messages" (its last assistant turn is the
 reference), optional "system" (default: the file's name), "id", "question", "image" / "images" (relative to the

@@ -79,7 +79,6 @@ def derangement(n: int, seed: int = 0) -> list[int]:
     return donors
 
 
-
 def shown_other(sample: dict, donor: dict) -> dict:
     """The question with another row's images and videos (the shuffled control)."""
     return {**sample, "images": donor["images"], "videos": donor.get("videos") or []}

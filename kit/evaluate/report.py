@@ -1,9 +1,9 @@
 """The evaluation report, from scored rows: report.md, report.json, report.png, diff.jsonl and diff.html.
 
 A scored row is one question: {"id", "question", "references", optional "image", "subset", "qtype", and
-"systems": {name: {"answer", and each reported metric's verdict (kit/task_metrics.verdicts: "relaxed", "exact", "anls",
-"cer", ...)}}}; a system that did not answer a question is absent from it. eval.py makes these rows from a model
-run, or (`--score`) from prediction files any tool wrote (kit/evaluate/predictions.py).
+"systems": {name: {"answer", and each reported metric's verdict (kit/evaluate/task_metrics.verdicts: "relaxed",
+"exact", "anls", "cer", ...)}}}; a system that did not answer a question is absent from it. eval.py makes these rows
+from a model run, or (`--score`) from prediction files any tool wrote (kit/evaluate/predictions.py).
 """
 
 import html
@@ -49,8 +49,8 @@ def system_entry(rows: list[dict], name: str, reported: tuple) -> dict:
 
 def summarize(rows: list[dict], names: list[str], metric: str = "relaxed_accuracy", seconds: dict | None = None,
               relaxed_rule: str = "chartqa") -> dict:
-    """Every number of the report (what report.json holds): `metric` (a kit/scores name) and the metrics shown
-    with it, per system and group, and every pair of systems compared on each."""
+    """Every number of the report (what report.json holds): `metric` (a kit/evaluate/task_metrics name) and the
+    metrics shown with it, per system and group, and every pair of systems compared on each."""
     reported = task_metrics.REPORTED[metric]
     systems = {}
     for name in names:
@@ -315,9 +315,9 @@ def save(out: Path, rows: list[dict], names: list[str], metric: str, title: str,
          seconds: dict | None = None, images: dict | None = None, extra_files: dict | None = None,
          relaxed_rule: str = "chartqa") -> dict:
     """Write every report file into `out` (through a temporary folder renamed at the end; the caller has
-    checked that `out` may be replaced). `metric`: the kit/scores name the rows were scored for. `images`: {row
-    id: path or PIL image} for thumbnails. `extra_files`: {file name: rows} also written as JSONL. Returns the
-    summary."""
+    checked that `out` may be replaced). `metric`: the kit/evaluate/task_metrics name the rows were scored for.
+    `images`: {row id: path or PIL image} for thumbnails. `extra_files`: {file name: rows} also written as JSONL.
+    Returns the summary."""
     summary = summarize(rows, names, metric, seconds, relaxed_rule)
     changed = diff_rows(rows, summary)
 

@@ -187,7 +187,6 @@ def reward(metric: str, prediction: str, references: list[str]) -> float:
     return max(0.0, 1.0 - number) if kind(metric) == "rate" else number
 
 
-
 # --- over questions ------------------------------------------------------------------------------------------
 def parts(verdicts_: list[dict], metric: str) -> tuple[list[float], list[float]]:
     """(numerators, denominators) whose sums' ratio is the metric over these questions: errors and reference
@@ -213,7 +212,7 @@ def draws_for(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRA
 
 def score(verdicts_: list[dict], metric: str, level: float = 0.95) -> dict:
     """{"value", "low", "high", "samples"} (and "accuracy", "right" for a flag): the metric over these questions
-    and its percentile bootstrap interval over questions (kit/metrics' resamples and seed)."""
+    and its percentile bootstrap interval over questions (kit/evaluate/scoring's resamples and seed)."""
     if kind(metric) == "flag":
         flags = [bool(v[key(metric)]) for v in verdicts_]
         interval = bootstrap_interval(flags)

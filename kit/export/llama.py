@@ -80,7 +80,6 @@ def pair_family(model_file: Path, arch: str | None) -> families.Family:
     return family
 
 
-
 @functools.cache
 def _errors_only_log():
     """Made once and kept: libmtmd holds on to the pointer for as long as the process runs."""

@@ -125,7 +125,6 @@ build_tiny, build_random = builders("Qwen2VLForConditionalGeneration", config, b
                                     TINY_VISION)
 
 
-
 FAMILY = Family(
     name="qwen2-vl",
     model_types=("qwen2_vl",),

@@ -45,8 +45,9 @@ def completion_text(completion) -> str:
 
 
 def relaxed_accuracy(completions, answers, think_end=None, metric="relaxed_accuracy", **kwargs) -> list[float]:
-    """The task's metric as a reward (kit/task_metrics.reward: the recipe's metric_for_best_model, what eval.py reports;
-    charts: 1.0 for an answer right under ChartQA's relaxed rule against any accepted answer, else 0.0)."""
+    """The task's metric as a reward (kit/evaluate/task_metrics.reward: the recipe's metric_for_best_model, what
+    eval.py reports; charts: 1.0 for an answer right under ChartQA's relaxed rule against any accepted answer, else
+    0.0)."""
     rewards = []
     for completion, accepted in zip(completions, answers):
         answer = answer_of(completion_text(completion), think_end)
@@ -184,7 +185,7 @@ def prompt_dataset(samples, processor, system_prompt: str, question_types=()):
 
 def grpo_config(recipe: dict, precision: str, backend: str, output_dir: str, suppress_tokens=(),
                 chat_template_kwargs: dict | None = None):
-    """trl.GRPOConfig from the recipe: the training keys as kit/trainer.sft_config reads them, then the GRPO keys
+    """trl.GRPOConfig from the recipe: the training keys as kit/train/sft.sft_config reads them, then the GRPO keys
     (named after GRPOConfig's fields). `suppress_tokens`: ids never sampled in an answer; `chat_template_kwargs`:
     the family's template flags (thinking off), so prompts are written as in SFT and eval."""
     import torch
