@@ -68,11 +68,13 @@ def sft_config(recipe: dict, precision: str, backend: str, output_dir: str, **ch
 class HeldOutAccuracy(SFTTrainer):
     """SFTTrainer that adds the task's metric (the recipe's metric_for_best_model, kit/evaluate/task_metrics.py) by
     greedy generation on the held-out questions to each evaluation (what `load_best_model_at_end` keeps the best
-    checkpoint by)."""
+    checkpoint by). Every SFT trainer the kit builds (train.py's, bench.py's) is one, so each trains an adapter in
+    fp32 (kit.model.adapter_in_fp32 undoes the bf16 cast SFTTrainer gives a 4-bit base's)."""
 
     def __init__(self, *args, eval_questions=None, eval_system_prompt: str = "", eval_backend: str = "hf",
                  eval_metric: str = "relaxed_accuracy", eval_max_new_tokens: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
+        adapter_in_fp32(self.model)  # before train() builds the optimizer over these parameters
         self.eval_questions, self.eval_system_prompt, self.eval_backend = \
             eval_questions, eval_system_prompt, eval_backend
         self.eval_metric, self.eval_max_new_tokens = eval_metric, eval_max_new_tokens
@@ -134,5 +136,4 @@ def build_trainer(recipe: dict, precision: str, backend: str, checkpoints: Path,
                               eval_metric=recipe["metric_for_best_model"],
                               eval_max_new_tokens=recipe["max_completion_length"])
     trainer.remove_callback(PrinterCallback)
-    adapter_in_fp32(trainer.model)
     return trainer
