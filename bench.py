@@ -145,7 +145,7 @@ def measure(backend_name, recipe_name, overrides, steps, warmup, memory_cap=None
     recipe = estimate.with_model_grid(recipe, families.of_processor(processor), processor)  # aligned charts need it
     batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
     samples = bench_samples(recipe, batch * (warmup + steps), data_spec)
-    chat.set_pixels(processor, recipe["min_pixels"], recipe["max_pixels"])
+    chat.set_limits(processor, recipe)  # image and video limits, as train.py sets them
     packer = packing.for_model(model, recipe, processor.tokenizer.pad_token_id)
     collator = TimedCollator(chat.VisionCollator(processor, recipe["max_length"], True, recipe["system_prompt"],
                                                  packer=packer))

@@ -105,7 +105,7 @@ def load_base(path: str, backend: str, load_in_4bit: bool, dtype, gradient_check
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+            bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=modules_kept_16bit(path))
     if torch.cuda.is_available():
         from kit.train.distributed import device_map
@@ -174,13 +174,13 @@ def prepare_4bit_for_training(model, gradient_checkpointing: bool):
               for param in layer.parameters()}
     for param in model.parameters():
         param.requires_grad = False
-        widen = param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit"
-        if widen and id(param) not in tables:
+        if id(param) in tables:
+            if param.device.type == "cpu":
+                # as loaded, a table is a view of the memory-mapped checkpoint, which keeps every page of the file
+                # that quantizing read resident (a 2B: 4.2 GB, not its 0.43 GB table); a copy lets the file go
+                param.data = param.data.clone()
+        elif param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
             param.data = param.data.to(torch.float32)
-        elif id(param) in tables and param.device.type == "cpu":
-            # as loaded, a table is a view of the memory-mapped checkpoint, which keeps every page of the file
-            # that quantizing read resident (a 2B: 4.2 GB, not its 0.43 GB table); a copy lets the file go
-            param.data = param.data.clone()
     if head is not None and head.weight.dtype != torch.float32:
         # the fp32 norm before it hands the head fp32 hidden states; the logits come out 16-bit, as they do on a
         # 16-bit base (the loss widens them to fp32)

@@ -100,8 +100,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if problem:
         return problem
     for name in ("optimizer.pt", "scheduler.pt"):
-        if (checkpoint / name).exists() and _zip_problem(checkpoint / name):
-            return _zip_problem(checkpoint / name)
+        problem = _zip_problem(checkpoint / name) if (checkpoint / name).exists() else None
+        if problem:
+            return problem
     state = checkpoint / "trainer_state.json"
     try:
         json.loads(state.read_text())

@@ -172,8 +172,7 @@ def weight_parts(shape: dict, recipe: dict, precision: str) -> dict:
     (kit.model.prepare_4bit_for_training keeps them out of peft's fp32 cast, which bench.py --memory measured
     doubling them)."""
     half = element_bytes(precision)
-    four_bit = recipe["load_in_4bit"]
-    per_parameter = NF4_BYTES if four_bit else half
+    per_parameter = NF4_BYTES if recipe["load_in_4bit"] else half
     parts = {}
     for part in ("language", "vision", "merger"):
         count = sum(x.parameters for x in shape["linears"] if x.part == part)
