@@ -211,6 +211,10 @@ class Family:
     # (frames, width, height, processor) -> a video frame's (width, height) after the video processor's resize;
     # None: each frame is sized as an image is (target_size). Qwen3-VL's bounds the pixels of all frames together.
     video_size: Callable | None = None
+    # Linear layers (last names, as BitsAndBytesConfig's llm_int8_skip_modules matches them) that stay 16-bit when
+    # the base loads in 4-bit: layers a few outputs wide, where NF4 saves nothing and bitsandbytes' CPU kernels
+    # (blocks of 32 outputs) cannot run them. () quantizes every Linear but the output head.
+    keep_16bit: tuple[str, ...] = ()
 
     def video_frame_size(self, frames: int, width: int, height: int, processor) -> tuple[int, int]:
         if self.video_size is None:
@@ -224,10 +228,6 @@ class Family:
             return self.markup.video_pad
         m = self.markup
         return "".join(f"<{t:.1f} seconds>{m.vision_start}{m.video_pad}{m.vision_end}" for t in seconds)
-    # Linear layers (last names, as BitsAndBytesConfig's llm_int8_skip_modules matches them) that stay 16-bit when
-    # the base loads in 4-bit: layers a few outputs wide, where NF4 saves nothing and bitsandbytes' CPU kernels
-    # (blocks of 32 outputs) cannot run them. () quantizes every Linear but the output head.
-    keep_16bit: tuple[str, ...] = ()
 
     def chat_text(self, processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as this family's chat template writes it (with its chat_template_kwargs)."""
